@@ -1,0 +1,1 @@
+"""Capability bus and WebSocket transport: how requests and bytes move between nodes."""

@@ -1,0 +1,196 @@
+"""Node configuration, loaded from TOML and validated by pydantic.
+
+Unknown keys, wrong types and out-of-range limits fail at start with a message naming the key
+(`fedlearn.max_lora_rank`) and the reason. Limits come from `hearthnet.constants`.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from hearthnet import constants as C
+from hearthnet.errors import ErrorCode, HearthnetError
+from hearthnet.identity import NodeID, parse_node_id
+
+
+def _node_id(value: str) -> NodeID:
+    try:
+        return parse_node_id(value)
+    except HearthnetError as exc:
+        raise ValueError(exc.message) from None
+
+
+NodeIDField = Annotated[str, AfterValidator(_node_id)]
+# TOML gives paths as strings; strict mode would otherwise demand Path objects.
+PathField = Annotated[Path, Field(strict=False)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class FedLearnConfig(_Section):
+    """Spec M28 §7. The master switch is `[experimental] fedlearn` (one switch, not two)."""
+
+    max_lora_rank: Annotated[
+        int, Field(ge=C.FEDLEARN_MIN_LORA_RANK, le=C.FEDLEARN_MAX_LORA_RANK)
+    ] = C.FEDLEARN_MAX_LORA_RANK
+    max_lora_target_modules: Annotated[int, Field(ge=1, le=C.FEDLEARN_MAX_LORA_TARGET_MODULES)] = (
+        C.FEDLEARN_MAX_LORA_TARGET_MODULES
+    )
+    max_train_steps: Annotated[int, Field(ge=1, le=C.FEDLEARN_MAX_TRAIN_STEPS)] = (
+        C.FEDLEARN_MAX_TRAIN_STEPS
+    )
+    max_round_participants: Annotated[int, Field(ge=2, le=C.FEDLEARN_MAX_PARTICIPANTS)] = (
+        C.FEDLEARN_MAX_PARTICIPANTS
+    )
+    min_round_participants: Annotated[int, Field(ge=1, le=C.FEDLEARN_MAX_PARTICIPANTS)] = (
+        C.FEDLEARN_MIN_PARTICIPANTS
+    )
+    dp_noise_scale_default: Annotated[float, Field(ge=0.0, allow_inf_nan=False)] = (
+        C.FEDLEARN_DP_NOISE_SCALE_DEFAULT
+    )
+    clip_norm_default: Annotated[float, Field(gt=0.0, allow_inf_nan=False)] = (
+        C.FEDLEARN_CLIP_NORM_DEFAULT
+    )
+    submission_max_bytes: Annotated[int, Field(ge=1, le=C.FEDLEARN_SUBMISSION_MAX_BYTES)] = (
+        C.FEDLEARN_SUBMISSION_MAX_BYTES
+    )
+    require_secure_aggregation: bool = False
+    auto_apply_aggregated: bool = False
+    training_vram_budget_mb: Annotated[
+        int, Field(ge=0, le=C.FEDLEARN_TRAINING_BUDGET_MB_CEILING)
+    ] = C.FEDLEARN_TRAINING_VRAM_BUDGET_MB_DEFAULT
+    training_disk_budget_mb: Annotated[
+        int, Field(ge=0, le=C.FEDLEARN_TRAINING_BUDGET_MB_CEILING)
+    ] = C.FEDLEARN_TRAINING_DISK_BUDGET_MB_DEFAULT
+
+    def model_post_init(self, _context: Any) -> None:
+        if self.min_round_participants > self.max_round_participants:
+            raise ValueError("min_round_participants exceeds max_round_participants")
+
+
+class NodeSection(_Section):
+    name: Annotated[str, Field(min_length=1, max_length=C.NODE_NAME_MAX_LEN, pattern=r"^[\w.-]+$")]
+    data_dir: PathField
+    network_id: Annotated[
+        str, Field(min_length=1, max_length=C.NETWORK_ID_MAX_LEN, pattern=r"^[\w.-]+$")
+    ] = C.DEFAULT_NETWORK_ID
+
+
+class ListenSection(_Section):
+    host: Annotated[str, Field(min_length=1, max_length=255)] = C.DEFAULT_LISTEN_HOST
+    port: Annotated[int, Field(ge=0, le=65535)] = C.DEFAULT_LISTEN_PORT
+
+
+class PeerConfig(_Section):
+    url: str
+    node_id: NodeIDField | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _ws_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("ws", "wss") or not parts.hostname:
+            raise ValueError("must be a ws:// or wss:// URL with a host")
+        if parts.port is None:
+            raise ValueError("must name a port")
+        return value
+
+
+class TrustSection(_Section):
+    members_only: bool = False
+    roster: Annotated[list[NodeIDField], Field(max_length=C.MAX_ROSTER_SIZE)] = []
+
+    def allows(self, node_id: str) -> bool:
+        """Whether a peer may connect: anyone, or only roster members when members_only."""
+        return not self.members_only or node_id in self.roster
+
+
+class LogSection(_Section):
+    format: Literal["console", "json"] = "console"
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class ExperimentalSection(_Section):
+    fedlearn: bool = False
+
+
+class LLMSection(_Section):
+    # A local Hugging Face model directory or a .gguf file; unset means the bundled SmolLM2.
+    base_model: PathField | None = None
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class NodeConfig(_Section):
+    node: NodeSection
+    listen: ListenSection = ListenSection()
+    peers: Annotated[list[PeerConfig], Field(max_length=C.MAX_PEERS)] = []
+    trust: TrustSection = TrustSection()
+    log: LogSection = LogSection()
+    experimental: ExperimentalSection = ExperimentalSection()
+    fedlearn: FedLearnConfig = FedLearnConfig()
+    llm: LLMSection = LLMSection()
+
+    @property
+    def data_dir(self) -> Path:
+        return self.node.data_dir
+
+    @property
+    def key_path(self) -> Path:
+        return self.node.data_dir / C.KEY_FILE_NAME
+
+    @property
+    def features(self) -> dict[str, bool]:
+        return {"experimental.fedlearn": self.experimental.fedlearn}
+
+
+def _describe(exc: ValidationError) -> tuple[str, list[dict[str, str]]]:
+    problems = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        reason = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            reason = "unknown key"
+        problems.append({"key": key, "reason": reason})
+    first = problems[0]
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    return f"config key '{first['key']}': {first['reason']}{more}", problems
+
+
+def config_from_dict(data: dict[str, Any], base_dir: Path) -> NodeConfig:
+    """Validate a parsed TOML document; relative paths are taken from `base_dir`."""
+    try:
+        cfg = NodeConfig.model_validate(data)
+    except ValidationError as exc:
+        message, problems = _describe(exc)
+        raise HearthnetError(ErrorCode.CONFIG_INVALID, message, {"problems": problems}) from None
+    node = cfg.node.model_copy(update={"data_dir": (base_dir / cfg.node.data_dir).resolve()})
+    updates: dict[str, Any] = {"node": node}
+    if cfg.llm.base_model is not None:
+        updates["llm"] = cfg.llm.model_copy(
+            update={"base_model": (base_dir / cfg.llm.base_model).resolve()}
+        )
+    return cfg.model_copy(update=updates)
+
+
+def load_config(path: Path) -> NodeConfig:
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise HearthnetError(ErrorCode.CONFIG_INVALID, f"config file {path} not found") from None
+    if size > C.CONFIG_FILE_MAX_BYTES:
+        raise HearthnetError(ErrorCode.CONFIG_INVALID, f"config file {path} is too large")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise HearthnetError(
+            ErrorCode.CONFIG_INVALID, f"config file {path} is not valid TOML: {exc}"
+        ) from None
+    return config_from_dict(data, path.parent.resolve())

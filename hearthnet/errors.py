@@ -1,0 +1,81 @@
+"""The one exception type that crosses module and wire boundaries.
+
+Callers match on `code`, never on message text, so every failure carries one of the spec's codes
+(M28 §6) or a code the issues add. `to_dict`/`from_dict` let an error travel over the wire and
+arrive with the code it was raised with.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any
+
+
+class ErrorCode(StrEnum):
+    # spec M28 §6
+    EXPERIMENTAL_DISABLED = "experimental_disabled"
+    SIGNATURE_INVALID = "signature_invalid"
+    BASE_MODEL_MISMATCH = "base_model_mismatch"
+    INSUFFICIENT_RESOURCES = "insufficient_resources"
+    CONSENT_REQUIRED = "consent_required"
+    ROUND_FULL = "round_full"
+    ROUND_CLOSED = "round_closed"
+    DELTA_INVALID = "delta_invalid"
+    FEDLEARN_AGGREGATION_FAILED = "fedlearn_aggregation_failed"
+    FEDLEARN_MIN_PARTICIPANTS_UNMET = "fedlearn_min_participants_unmet"
+    FEDLEARN_AGGREGATOR_UNREACHABLE = "fedlearn_aggregator_unreachable"
+    ADAPTER_NOT_FOUND = "adapter_not_found"
+    # foundation
+    CONFIG_INVALID = "config_invalid"
+    IDENTITY_INVALID = "identity_invalid"
+    KEY_FILE_INSECURE = "key_file_insecure"
+    CANONICAL_INVALID = "canonical_invalid"
+    PAYLOAD_TOO_LARGE = "payload_too_large"
+    EVENTLOG_INVALID = "eventlog_invalid"
+    EVENTLOG_LOCKED = "eventlog_locked"
+    SUBSCRIPTION_OVERFLOW = "subscription_overflow"
+    BLOB_NOT_FOUND = "blob_not_found"
+    BLOB_CORRUPT = "blob_corrupt"
+    # a peer sent an error whose code this node does not know
+    PROTOCOL_ERROR = "protocol_error"
+
+
+class HearthnetError(Exception):
+    """A failure with a stable code, a human message and optional JSON-safe detail."""
+
+    def __init__(self, code: ErrorCode, message: str, detail: dict[str, Any] | None = None):
+        super().__init__(f"[{code.value}] {message}")
+        self.code = ErrorCode(code)
+        self.message = message
+        self.detail = detail
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"code": self.code.value, "message": self.message}
+        if self.detail is not None:
+            out["detail"] = self.detail
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Any) -> HearthnetError:
+        """Rebuild an error sent by a peer; anything malformed becomes `protocol_error`."""
+        if not isinstance(data, dict):
+            return cls(ErrorCode.PROTOCOL_ERROR, "malformed error object")
+        message = data.get("message")
+        detail = data.get("detail")
+        if not isinstance(message, str) or (detail is not None and not isinstance(detail, dict)):
+            return cls(ErrorCode.PROTOCOL_ERROR, "malformed error object")
+        try:
+            code = ErrorCode(str(data.get("code")))
+        except ValueError:
+            return cls(
+                ErrorCode.PROTOCOL_ERROR,
+                message,
+                {"remote_code": str(data.get("code"))[:64]},
+            )
+        return cls(code, message, detail)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, HearthnetError) and self.to_dict() == other.to_dict()
+
+    def __hash__(self) -> int:
+        return hash((self.code, self.message))

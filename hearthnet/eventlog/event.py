@@ -1,0 +1,139 @@
+"""The event record and its hash chain, with no I/O.
+
+An event's header is the JCS encoding of (version, seq, ts, type, actor, SHA-256 of the payload's
+JCS bytes, previous hash). Its hash is the header's SHA-256 and its signature is the actor's
+Ed25519 signature over the header. The stored payload bytes are what gets hashed: verification
+checks bytes, never a re-serialisation.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from hearthnet.canonical import canonical_bytes, parse_json, sha256_hex
+from hearthnet.constants import EVENT_PAYLOAD_MAX_BYTES, EVENT_TYPE_MAX_LEN
+from hearthnet.errors import ErrorCode, HearthnetError
+from hearthnet.identity import NodeID, NodeIdentity, verify
+
+EVENT_FORMAT_VERSION = 1
+_TYPE_RE = re.compile(r"^[a-z0-9_]+(\.[a-z0-9_]+)*$")
+
+
+@dataclass(frozen=True)
+class Event:
+    seq: int
+    ts: str
+    type: str
+    actor: NodeID
+    payload_bytes: bytes
+    prev_hash: str
+    hash: str
+    signature: bytes
+
+    @property
+    def payload(self) -> dict[str, Any]:
+        value = parse_json(self.payload_bytes, EVENT_PAYLOAD_MAX_BYTES)
+        assert isinstance(value, dict)
+        return value
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "seq": self.seq,
+            "ts": self.ts,
+            "type": self.type,
+            "actor": self.actor,
+            "payload": self.payload,
+            "prev_hash": self.prev_hash,
+            "hash": self.hash,
+            "signature": self.signature.hex(),
+        }
+
+
+def check_event_type(event_type: str) -> str:
+    if (
+        not isinstance(event_type, str)
+        or len(event_type) > EVENT_TYPE_MAX_LEN
+        or not _TYPE_RE.match(event_type)
+    ):
+        raise HearthnetError(
+            ErrorCode.EVENTLOG_INVALID, "event type must be dotted lower-case words"
+        )
+    return event_type
+
+
+def encode_payload(payload: dict[str, Any]) -> bytes:
+    if not isinstance(payload, dict):
+        raise HearthnetError(ErrorCode.EVENTLOG_INVALID, "event payload must be a JSON object")
+    data = canonical_bytes(payload)
+    if len(data) > EVENT_PAYLOAD_MAX_BYTES:
+        raise HearthnetError(
+            ErrorCode.PAYLOAD_TOO_LARGE,
+            f"event payload of {len(data)} bytes exceeds {EVENT_PAYLOAD_MAX_BYTES}",
+        )
+    return data
+
+
+def header_bytes(
+    seq: int, ts: str, event_type: str, actor: str, payload_bytes: bytes, prev_hash: str
+) -> bytes:
+    return canonical_bytes(
+        {
+            "v": EVENT_FORMAT_VERSION,
+            "seq": seq,
+            "ts": ts,
+            "type": event_type,
+            "actor": actor,
+            "payload_sha256": sha256_hex(payload_bytes),
+            "prev_hash": prev_hash,
+        }
+    )
+
+
+def now_ts() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def seal(
+    identity: NodeIdentity,
+    seq: int,
+    prev_hash: str,
+    event_type: str,
+    payload_bytes: bytes,
+    ts: str,
+) -> Event:
+    header = header_bytes(seq, ts, event_type, identity.node_id, payload_bytes, prev_hash)
+    return Event(
+        seq=seq,
+        ts=ts,
+        type=event_type,
+        actor=identity.node_id,
+        payload_bytes=payload_bytes,
+        prev_hash=prev_hash,
+        hash=sha256_hex(header),
+        signature=identity.sign(header),
+    )
+
+
+def check_link(event: Event, expected_seq: int, expected_prev: str, owner: str) -> str | None:
+    """Why `event` is not the valid next link of `owner`'s chain, or None when it is."""
+    if event.seq != expected_seq:
+        return f"expected seq {expected_seq}, found {event.seq}"
+    if event.prev_hash != expected_prev:
+        return "prev_hash does not match the previous event's hash"
+    if event.actor != owner:
+        return "actor is not the log's owner"
+    header = header_bytes(
+        event.seq, event.ts, event.type, event.actor, event.payload_bytes, event.prev_hash
+    )
+    if sha256_hex(header) != event.hash:
+        return "hash does not match the event's contents"
+    if not verify(event.actor, header, event.signature):
+        return "signature does not verify"
+    try:
+        event.payload  # noqa: B018 - parsing is the check
+    except HearthnetError as exc:
+        return f"payload is not valid JSON: {exc.message}"
+    return None

@@ -1,0 +1,305 @@
+"""EventLog: the node's append-only, hash-chained, signed log in SQLite.
+
+WAL with synchronous=FULL, so an append that returned survives a crash. Every database call runs
+on one dedicated worker thread: the event loop never blocks on an fsync, and appends are
+serialised without further locking. A lock file makes the log single-writer across processes;
+read-only handles (the CLI reading a running node's log) take no lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import os
+import sqlite3
+from collections.abc import AsyncIterator, Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from hearthnet.constants import (
+    EVENTLOG_BUSY_TIMEOUT_S,
+    EVENTLOG_MAX_SUBSCRIBERS,
+    EVENTLOG_READ_MAX_ROWS,
+    EVENTLOG_SUBSCRIBER_QUEUE_MAX,
+    GENESIS_HASH,
+)
+from hearthnet.errors import ErrorCode, HearthnetError
+from hearthnet.eventlog.event import (
+    Event,
+    check_event_type,
+    check_link,
+    encode_payload,
+    now_ts,
+    seal,
+)
+from hearthnet.identity import NodeID, NodeIdentity
+
+T = TypeVar("T")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    seq        INTEGER PRIMARY KEY,
+    ts         TEXT    NOT NULL,
+    type       TEXT    NOT NULL,
+    actor      TEXT    NOT NULL,
+    payload    BLOB    NOT NULL,
+    prev_hash  TEXT    NOT NULL,
+    hash       TEXT    NOT NULL UNIQUE,
+    signature  BLOB    NOT NULL
+) STRICT;
+CREATE INDEX IF NOT EXISTS events_type ON events(type, seq);
+"""
+_COLUMNS = "seq, ts, type, actor, payload, prev_hash, hash, signature"
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    ok: bool
+    checked: int
+    first_bad_seq: int | None = None
+    reason: str | None = None
+
+
+def _row_to_event(row: tuple[Any, ...]) -> Event:
+    seq, ts, typ, actor, payload, prev_hash, hsh, sig = row
+    return Event(seq, ts, typ, NodeID(actor), bytes(payload), prev_hash, hsh, bytes(sig))
+
+
+class Subscription:
+    """Live events whose type starts with a prefix, from the moment of subscribing.
+
+    Bounded: a subscriber that falls more than EVENTLOG_SUBSCRIBER_QUEUE_MAX events behind gets
+    `subscription_overflow` (with the last seq it saw) and can catch up with `read(after_seq)`.
+    """
+
+    def __init__(self, log: EventLog, type_prefix: str):
+        self.type_prefix = type_prefix
+        self._log = log
+        self._queue: asyncio.Queue[Event | None] = asyncio.Queue(EVENTLOG_SUBSCRIBER_QUEUE_MAX)
+        self._overflowed = False
+        self.last_seq = 0
+
+    def _offer(self, event: Event) -> None:
+        if self._overflowed or not event.type.startswith(self.type_prefix):
+            return
+        try:
+            self._queue.put_nowait(event)
+        except asyncio.QueueFull:
+            self._overflowed = True
+
+    def _end(self) -> None:
+        with contextlib.suppress(asyncio.QueueFull):
+            self._queue.put_nowait(None)
+
+    def close(self) -> None:
+        self._log._subscribers.discard(self)
+        self._end()
+
+    def __aiter__(self) -> AsyncIterator[Event]:
+        return self
+
+    async def __anext__(self) -> Event:
+        if self._overflowed and self._queue.empty():
+            self.close()
+            raise HearthnetError(
+                ErrorCode.SUBSCRIPTION_OVERFLOW,
+                "subscriber fell too far behind; catch up with read(after_seq)",
+                {"last_seq": self.last_seq},
+            )
+        event = await self._queue.get()
+        if event is None:
+            raise StopAsyncIteration
+        self.last_seq = event.seq
+        return event
+
+
+class EventLog:
+    def __init__(self, path: Path, identity: NodeIdentity):
+        """Open (creating if needed) `identity`'s log for writing; one writer per file."""
+        self._identity: NodeIdentity | None = identity
+        self.owner: NodeID = identity.node_id
+        self._open(Path(path), readonly=False)
+
+    @classmethod
+    def open_readonly(cls, path: Path, owner: NodeID) -> EventLog:
+        """A reader beside a running writer: no appends, no lock."""
+        log = cls.__new__(cls)
+        log._identity = None
+        log.owner = owner
+        log._open(Path(path), readonly=True)
+        return log
+
+    def _open(self, path: Path, readonly: bool) -> None:
+        self.path = path
+        self._subscribers: set[Subscription] = set()
+        self._append_lock = asyncio.Lock()
+        self._lock_fd: int | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eventlog")
+        if readonly and not path.exists():
+            raise HearthnetError(ErrorCode.EVENTLOG_INVALID, f"no event log at {path}")
+        if not readonly:
+            self._take_lock()
+        try:
+            self._db = self._executor.submit(self._connect, readonly).result()
+            self._head: tuple[int, str] = self._executor.submit(self._read_head).result()
+        except BaseException:
+            self._release_lock()
+            self._executor.shutdown()
+            raise
+
+    def _take_lock(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise HearthnetError(
+                ErrorCode.EVENTLOG_LOCKED, f"event log {self.path} is open in another process"
+            ) from None
+        self._lock_fd = fd
+
+    def _release_lock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _connect(self, readonly: bool) -> sqlite3.Connection:
+        try:
+            if readonly:
+                db = sqlite3.connect(
+                    f"file:{self.path}?mode=ro",
+                    uri=True,
+                    timeout=EVENTLOG_BUSY_TIMEOUT_S,
+                    check_same_thread=False,
+                )
+            else:
+                db = sqlite3.connect(
+                    self.path, timeout=EVENTLOG_BUSY_TIMEOUT_S, check_same_thread=False
+                )
+                os.chmod(self.path, 0o600)
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute("PRAGMA synchronous=FULL")
+                db.executescript(_SCHEMA)
+            db.execute("SELECT count(*) FROM events").fetchone()
+        except sqlite3.DatabaseError as exc:
+            raise HearthnetError(
+                ErrorCode.EVENTLOG_INVALID, f"{self.path} is not a readable event log: {exc}"
+            ) from None
+        return db
+
+    def _read_head(self) -> tuple[int, str]:
+        row = self._db.execute("SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1").fetchone()
+        return (0, GENESIS_HASH) if row is None else (int(row[0]), str(row[1]))
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    @property
+    def head_seq(self) -> int:
+        return self._head[0]
+
+    async def append(self, event_type: str, payload: dict[str, Any]) -> Event:
+        """Sign and durably store an event; returns only after it is committed to disk."""
+        if self._identity is None:
+            raise HearthnetError(ErrorCode.EVENTLOG_INVALID, "this event log is read-only")
+        check_event_type(event_type)
+        payload_bytes = encode_payload(payload)
+        async with self._append_lock:
+            seq, prev = self._head
+            event = seal(self._identity, seq + 1, prev, event_type, payload_bytes, now_ts())
+            await self._run(self._insert, event)
+            self._head = (event.seq, event.hash)
+            for sub in list(self._subscribers):
+                sub._offer(event)
+        return event
+
+    def _insert(self, event: Event) -> None:
+        with self._db:
+            self._db.execute(
+                f"INSERT INTO events ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",  # noqa: S608
+                (
+                    event.seq,
+                    event.ts,
+                    event.type,
+                    event.actor,
+                    event.payload_bytes,
+                    event.prev_hash,
+                    event.hash,
+                    event.signature,
+                ),
+            )
+
+    async def read(
+        self,
+        after_seq: int = 0,
+        types: Iterable[str] | None = None,
+        type_prefix: str | None = None,
+        limit: int = EVENTLOG_READ_MAX_ROWS,
+    ) -> list[Event]:
+        """Events after `after_seq`, optionally of exact `types` or a `type_prefix`."""
+        limit = max(0, min(limit, EVENTLOG_READ_MAX_ROWS))
+        sql = f"SELECT {_COLUMNS} FROM events WHERE seq > ?"  # noqa: S608
+        params: list[Any] = [after_seq]
+        if types is not None:
+            wanted = list(types)
+            sql += f" AND type IN ({','.join('?' * len(wanted))})" if wanted else " AND 0"
+            params += wanted
+        if type_prefix:
+            sql += " AND substr(type, 1, ?) = ?"
+            params += [len(type_prefix), type_prefix]
+        sql += " ORDER BY seq LIMIT ?"
+        params.append(limit)
+
+        def query() -> list[Event]:
+            return [_row_to_event(r) for r in self._db.execute(sql, params).fetchall()]
+
+        return await self._run(query)
+
+    async def read_all(self, type_prefix: str | None = None) -> list[Event]:
+        """Every matching event, paging through the log (used to rebuild state on start)."""
+        out: list[Event] = []
+        after = 0
+        while page := await self.read(after, type_prefix=type_prefix):
+            out.extend(page)
+            after = page[-1].seq
+        return out
+
+    def subscribe(self, type_prefix: str = "") -> Subscription:
+        if len(self._subscribers) >= EVENTLOG_MAX_SUBSCRIBERS:
+            raise HearthnetError(ErrorCode.EVENTLOG_INVALID, "too many event subscribers")
+        sub = Subscription(self, type_prefix)
+        self._subscribers.add(sub)
+        return sub
+
+    async def verify(self) -> VerifyResult:
+        """Walk the whole chain; name the first event that is missing, altered or forged."""
+
+        def walk() -> VerifyResult:
+            expected_seq, prev, checked = 1, GENESIS_HASH, 0
+            cursor = self._db.execute(f"SELECT {_COLUMNS} FROM events ORDER BY seq")  # noqa: S608
+            while rows := cursor.fetchmany(1000):
+                for row in rows:
+                    try:
+                        event = _row_to_event(row)
+                    except (TypeError, ValueError):
+                        return VerifyResult(False, checked, int(row[0]), "malformed row")
+                    reason = check_link(event, expected_seq, prev, self.owner)
+                    if reason is not None:
+                        bad = min(expected_seq, event.seq)
+                        return VerifyResult(False, checked, bad, reason)
+                    expected_seq, prev, checked = event.seq + 1, event.hash, checked + 1
+            return VerifyResult(True, checked)
+
+        return await self._run(walk)
+
+    async def close(self) -> None:
+        for sub in list(self._subscribers):
+            sub.close()
+        with contextlib.suppress(RuntimeError):
+            await self._run(self._db.close)
+        self._executor.shutdown(wait=True)
+        self._release_lock()

@@ -1,0 +1,1 @@
+"""Federated LoRA rounds (spec M28): manifests, deltas, aggregation, privacy, rounds."""
