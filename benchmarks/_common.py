@@ -24,8 +24,12 @@ def machine() -> dict[str, Any]:
 def write_result(name: str, result: dict[str, Any], out: Path | None = None) -> Path:
     path = out or RESULTS_DIR / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    doc = {"benchmark": name, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-           "machine": machine(), **result}
+    doc = {
+        "benchmark": name,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": machine(),
+        **result,
+    }
     path.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
     print(json.dumps(doc, indent=2, sort_keys=True))
     print(f"wrote {path}")

@@ -61,3 +61,41 @@ BLOBS_DIR_NAME: Final = "blobs"
 # A blob is at most one submission or one aggregated adapter.
 BLOB_MAX_BYTES: Final = FEDLEARN_SUBMISSION_MAX_BYTES
 BLOB_READ_CHUNK_BYTES: Final = 1 * MIB
+
+# --- fedlearn data plane -----------------------------------------------------------------------
+FEDLEARN_MANIFEST_KIND: Final = "hearthnet.fedlearn.manifest/1"
+FEDLEARN_SUBMISSION_PURPOSE: Final = "hearthnet.fedlearn.submission/1"
+FEDLEARN_MASK_KEY_PURPOSE: Final = "hearthnet.fedlearn.mask-key/1"
+FEDLEARN_DELTA_FORMAT: Final = "hearthnet.fedlearn.delta/1"
+FEDLEARN_MASKED_FORMAT: Final = "hearthnet.fedlearn.masked/1"
+FEDLEARN_MAX_BATCH_SIZE: Final = 256
+FEDLEARN_MAX_LORA_ALPHA: Final = 1024
+FEDLEARN_MAX_LEARNING_RATE: Final = 1.0
+FEDLEARN_MAX_DEADLINE_S: Final = 7 * 24 * 3600
+FEDLEARN_TOPIC_MAX_LEN: Final = 64
+FEDLEARN_CONSENT_TEXT_MAX_LEN: Final = 4096
+FEDLEARN_MODEL_ID_MAX_LEN: Final = 256
+FEDLEARN_MODULE_NAME_MAX_LEN: Final = 64
+FEDLEARN_RULE_PARAMS_MAX: Final = 16
+# JCS integers must stay within 2^53; the seed is such an integer.
+FEDLEARN_MAX_SEED: Final = 2**53 - 1
+# Weighting (DESIGN §4, issue 4): a participant's weight is its claimed num_samples, capped at
+# FEDLEARN_MAX_NUM_SAMPLES and at FEDLEARN_WEIGHT_MEDIAN_CAP times the (lower) median claim, so
+# no single participant can outweigh the rest by inflating its sample count.
+FEDLEARN_MAX_NUM_SAMPLES: Final = 2**20
+FEDLEARN_WEIGHT_MEDIAN_CAP: Final = 4
+# Exact aggregation: values are rounded onto a power-of-two grid 2^-26 below the largest |value|
+# and summed as integers in float64; 26 + log2(32 * 2^20) = 51 < 53 keeps every sum exact.
+FEDLEARN_AGG_GRID_BITS: Final = 26
+# product_svd: B and A are rounded to 23-bit grids so each B·A entry (≤ 64 terms) is an exact
+# integer below 2^52, whatever order a BLAS sums it in.
+FEDLEARN_PRODUCT_FACTOR_BITS: Final = 23
+# Elements per chunk in the aggregation loops: small enough to stay in cache.
+FEDLEARN_AGG_CHUNK_ELEMENTS: Final = 1 << 18
+# Secure aggregation: clipped values |x| ≤ clip_norm are quantised to 2^32 steps per clip_norm,
+# times a weight ≤ 2^20, summed over ≤ 32 participants: < 2^57 inside the 2^64 ring.
+FEDLEARN_SECURE_FRACTION_BITS: Final = 32
+FEDLEARN_SECURE_MIN_PARTICIPANTS: Final = 3
+FEDLEARN_DP_DELTA_DEFAULT: Final = 1e-5
+DELTA_HEADER_MAX_BYTES: Final = 1 * MIB
+DELTA_MAX_TENSORS: Final = 4096

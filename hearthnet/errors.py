@@ -36,6 +36,8 @@ class ErrorCode(StrEnum):
     SUBSCRIPTION_OVERFLOW = "subscription_overflow"
     BLOB_NOT_FOUND = "blob_not_found"
     BLOB_CORRUPT = "blob_corrupt"
+    # fedlearn data plane
+    MANIFEST_INVALID = "manifest_invalid"
     # a peer sent an error whose code this node does not know
     PROTOCOL_ERROR = "protocol_error"
 

@@ -1,0 +1,205 @@
+"""LoRA deltas on the wire and on disk (spec M28 §4.1, §5.7).
+
+A delta is a safetensors file (no pickle, dtype and shape preserved) whose metadata names the
+round, the participant and the manifest SHA. Untrusted bytes are size-checked before parsing,
+the header is parsed with the strict JSON parser, and `validate_delta` checks that the tensors
+are exactly the LoRA state dict the manifest asks for. Every violation is `delta_invalid` with a
+detail naming the key.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from hearthnet import constants as C
+from hearthnet.canonical import canonical_bytes, parse_json, sha256_hex
+from hearthnet.errors import ErrorCode, HearthnetError
+from hearthnet.fedlearn.lora import ModelShapes, expected_shapes
+from hearthnet.fedlearn.manifest import RoundManifest, format_ts
+from hearthnet.identity import NodeID, NodeIdentity, verify
+
+ALLOWED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_ALLOWED_HEADER_DTYPES = frozenset({"F32", "F16", "BF16"})
+
+Delta = Mapping[str, torch.Tensor]
+
+
+def _invalid(message: str, key: str | None = None) -> HearthnetError:
+    return HearthnetError(ErrorCode.DELTA_INVALID, message, {"key": key} if key else None)
+
+
+def canonical_safetensors(raw: bytes) -> bytes:
+    """Rewrite a safetensors header as canonical JSON (JCS), padded to 8 bytes.
+
+    safetensors writes `__metadata__` from a Rust HashMap whose order changes from call to call,
+    so the same tensors would hash differently. Data offsets are relative to the data section,
+    which is kept byte for byte.
+    """
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = parse_json(raw[8 : 8 + n], C.DELTA_HEADER_MAX_BYTES)
+    text = canonical_bytes(header)
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + raw[8 + n :]
+
+
+def serialize_delta(delta: Delta, *, manifest_sha: str, round_id: str, participant: str) -> bytes:
+    metadata = {
+        "format": C.FEDLEARN_DELTA_FORMAT,
+        "manifest_sha": manifest_sha,
+        "round_id": round_id,
+        "participant": participant,
+    }
+    tensors = {k: v.detach().contiguous().cpu() for k, v in sorted(delta.items())}
+    return canonical_safetensors(st_save(tensors, metadata))
+
+
+def read_header(
+    data: bytes, max_bytes: int, allowed_dtypes: frozenset[str] = _ALLOWED_HEADER_DTYPES
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """The safetensors header (tensor entries, metadata) of untrusted bytes, strictly parsed."""
+    if len(data) > max_bytes:
+        raise _invalid(f"delta of {len(data)} bytes exceeds the limit of {max_bytes}")
+    if len(data) < 8:
+        raise _invalid("delta is too short to be safetensors")
+    (n,) = struct.unpack("<Q", data[:8])
+    if n > C.DELTA_HEADER_MAX_BYTES or 8 + n > len(data):
+        raise _invalid("delta header length is out of bounds")
+    try:
+        header = parse_json(data[8 : 8 + n], C.DELTA_HEADER_MAX_BYTES)
+    except HearthnetError as exc:
+        raise _invalid(f"delta header is not valid JSON: {exc.message}") from None
+    if not isinstance(header, dict):
+        raise _invalid("delta header is not an object")
+    metadata = header.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise _invalid("delta metadata is malformed")
+    if len(header) > C.DELTA_MAX_TENSORS:
+        raise _invalid("delta holds too many tensors")
+    for key, entry in header.items():
+        if not isinstance(entry, dict) or entry.get("dtype") not in allowed_dtypes:
+            raise _invalid(
+                f"tensor dtype is not allowed ({', '.join(sorted(allowed_dtypes))})", key
+            )
+    return header, metadata
+
+
+def deserialize_delta(
+    data: bytes, max_bytes: int = C.FEDLEARN_SUBMISSION_MAX_BYTES
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata from untrusted bytes; never unpickles anything."""
+    _, metadata = read_header(data, max_bytes)
+    if metadata.get("format") != C.FEDLEARN_DELTA_FORMAT:
+        raise _invalid("not a hearthnet delta (metadata format)")
+    try:
+        tensors = st_load(data)
+    except (SafetensorError, ValueError, RuntimeError) as exc:
+        raise _invalid(f"delta is not valid safetensors: {exc}") from None
+    return tensors, metadata
+
+
+def validate_delta(
+    delta: Delta,
+    manifest: RoundManifest,
+    model_shapes: ModelShapes,
+    size: int | None = None,
+    max_bytes: int = C.FEDLEARN_SUBMISSION_MAX_BYTES,
+) -> None:
+    """Exactly the expected keys, shapes for this rank and model, allowed dtypes, all finite."""
+    if size is not None and size > max_bytes:
+        raise _invalid(f"delta of {size} bytes exceeds the limit of {max_bytes}")
+    expected = expected_shapes(manifest, model_shapes)
+    missing = sorted(set(expected) - set(delta))
+    if missing:
+        raise _invalid(f"missing tensor for a target module ({len(missing)} missing)", missing[0])
+    extra = sorted(set(delta) - set(expected))
+    if extra:
+        raise _invalid("unexpected tensor", extra[0])
+    for key, shape in expected.items():
+        tensor = delta[key]
+        if not isinstance(tensor, torch.Tensor) or tensor.dtype not in ALLOWED_DTYPES:
+            raise _invalid("tensor dtype is not allowed (float32, float16, bfloat16)", key)
+        if tuple(tensor.shape) != shape:
+            raise _invalid(f"shape {tuple(tensor.shape)} != expected {shape}", key)
+        if not bool(torch.isfinite(tensor).all()):
+            raise _invalid("tensor has NaN or Inf values", key)
+
+
+def check_delta_metadata(
+    metadata: Mapping[str, str], manifest_sha: str, round_id: str, participant: str
+) -> None:
+    for field, want in (
+        ("manifest_sha", manifest_sha),
+        ("round_id", round_id),
+        ("participant", participant),
+    ):
+        if metadata.get(field) != want:
+            raise _invalid(f"delta metadata {field} does not match the submission")
+
+
+class ParticipantSubmission(BaseModel):
+    """A participant's signed claim about its delta (spec §4.1); the bytes travel as a blob.
+
+    The signature covers the JCS of (purpose, round_id, participant, delta_sha, num_samples);
+    `train_loss` and `submitted_at` are telemetry and are not signed.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    round_id: Annotated[str, Field(min_length=26, max_length=26)]
+    participant: Annotated[str, Field(max_length=128)]
+    delta_sha: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+    num_samples: Annotated[int, Field(ge=1, le=C.FEDLEARN_MAX_NUM_SAMPLES)]
+    train_loss: Annotated[float, Field(allow_inf_nan=False)]
+    submitted_at: str
+    signature: Annotated[str, Field(pattern=r"^[0-9a-f]{128}$")]
+
+    @staticmethod
+    def signing_bytes(round_id: str, participant: str, delta_sha: str, num_samples: int) -> bytes:
+        return canonical_bytes(
+            {
+                "purpose": C.FEDLEARN_SUBMISSION_PURPOSE,
+                "round_id": round_id,
+                "participant": participant,
+                "delta_sha": delta_sha,
+                "num_samples": num_samples,
+            }
+        )
+
+    @classmethod
+    def create(
+        cls,
+        identity: NodeIdentity,
+        round_id: str,
+        delta_bytes: bytes,
+        num_samples: int,
+        train_loss: float,
+        now: datetime | None = None,
+    ) -> ParticipantSubmission:
+        delta_sha = sha256_hex(delta_bytes)
+        sig = identity.sign(cls.signing_bytes(round_id, identity.node_id, delta_sha, num_samples))
+        return cls(
+            round_id=round_id,
+            participant=identity.node_id,
+            delta_sha=delta_sha,
+            num_samples=num_samples,
+            train_loss=float(train_loss),
+            submitted_at=format_ts(now or datetime.now(UTC)),
+            signature=sig.hex(),
+        )
+
+    def verify(self, delta_bytes: bytes | None = None) -> None:
+        """`signature_invalid` unless the participant signed this; with bytes, check their SHA."""
+        data = self.signing_bytes(self.round_id, self.participant, self.delta_sha, self.num_samples)
+        if not verify(NodeID(self.participant), data, bytes.fromhex(self.signature)):
+            raise HearthnetError(ErrorCode.SIGNATURE_INVALID, "submission signature is invalid")
+        if delta_bytes is not None and sha256_hex(delta_bytes) != self.delta_sha:
+            raise _invalid("delta bytes do not match the signed delta_sha")

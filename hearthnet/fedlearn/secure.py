@@ -1,0 +1,307 @@
+"""Secure aggregation by pairwise additive masking (DESIGN.md §4, spec §5.5).
+
+Each participant makes a fresh X25519 key for the round and announces it signed by its node key
+together with its claimed num_samples. For every pair (i, j) both sides derive the same 32-byte
+key with HKDF-SHA256 over their X25519 secret, bound to the round, the manifest and the two
+NodeIDs, and expand it with ChaCha20 into a mask over Z/2^64. A participant clips its delta,
+quantises it (FEDLEARN_SECURE_FRACTION_BITS steps per clip_norm), multiplies by its capped
+weight, appends the weight, and adds the masks it shares with higher NodeIDs and subtracts those
+with lower ones. Alone, a masked vector is uniform over the ring; summed over every announced
+participant the masks cancel, leaving Σ w_i·q_i and Σ w_i exactly.
+
+Quantisation bound: each value is off by at most half a step, so the secure mean differs from the
+plain weighted mean of the clipped deltas by at most clip_norm·2^-(FRACTION_BITS+1) per entry
+(plus the final float32 rounding).
+
+Threat model: an honest-but-curious coordinator and participants. Masks cancel only if every
+announced participant submits; recovery from a drop-out after the key exchange (Bonawitz et al.'s
+secret-shared seeds) is not implemented, so such a round fails with
+`fedlearn_aggregation_failed` instead of revealing anything.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Annotated, Literal
+
+import numpy as np
+import torch
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from pydantic import BaseModel, ConfigDict, Field
+from safetensors import SafetensorError
+from safetensors.numpy import load as np_load
+from safetensors.numpy import save as np_save
+
+from hearthnet import constants as C
+from hearthnet.canonical import canonical_bytes
+from hearthnet.errors import ErrorCode, HearthnetError
+from hearthnet.fedlearn.aggregator import AdapterTensors, _Aggregator, capped_weights
+from hearthnet.fedlearn.delta import ParticipantSubmission, canonical_safetensors, read_header
+from hearthnet.fedlearn.lora import A_SUFFIX, ModelShapes, expected_shapes
+from hearthnet.fedlearn.manifest import RoundManifest
+from hearthnet.fedlearn.privacy import clip_gradient
+from hearthnet.identity import NodeID, NodeIdentity, verify
+
+_STEPS = 2**C.FEDLEARN_SECURE_FRACTION_BITS
+
+
+class MaskKeyAnnouncement(BaseModel):
+    """A participant's round key for masking, bound to it by its node signature."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    round_id: Annotated[str, Field(min_length=26, max_length=26)]
+    manifest_sha: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+    participant: Annotated[str, Field(max_length=128)]
+    public_key: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+    num_samples: Annotated[int, Field(ge=1, le=C.FEDLEARN_MAX_NUM_SAMPLES)]
+    signature: Annotated[str, Field(pattern=r"^[0-9a-f]{128}$")]
+
+    @staticmethod
+    def signing_bytes(
+        round_id: str, manifest_sha: str, participant: str, public_key: str, num_samples: int
+    ) -> bytes:
+        return canonical_bytes(
+            {
+                "purpose": C.FEDLEARN_MASK_KEY_PURPOSE,
+                "round_id": round_id,
+                "manifest_sha": manifest_sha,
+                "participant": participant,
+                "public_key": public_key,
+                "num_samples": num_samples,
+            }
+        )
+
+    def verify(self) -> None:
+        data = self.signing_bytes(
+            self.round_id, self.manifest_sha, self.participant, self.public_key, self.num_samples
+        )
+        if not verify(NodeID(self.participant), data, bytes.fromhex(self.signature)):
+            raise HearthnetError(ErrorCode.SIGNATURE_INVALID, "mask key signature is invalid")
+
+
+class MaskingKey:
+    """A participant's X25519 key for one round. Never logged or persisted."""
+
+    __slots__ = ("_private", "public_key")
+
+    def __init__(self, private: X25519PrivateKey | None = None):
+        self._private = private or X25519PrivateKey.generate()
+        self.public_key = self._private.public_key().public_bytes_raw()
+
+    def __repr__(self) -> str:
+        return "MaskingKey(<secret>)"
+
+    def announce(
+        self, identity: NodeIdentity, round_id: str, manifest_sha: str, num_samples: int
+    ) -> MaskKeyAnnouncement:
+        pub = self.public_key.hex()
+        sig = identity.sign(
+            MaskKeyAnnouncement.signing_bytes(
+                round_id, manifest_sha, identity.node_id, pub, num_samples
+            )
+        )
+        return MaskKeyAnnouncement(
+            round_id=round_id,
+            manifest_sha=manifest_sha,
+            participant=identity.node_id,
+            public_key=pub,
+            num_samples=num_samples,
+            signature=sig.hex(),
+        )
+
+    def pairwise_key(self, me: str, peer: MaskKeyAnnouncement) -> bytes:
+        try:
+            shared = self._private.exchange(
+                X25519PublicKey.from_public_bytes(bytes.fromhex(peer.public_key))
+            )
+        except ValueError:  # a low-order point gives an all-zero secret
+            raise HearthnetError(ErrorCode.SIGNATURE_INVALID, "unusable mask public key") from None
+        low, high = sorted((me, peer.participant))
+        return HKDF(
+            algorithm=hashes.SHA256(),
+            length=32,
+            salt=bytes.fromhex(peer.manifest_sha),
+            info=b"hearthnet/fedlearn/pairwise-mask/v1\0"
+            + peer.round_id.encode()
+            + b"\0"
+            + low.encode()
+            + b"\0"
+            + high.encode(),
+        ).derive(shared)
+
+
+def check_roster(
+    announcements: Mapping[str, MaskKeyAnnouncement], manifest: RoundManifest, manifest_sha: str
+) -> None:
+    if len(announcements) < C.FEDLEARN_SECURE_MIN_PARTICIPANTS:
+        raise HearthnetError(
+            ErrorCode.FEDLEARN_AGGREGATION_FAILED,
+            f"secure aggregation needs at least {C.FEDLEARN_SECURE_MIN_PARTICIPANTS} participants",
+        )
+    for participant, ann in announcements.items():
+        ann.verify()
+        if (
+            ann.participant != participant
+            or ann.round_id != manifest.round_id
+            or ann.manifest_sha != manifest_sha
+        ):
+            raise HearthnetError(ErrorCode.SIGNATURE_INVALID, "mask key is for another round")
+
+
+def roster_weights(announcements: Mapping[str, MaskKeyAnnouncement]) -> dict[str, int]:
+    """Every participant's capped weight, computable by all from the announced roster."""
+    order = sorted(announcements)
+    capped = capped_weights([announcements[p].num_samples for p in order])
+    return dict(zip(order, capped, strict=True))
+
+
+def layout(manifest: RoundManifest, model_shapes: ModelShapes) -> list[tuple[str, tuple[int, int]]]:
+    """The masked vector's order: the delta's keys sorted, flattened row-major, then the weight."""
+    return sorted(expected_shapes(manifest, model_shapes).items())
+
+
+def _mask_stream(key: bytes, count: int, zeros: bytes, out: bytearray) -> np.ndarray:
+    stream = Cipher(algorithms.ChaCha20(key, bytes(16)), mode=None).encryptor()
+    stream.update_into(zeros, out)
+    return np.frombuffer(out, dtype="<u8", count=count)
+
+
+def mask_delta(
+    delta: Mapping[str, torch.Tensor],
+    key: MaskingKey,
+    me: str,
+    announcements: Mapping[str, MaskKeyAnnouncement],
+    manifest: RoundManifest,
+    manifest_sha: str,
+    model_shapes: ModelShapes,
+) -> np.ndarray:
+    """The participant's masked vector (uint64, length P + 1) for the announced roster."""
+    check_roster(announcements, manifest, manifest_sha)
+    if me not in announcements or announcements[me].public_key != key.public_key.hex():
+        raise HearthnetError(ErrorCode.FEDLEARN_AGGREGATION_FAILED, "not in the mask roster")
+    weight = roster_weights(announcements)[me]
+    clipped = clip_gradient(delta, manifest.clip_norm)
+    parts = [
+        clipped[k].to(torch.float64).reshape(-1).numpy() for k, _ in layout(manifest, model_shapes)
+    ]
+    flat = np.concatenate(parts) if parts else np.zeros(0)
+    q = np.rint(flat * (_STEPS / manifest.clip_norm))
+    np.clip(q, -_STEPS, _STEPS, out=q)
+    vec = np.empty(flat.size + 1, dtype=np.int64)
+    np.multiply(q, weight, out=vec[:-1], casting="unsafe")
+    vec[-1] = weight
+    masked = vec.view(np.uint64)
+    zeros, buf = bytes(8 * vec.size), bytearray(8 * vec.size + 16)
+    for peer in sorted(announcements):
+        if peer == me:
+            continue
+        mask = _mask_stream(key.pairwise_key(me, announcements[peer]), vec.size, zeros, buf)
+        if me < peer:
+            masked += mask  # uint64 arithmetic wraps modulo 2^64
+        else:
+            masked -= mask
+    return masked
+
+
+def serialize_masked(
+    vec: np.ndarray, *, manifest_sha: str, round_id: str, participant: str
+) -> bytes:
+    return canonical_safetensors(
+        np_save(
+            {"masked": vec},
+            {
+                "format": C.FEDLEARN_MASKED_FORMAT,
+                "manifest_sha": manifest_sha,
+                "round_id": round_id,
+                "participant": participant,
+            },
+        )
+    )
+
+
+def deserialize_masked(
+    data: bytes, length: int, max_bytes: int = C.FEDLEARN_SUBMISSION_MAX_BYTES
+) -> tuple[np.ndarray, dict[str, str]]:
+    header, metadata = read_header(data, max_bytes, allowed_dtypes=frozenset({"U64"}))
+    if metadata.get("format") != C.FEDLEARN_MASKED_FORMAT or set(header) != {"masked"}:
+        raise HearthnetError(ErrorCode.DELTA_INVALID, "not a hearthnet masked vector")
+    if header["masked"].get("shape") != [length]:
+        raise HearthnetError(
+            ErrorCode.DELTA_INVALID, f"masked vector must have {length} entries", {"key": "masked"}
+        )
+    try:
+        vec = np_load(data)["masked"]
+    except (SafetensorError, ValueError) as exc:
+        raise HearthnetError(ErrorCode.DELTA_INVALID, f"masked vector unreadable: {exc}") from None
+    return vec, metadata
+
+
+class SecureFedAvgAggregator(_Aggregator):
+    """Sums masked vectors as they arrive; sees only the total, never one participant's delta."""
+
+    def __init__(
+        self,
+        manifest: RoundManifest,
+        model_shapes: ModelShapes,
+        announcements: Mapping[str, MaskKeyAnnouncement],
+        manifest_sha: str,
+        mask_scheme: Literal["additive_pairwise"] = "additive_pairwise",
+    ):
+        if mask_scheme != "additive_pairwise":
+            raise HearthnetError(ErrorCode.MANIFEST_INVALID, f"unknown mask scheme {mask_scheme}")
+        if not manifest.secure:
+            raise HearthnetError(ErrorCode.MANIFEST_INVALID, "the manifest is not secure")
+        super().__init__(manifest, model_shapes)
+        check_roster(announcements, manifest, manifest_sha)
+        self.announcements = dict(announcements)
+        self._layout = layout(manifest, model_shapes)
+        self.length = sum(a * b for _, (a, b) in self._layout) + 1
+        self._sum = np.zeros(self.length, dtype=np.uint64)
+
+    def add(self, submission: ParticipantSubmission, masked: np.ndarray) -> None:
+        if submission.participant not in self.announcements:
+            raise HearthnetError(ErrorCode.DELTA_INVALID, "participant did not announce a mask key")
+        if submission.num_samples != self.announcements[submission.participant].num_samples:
+            raise HearthnetError(
+                ErrorCode.DELTA_INVALID, "num_samples differs from the announcement"
+            )
+        if masked.dtype != np.uint64 or masked.shape != (self.length,):
+            raise HearthnetError(
+                ErrorCode.DELTA_INVALID, "masked vector has the wrong shape", {"key": "masked"}
+            )
+        self._admit(submission, {})
+        self._sum += masked
+
+    def aggregate(self) -> AdapterTensors:
+        missing = sorted(set(self.announcements) - set(self.participants))
+        if missing:
+            raise HearthnetError(
+                ErrorCode.FEDLEARN_AGGREGATION_FAILED,
+                f"{len(missing)} announced participants did not submit; masks cannot cancel",
+                {"missing": missing},
+            )
+        self._check_count()
+        total = self._sum.view(np.int64)
+        expected = sum(roster_weights(self.announcements).values())
+        if int(total[-1]) != expected:
+            raise HearthnetError(
+                ErrorCode.FEDLEARN_AGGREGATION_FAILED,
+                "unmasked weight total does not match the roster",
+            )
+        mean = total[:-1].astype(np.float64) / float(expected) * (self.manifest.clip_norm / _STEPS)
+        out: AdapterTensors = {}
+        offset = 0
+        for name, shape in self._layout:
+            size = shape[0] * shape[1]
+            out[name] = torch.from_numpy(
+                mean[offset : offset + size].reshape(shape).astype(np.float32)
+            )
+            offset += size
+        if self.manifest.lora_aggregation == "frozen_a":
+            for path in self.layers:
+                out[path + A_SUFFIX] = self._frozen_a(path)
+        return self._check_finite(dict(sorted(out.items())))

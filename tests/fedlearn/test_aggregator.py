@@ -1,0 +1,237 @@
+import hashlib
+import random
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hearthnet import constants as C
+from hearthnet.errors import ErrorCode, HearthnetError
+from hearthnet.fedlearn.aggregator import FedAvgAggregator, capped_weights
+from hearthnet.fedlearn.delta import ParticipantSubmission, serialize_delta
+from hearthnet.fedlearn.exact import exact_weighted_mean
+from hearthnet.fedlearn.lora import derive_lora_a
+from hearthnet.identity import NodeIdentity
+
+from .conftest import MODEL_SHAPES, random_delta
+
+PARTICIPANTS = [NodeIdentity.generate() for _ in range(6)]
+
+
+def _submission(signed, ident, delta, num_samples):
+    data = serialize_delta(
+        delta, manifest_sha=signed.manifest_sha, round_id=signed.round_id, participant=ident.node_id
+    )
+    return ParticipantSubmission.create(ident, signed.round_id, data, num_samples, 0.5)
+
+
+def _aggregate(signed, entries, threads=None):
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        agg = FedAvgAggregator(signed.manifest, MODEL_SHAPES)
+        for sub, delta in entries:
+            agg.add(sub, delta)
+        return agg.aggregate()
+    finally:
+        torch.set_num_threads(before)
+
+
+def _sha(tensors):
+    return hashlib.sha256(
+        serialize_delta(tensors, manifest_sha="0" * 64, round_id="r", participant="p")
+    ).hexdigest()
+
+
+def _entries(signed, n=4, samples=(10, 20, 30, 15, 25, 12), scale=0.01):
+    out = []
+    for i in range(n):
+        delta = random_delta(signed, 100 + i, scale=scale * (i + 1))
+        out.append((_submission(signed, PARTICIPANTS[i], delta, samples[i]), delta))
+    return out
+
+
+def test_fedavg_weighted_arithmetic(make_manifest):
+    signed = make_manifest(lora_aggregation="fedavg_ab")
+    entries = _entries(signed)
+    result = _aggregate(signed, entries)
+    total = sum(s.num_samples for s, _ in entries)
+    for key in entries[0][1]:
+        reference = sum(d[key].double() * s.num_samples for s, d in entries) / total
+        torch.testing.assert_close(result[key].double(), reference, rtol=1e-3, atol=1e-5)
+        assert (result[key].double() - reference).abs().max() <= reference.abs().max() * 2**-23
+
+
+@pytest.mark.parametrize("mode", ["frozen_a", "fedavg_ab", "product_svd"])
+def test_deterministic_across_order_and_threads(make_manifest, mode):
+    signed = make_manifest(lora_aggregation=mode)
+    entries = _entries(signed, n=5)
+    reference = _sha(_aggregate(signed, entries, threads=1))
+    for seed in range(3):
+        shuffled = entries[:]
+        random.Random(seed).shuffle(shuffled)
+        assert _sha(_aggregate(signed, shuffled, threads=2)) == reference
+    assert _sha(_aggregate(signed, entries, threads=1)) == reference
+
+
+def test_frozen_a_equals_mean_of_products(make_manifest):
+    signed = make_manifest()  # frozen_a
+    entries = _entries(signed, n=4)
+    result = _aggregate(signed, entries)
+    weights = [s.num_samples for s, _ in entries]
+    for path in ("model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.v_proj"):
+        a = derive_lora_a(signed.manifest.seed, path, 4, 32)
+        assert torch.equal(result[path + ".lora_A"], a)
+        products = sum(
+            d[path + ".lora_B"].double() @ a.double() * w
+            for (_, d), w in zip(entries, weights, strict=True)
+        ) / sum(weights)
+        torch.testing.assert_close(
+            result[path + ".lora_B"].double() @ result[path + ".lora_A"].double(),
+            products,
+            rtol=1e-5,
+            atol=1e-7,
+        )
+
+
+def test_product_svd_recovers_mean_product(make_manifest):
+    signed = make_manifest(lora_aggregation="product_svd")
+    path = "model.layers.0.self_attn.q_proj"
+    gen = torch.Generator().manual_seed(0)
+    shared_a = torch.randn(4, 32, generator=gen) * 0.1
+    entries = []
+    for i in range(3):
+        delta = random_delta(signed, 200 + i)
+        for p in (
+            "model.layers.0.self_attn.q_proj",
+            "model.layers.0.self_attn.v_proj",
+            "model.layers.1.self_attn.q_proj",
+            "model.layers.1.self_attn.v_proj",
+        ):
+            delta[p + ".lora_A"] = shared_a.clone()
+        entries.append((_submission(signed, PARTICIPANTS[i], delta, 10 * (i + 1)), delta))
+    result = _aggregate(signed, entries)
+    weights = [10, 20, 30]
+    mean_product = (
+        sum(
+            d[path + ".lora_B"].double() @ shared_a.double() * w
+            for (_, d), w in zip(entries, weights, strict=True)
+        )
+        / 60
+    )
+    # With a shared A the mean product has rank <= r, so the truncation loses nothing.
+    got = result[path + ".lora_B"].double() @ result[path + ".lora_A"].double()
+    torch.testing.assert_close(got, mean_product, rtol=1e-4, atol=1e-6)
+    # Sign convention: each column of B' has its largest-|entry| positive.
+    b = result[path + ".lora_B"]
+    pivots = b.abs().argmax(dim=0)
+    assert (b[pivots, torch.arange(4)] > 0).all()
+
+
+def test_product_svd_beats_naive_fedavg_ab(make_manifest):
+    naive = make_manifest(lora_aggregation="fedavg_ab")
+    exact = make_manifest(lora_aggregation="product_svd")
+    path = "model.layers.0.self_attn.q_proj"
+    entries_n, entries_e = _entries(naive, n=4), _entries(exact, n=4)
+    weights = [s.num_samples for s, _ in entries_n]
+    target = sum(
+        d[path + ".lora_B"].double() @ d[path + ".lora_A"].double() * w
+        for (_, d), w in zip(entries_n, weights, strict=True)
+    ) / sum(weights)
+    rn, re = _aggregate(naive, entries_n), _aggregate(exact, entries_e)
+    err_naive = (rn[path + ".lora_B"].double() @ rn[path + ".lora_A"].double() - target).norm()
+    err_svd = (re[path + ".lora_B"].double() @ re[path + ".lora_A"].double() - target).norm()
+    assert err_svd < err_naive
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    rows=st.integers(1, 40),
+    cols=st.integers(1, 40),
+    scale_exp=st.integers(-20, 10),
+    seed=st.integers(0, 2**31 - 1),
+    weights=st.lists(st.integers(1, 1000), min_size=3, max_size=3),
+)
+def test_mean_of_identical_inputs_is_the_input(rows, cols, scale_exp, seed, weights):
+    gen = torch.Generator().manual_seed(seed)
+    d = torch.randn(rows, cols, generator=gen) * 2.0**scale_exp
+    out = exact_weighted_mean([d, d.clone(), d.clone()], weights)
+    bound = float(d.abs().max()) * 2.0**-(C.FEDLEARN_AGG_GRID_BITS)
+    assert (out - d).abs().max() <= bound
+    assert torch.isfinite(out).all()
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(1, 8),
+    size=st.integers(1, 500),
+    seed=st.integers(0, 2**31 - 1),
+    exps=st.lists(st.integers(-126, 120), min_size=8, max_size=8),
+)
+def test_mean_of_finite_inputs_is_finite_and_bounded(n, size, seed, exps):
+    gen = torch.Generator().manual_seed(seed)
+    tensors = [torch.randn(size, generator=gen) * 2.0 ** exps[i] for i in range(n)]
+    tensors = [torch.nan_to_num(t, posinf=3e38, neginf=-3e38) for t in tensors]
+    out = exact_weighted_mean(tensors, [1] * n)
+    assert torch.isfinite(out).all()
+    assert float(out.abs().max()) <= max(float(t.abs().max()) for t in tensors) * (1 + 2**-20)
+
+
+def test_weight_cap():
+    assert capped_weights([10, 10, 10]) == [10, 10, 10]
+    assert capped_weights([10, 12, 1_000_000]) == [10, 12, 48]  # 4 x lower median (12)
+    assert capped_weights([2**30, 2**30, 2**30]) == [C.FEDLEARN_MAX_NUM_SAMPLES] * 3
+    with pytest.raises(HearthnetError):
+        capped_weights([0, 1, 2])
+
+
+def test_inflated_sample_count_cannot_dominate(make_manifest):
+    signed = make_manifest()
+    entries = _entries(signed, n=3, samples=(10, 10, 1_000_000))
+    result = _aggregate(signed, entries)
+    key = "model.layers.0.self_attn.q_proj.lora_B"
+    weights = capped_weights([10, 10, 1_000_000])
+    expected = sum(d[key].double() * w for (_, d), w in zip(entries, weights, strict=True))
+    torch.testing.assert_close(result[key].double(), expected / sum(weights), rtol=1e-5, atol=1e-8)
+
+
+def test_refusals(make_manifest):
+    signed = make_manifest()
+    entries = _entries(signed, n=2)
+    agg = FedAvgAggregator(signed.manifest, MODEL_SHAPES)
+    for sub, delta in entries:
+        agg.add(sub, delta)
+    with pytest.raises(HearthnetError) as exc:
+        agg.aggregate()  # 2 < min_participants 3
+    assert exc.value.code is ErrorCode.FEDLEARN_AGGREGATION_FAILED
+    with pytest.raises(HearthnetError) as exc:
+        agg.add(*entries[0])
+    assert exc.value.code is ErrorCode.DELTA_INVALID
+    other = make_manifest()
+    sub = _submission(other, PARTICIPANTS[5], random_delta(other, 1), 5)
+    with pytest.raises(HearthnetError):
+        agg.add(sub, random_delta(other, 1))
+    with pytest.raises(HearthnetError) as exc:
+        exact_weighted_mean([torch.tensor([1.0, float("nan")])], [1])
+    assert exc.value.code is ErrorCode.FEDLEARN_AGGREGATION_FAILED
+
+
+def test_derive_lora_a_is_deterministic_and_global_rng_free():
+    torch.manual_seed(1)
+    a1 = derive_lora_a(7, "model.layers.0.self_attn.q_proj", 8, 576)
+    torch.manual_seed(999)
+    torch.randn(100)
+    a2 = derive_lora_a(7, "model.layers.0.self_attn.q_proj", 8, 576)
+    assert torch.equal(a1, a2) and a1.dtype == torch.float32 and a1.shape == (8, 576)
+    assert not torch.equal(a1, derive_lora_a(8, "model.layers.0.self_attn.q_proj", 8, 576))
+    assert not torch.equal(a1, derive_lora_a(7, "model.layers.1.self_attn.q_proj", 8, 576))
+    assert float(a1.abs().max()) <= 1 / 576**0.5
+    assert abs(float(a1.mean())) < 0.01 * (1 / 576**0.5) * 10
+    # Pinned bits: a change here changes every frozen_a adapter ever published.
+    digest = hashlib.sha256(derive_lora_a(1234, "m.q_proj", 4, 32).numpy().tobytes()).hexdigest()
+    assert digest == PINNED_A_DIGEST
+
+
+PINNED_A_DIGEST = "e2065137be0acd2143e4bbb2c21805fef3348f3ea322403b8d4c617d29f0d64b"

@@ -1,0 +1,148 @@
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from ulid import ULID
+
+from hearthnet.canonical import canonical_bytes, parse_json, sha256_hex
+from hearthnet.config import FedLearnConfig
+from hearthnet.errors import ErrorCode, HearthnetError
+from hearthnet.fedlearn.manifest import RoundManifest, RoundManifestDraft, SignedManifest
+from hearthnet.identity import NodeIdentity
+
+from .conftest import DRAFT
+
+
+def test_manifest_canonicalisation_stable(make_manifest):
+    signed = make_manifest()
+    reencoded = canonical_bytes(parse_json(signed.body))
+    assert reencoded == signed.body
+    assert sha256_hex(reencoded) == signed.manifest_sha
+    again = canonical_bytes(RoundManifest.model_validate(parse_json(signed.body)).to_json())
+    assert again == signed.body
+
+
+def test_manifest_signature_roundtrip(make_manifest, coordinator):
+    signed = make_manifest()
+    received = SignedManifest.from_wire(signed.to_wire(), roster=[coordinator.node_id])
+    assert received.manifest == signed.manifest
+    assert received.manifest_sha == signed.manifest_sha
+    assert received.coordinator_sig == signed.signature
+    assert ULID.from_str(received.round_id)
+    assert received.manifest.coordinator == coordinator.node_id
+
+
+def test_signature_covers_everything_but_itself(make_manifest, coordinator):
+    signed = make_manifest()
+    wire = signed.to_wire()
+    assert "signature" not in parse_json(wire["body"])
+    for field, value in [("lora_rank", 8), ("seed", 1), ("topic", "other"), ("secure", True)]:
+        body = parse_json(wire["body"])
+        body[field] = value
+        forged = {"body": canonical_bytes(body).decode(), "signature": wire["signature"]}
+        with pytest.raises(HearthnetError) as exc:
+            SignedManifest.from_wire(forged, roster=[coordinator.node_id])
+        assert exc.value.code is ErrorCode.SIGNATURE_INVALID
+
+
+def test_untrusted_signer_is_signature_invalid(make_manifest, coordinator):
+    signed = make_manifest()
+    with pytest.raises(HearthnetError) as exc:
+        SignedManifest.from_wire(signed.to_wire(), roster=[NodeIdentity.generate().node_id])
+    assert exc.value.code is ErrorCode.SIGNATURE_INVALID
+    assert exc.value.message == "manifest rejected"  # says nothing about whose signature
+    # A member re-signing someone else's manifest body is still rejected: coordinator != signer.
+    member = NodeIdentity.generate()
+    resigned = {"body": signed.to_wire()["body"], "signature": member.sign(signed.body).hex()}
+    with pytest.raises(HearthnetError):
+        SignedManifest.from_wire(resigned, roster=[member.node_id, coordinator.node_id])
+
+
+@pytest.mark.parametrize(
+    "wire",
+    [
+        None,
+        {},
+        {"body": "{}", "signature": "00"},
+        {"body": 3, "signature": "x"},
+        {"body": '{"a":1, "a":2}', "signature": "00" * 64},
+        {"body": '{"b":1,"a":2}', "signature": "00" * 64},
+    ],
+)
+def test_garbage_on_the_wire_is_signature_invalid(wire, coordinator):
+    with pytest.raises(HearthnetError) as exc:
+        SignedManifest.from_wire(wire, roster=[coordinator.node_id])
+    assert exc.value.code is ErrorCode.SIGNATURE_INVALID
+
+
+def test_defaults_come_from_config(make_manifest):
+    m = make_manifest(FedLearnConfig(dp_noise_scale_default=0.5, clip_norm_default=2.0)).manifest
+    assert (m.dp_noise_scale, m.clip_norm) == (0.5, 2.0)
+    assert m.lora_aggregation == "frozen_a"
+    assert m.aggregation.rule == "fedavg" and m.secure is False and m.min_reputation is None
+
+
+@pytest.mark.parametrize(
+    ("overrides", "config", "fragment"),
+    [
+        ({"lora_rank": 32}, FedLearnConfig(max_lora_rank=16), "max_lora_rank"),
+        (
+            {"lora_target_modules": ("q_proj", "v_proj", "k_proj")},
+            FedLearnConfig(max_lora_target_modules=2),
+            "lora_target_modules",
+        ),
+        ({"train_steps": 500}, FedLearnConfig(max_train_steps=100), "max_train_steps"),
+        (
+            {"max_participants": 20},
+            FedLearnConfig(max_round_participants=10),
+            "max_round_participants",
+        ),
+        ({"min_participants": 2}, FedLearnConfig(), "min_round_participants"),
+        ({"min_participants": 5, "max_participants": 4}, FedLearnConfig(), "exceeds"),
+        ({"dp_noise_scale": 0.1, "clip_norm": 0.0}, FedLearnConfig(), "clip_norm"),
+        ({"deadline": datetime.now(UTC) - timedelta(seconds=1)}, FedLearnConfig(), "deadline"),
+        ({"deadline": datetime.now(UTC) + timedelta(days=30)}, FedLearnConfig(), "too far"),
+        (
+            {"secure": True, "min_participants": 2},
+            FedLearnConfig(min_round_participants=1),
+            "min_participants >= 3",
+        ),
+        ({"secure": True, "lora_aggregation": "product_svd"}, FedLearnConfig(), "product"),
+        ({"secure": True, "clip_norm": 0.0}, FedLearnConfig(), "clip_norm"),
+    ],
+)
+def test_draft_validation(make_manifest, overrides, config, fragment):
+    with pytest.raises(HearthnetError) as exc:
+        make_manifest(config, **overrides)
+    assert exc.value.code is ErrorCode.MANIFEST_INVALID
+    assert fragment in exc.value.message
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"lora_rank": 3},
+        {"lora_rank": 65},
+        {"lora_target_modules": ()},
+        {"lora_target_modules": ("q_proj", "q_proj")},
+        {"lora_target_modules": ("../etc",)},
+        {"train_steps": 0},
+        {"learning_rate": float("nan")},
+        {"lora_dropout": 1.0},
+        {"seed": 2**53},
+        {"topic": "Has Spaces"},
+        {"consent_text": ""},
+        {"base_model_sha": "xyz"},
+        {"batch_size": 0},
+    ],
+)
+def test_draft_field_limits(overrides):
+    fields = {**DRAFT, "deadline": datetime.now(UTC) + timedelta(hours=1), **overrides}
+    with pytest.raises(ValueError):  # pydantic.ValidationError is a ValueError
+        RoundManifestDraft(**fields)
+
+
+def test_naive_deadline_is_refused(coordinator):
+    draft = RoundManifestDraft(**DRAFT, deadline=datetime.now() + timedelta(hours=1))
+    with pytest.raises(HearthnetError) as exc:
+        draft.build(coordinator, FedLearnConfig())
+    assert exc.value.code is ErrorCode.MANIFEST_INVALID

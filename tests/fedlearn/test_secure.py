@@ -1,0 +1,185 @@
+import numpy as np
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from hearthnet import constants as C
+from hearthnet.errors import ErrorCode, HearthnetError
+from hearthnet.fedlearn.aggregator import FedAvgAggregator
+from hearthnet.fedlearn.delta import ParticipantSubmission
+from hearthnet.fedlearn.privacy import clip_gradient
+from hearthnet.fedlearn.secure import (
+    MaskingKey,
+    SecureFedAvgAggregator,
+    deserialize_masked,
+    mask_delta,
+    serialize_masked,
+)
+from hearthnet.identity import NodeIdentity
+
+from .conftest import MODEL_SHAPES, random_delta
+
+
+class Party:
+    def __init__(self):
+        self.identity = NodeIdentity.generate()
+        self.key = MaskingKey()
+
+
+def setup_round(make_manifest, n, samples=None, **overrides):
+    signed = make_manifest(secure=True, clip_norm=1.0, **overrides)
+    parties = [Party() for _ in range(n)]
+    samples = samples or [10 + 5 * i for i in range(n)]
+    anns = {
+        p.identity.node_id: p.key.announce(p.identity, signed.round_id, signed.manifest_sha, s)
+        for p, s in zip(parties, samples, strict=True)
+    }
+    return signed, parties, anns, samples
+
+
+def masked_for(signed, party, anns, delta):
+    return mask_delta(
+        delta,
+        party.key,
+        party.identity.node_id,
+        anns,
+        signed.manifest,
+        signed.manifest_sha,
+        MODEL_SHAPES,
+    )
+
+
+def submission(signed, party, payload, samples):
+    return ParticipantSubmission.create(party.identity, signed.round_id, payload, samples, 0.1)
+
+
+def test_secure_aggregation_masks_cancel(make_manifest):
+    signed, parties, anns, _ = setup_round(make_manifest, 4)
+    zero = {k: torch.zeros_like(v) for k, v in random_delta(signed, 0).items()}
+    vectors = [masked_for(signed, p, anns, zero) for p in parties]
+    total = np.zeros_like(vectors[0])
+    for v in vectors:
+        total += v
+    weights = [int(v) for v in (10, 15, 20, 25)]
+    assert np.all(total[:-1] == 0)  # Σ masks == 0 over every pair
+    assert int(total[-1]) == sum(weights)
+    assert all(np.count_nonzero(v[:-1]) > 0.99 * (v.size - 1) for v in vectors)
+
+
+@pytest.mark.parametrize("n", [3, 5])
+def test_secure_sum_equals_plain_within_quantisation_bound(make_manifest, n):
+    signed, parties, anns, samples = setup_round(make_manifest, n, samples=[7, 30, 12, 9, 100][:n])
+    secure = SecureFedAvgAggregator(signed.manifest, MODEL_SHAPES, anns, signed.manifest_sha)
+    plain = FedAvgAggregator(signed.manifest, MODEL_SHAPES)
+    for i, party in enumerate(parties):
+        delta = random_delta(signed, 50 + i, scale=0.05 * (i + 1))
+        clipped = clip_gradient(delta, signed.manifest.clip_norm)
+        vec = masked_for(signed, party, anns, delta)
+        payload = serialize_masked(
+            vec,
+            manifest_sha=signed.manifest_sha,
+            round_id=signed.round_id,
+            participant=party.identity.node_id,
+        )
+        received, meta = deserialize_masked(payload, secure.length)
+        assert meta["participant"] == party.identity.node_id
+        secure.add(submission(signed, party, payload, samples[i]), received)
+        plain.add(submission(signed, party, payload, samples[i]), clipped)
+    got, want = secure.aggregate(), plain.aggregate()
+    assert set(got) == set(want)
+    bound = signed.manifest.clip_norm * 2.0 ** -(C.FEDLEARN_SECURE_FRACTION_BITS + 1)
+    for key in want:
+        err = (got[key].double() - want[key].double()).abs().max().item()
+        assert err <= bound + 2 * float(want[key].abs().max()) * 2**-24, key
+    assert all(torch.equal(got[k], want[k]) for k in want if k.endswith(".lora_A"))
+
+
+def test_masked_vector_is_uniform_and_independent_of_delta(make_manifest):
+    signed, parties, anns, _ = setup_round(make_manifest, 3)
+    small = {k: torch.zeros_like(v) for k, v in random_delta(signed, 1).items()}
+    large = {k: torch.full_like(v, 0.2) for k, v in random_delta(signed, 1).items()}
+    for delta in (small, large):
+        vec = masked_for(signed, parties[0], anns, delta)
+        top = (vec >> np.uint64(56)).astype(np.int64)  # the byte a delta would bias most
+        low = (vec & np.uint64(0xFF)).astype(np.int64)
+        for byte in (top, low):
+            counts = np.bincount(byte, minlength=256)
+            assert chisquare(counts).pvalue > 1e-4
+    # A party that knows the delta but not the masks learns nothing: same vector, new keys.
+    other = [Party() for _ in range(3)]
+    anns2 = {
+        p.identity.node_id: p.key.announce(p.identity, signed.round_id, signed.manifest_sha, 10)
+        for p in other
+    }
+    assert not np.array_equal(
+        masked_for(signed, other[0], anns2, small)[:100],
+        masked_for(signed, parties[0], anns, small)[:100],
+    )
+
+
+def test_refusals(make_manifest):
+    signed, parties, anns, samples = setup_round(make_manifest, 3)
+    two = dict(list(anns.items())[:2])
+    with pytest.raises(HearthnetError) as exc:
+        SecureFedAvgAggregator(signed.manifest, MODEL_SHAPES, two, signed.manifest_sha)
+    assert exc.value.code is ErrorCode.FEDLEARN_AGGREGATION_FAILED
+    forged = dict(anns)
+    victim = parties[1].identity.node_id
+    forged[victim] = anns[victim].model_copy(update={"public_key": MaskingKey().public_key.hex()})
+    with pytest.raises(HearthnetError) as exc:
+        SecureFedAvgAggregator(signed.manifest, MODEL_SHAPES, forged, signed.manifest_sha)
+    assert exc.value.code is ErrorCode.SIGNATURE_INVALID
+    plain_manifest = make_manifest()
+    with pytest.raises(HearthnetError):
+        SecureFedAvgAggregator(plain_manifest.manifest, MODEL_SHAPES, anns, signed.manifest_sha)
+
+    agg = SecureFedAvgAggregator(signed.manifest, MODEL_SHAPES, anns, signed.manifest_sha)
+    delta = random_delta(signed, 3)
+    vecs = [masked_for(signed, p, anns, delta) for p in parties]
+    with pytest.raises(HearthnetError) as exc:
+        agg.add(submission(signed, parties[0], b"x", samples[0]), vecs[0][:-1])
+    assert exc.value.code is ErrorCode.DELTA_INVALID
+    with pytest.raises(HearthnetError):  # num_samples differs from the announcement
+        agg.add(submission(signed, parties[0], b"x", samples[0] + 1), vecs[0])
+    stranger = Party()
+    with pytest.raises(HearthnetError):
+        agg.add(submission(signed, stranger, b"x", 10), vecs[0])
+    agg.add(submission(signed, parties[0], b"x", samples[0]), vecs[0])
+    agg.add(submission(signed, parties[1], b"x", samples[1]), vecs[1])
+    with pytest.raises(HearthnetError) as exc:  # the third never submitted: masks cannot cancel
+        agg.aggregate()
+    assert exc.value.code is ErrorCode.FEDLEARN_AGGREGATION_FAILED
+    assert exc.value.detail == {"missing": [parties[2].identity.node_id]}
+
+
+def test_lying_about_weight_is_detected(make_manifest):
+    signed, parties, anns, samples = setup_round(make_manifest, 3)
+    agg = SecureFedAvgAggregator(signed.manifest, MODEL_SHAPES, anns, signed.manifest_sha)
+    delta = random_delta(signed, 4)
+    for i, p in enumerate(parties):
+        vec = masked_for(signed, p, anns, delta)
+        if i == 0:
+            vec[-1] += np.uint64(1000)  # claims a bigger weight inside the masked vector
+        agg.add(submission(signed, p, b"x", samples[i]), vec)
+    with pytest.raises(HearthnetError) as exc:
+        agg.aggregate()
+    assert "weight" in exc.value.message
+
+
+def test_masked_serialisation_rejects_garbage(make_manifest):
+    signed, parties, anns, _ = setup_round(make_manifest, 3)
+    vec = masked_for(signed, parties[0], anns, random_delta(signed, 5))
+    data = serialize_masked(
+        vec, manifest_sha=signed.manifest_sha, round_id=signed.round_id, participant="p"
+    )
+    assert (
+        serialize_masked(
+            vec, manifest_sha=signed.manifest_sha, round_id=signed.round_id, participant="p"
+        )
+        == data
+    )
+    with pytest.raises(HearthnetError):
+        deserialize_masked(data, vec.size + 1)
+    with pytest.raises(HearthnetError):
+        deserialize_masked(b"junk", vec.size)
+    assert repr(parties[0].key) == "MaskingKey(<secret>)"
