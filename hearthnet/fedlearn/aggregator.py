@@ -24,8 +24,21 @@ import torch
 from hearthnet import constants as C
 from hearthnet.errors import ErrorCode, HearthnetError
 from hearthnet.fedlearn.delta import ParticipantSubmission
-from hearthnet.fedlearn.exact import exact_weighted_mean, quantize_exact, single_threaded
-from hearthnet.fedlearn.lora import A_SUFFIX, B_SUFFIX, ModelShapes, derive_lora_a, target_layers
+from hearthnet.fedlearn.exact import (
+    exact_weighted_mean,
+    exact_weighted_means,
+    plan_groups,
+    quantize_exact,
+    single_threaded,
+)
+from hearthnet.fedlearn.lora import (
+    A_SUFFIX,
+    B_SUFFIX,
+    ModelShapes,
+    derive_lora_a,
+    expected_shapes,
+    target_layers,
+)
 from hearthnet.fedlearn.manifest import RoundManifest
 
 AdapterTensors = dict[str, torch.Tensor]
@@ -61,6 +74,7 @@ class _Aggregator:
             )
         self.manifest = manifest
         self.layers = target_layers(manifest, model_shapes)
+        self.layer_shapes = model_shapes
         self._entries: dict[str, _Entry] = {}
 
     def _admit(self, submission: ParticipantSubmission, delta: Mapping[str, torch.Tensor]) -> None:
@@ -111,8 +125,19 @@ class FedAvgAggregator(_Aggregator):
         """`delta` must already have passed `validate_delta` for this manifest."""
         self._admit(submission, delta)
 
-    def _mean(self, key: str, order: list[str], weights: list[int]) -> torch.Tensor:
-        return exact_weighted_mean([self._entries[p].delta[key] for p in order], weights)
+    def _means(
+        self, shapes: dict[str, tuple[int, int]], order: list[str], weights: list[int]
+    ) -> AdapterTensors:
+        """Exact means of every key, loading one block of small keys (or one large key) at a
+        time: memory holds participants × one block, never whole deltas."""
+        keys = list(shapes)
+        out: AdapterTensors = {}
+        for group in plan_groups([a * b for a, b in shapes.values()]):
+            columns = [[self._entries[p].delta[keys[i]] for p in order] for i in group]
+            for i, mean in zip(group, exact_weighted_means(columns, weights), strict=True):
+                out[keys[i]] = mean
+            del columns  # before the next block loads, or two blocks are alive at once
+        return out
 
     def aggregate(self) -> AdapterTensors:
         self._check_count()
@@ -121,17 +146,17 @@ class FedAvgAggregator(_Aggregator):
         weights = [weight_of[p] for p in order]
         mode = self.manifest.lora_aggregation
         out: AdapterTensors = {}
-        for path in self.layers:
-            if mode == "frozen_a":
-                out[path + A_SUFFIX] = self._frozen_a(path)
-                out[path + B_SUFFIX] = self._mean(path + B_SUFFIX, order, weights)
-            elif mode == "fedavg_ab":
-                out[path + A_SUFFIX] = self._mean(path + A_SUFFIX, order, weights)
-                out[path + B_SUFFIX] = self._mean(path + B_SUFFIX, order, weights)
-            else:
+        if mode == "product_svd":
+            for path in self.layers:
                 b, a = self._product_svd(path, order, weights)
                 out[path + A_SUFFIX], out[path + B_SUFFIX] = a, b
-        return self._check_finite(out)
+            return self._check_finite(out)
+        shapes = expected_shapes(self.manifest, self.layer_shapes)
+        out.update(self._means(shapes, order, weights))
+        if mode == "frozen_a":
+            for path in self.layers:
+                out[path + A_SUFFIX] = self._frozen_a(path)
+        return self._check_finite(dict(sorted(out.items())))
 
     def _product_svd(
         self, path: str, order: list[str], weights: list[int]

@@ -9,9 +9,11 @@ detail naming the key.
 
 from __future__ import annotations
 
+import os
 import struct
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Annotated, Any
 
 import torch
@@ -104,6 +106,85 @@ def deserialize_delta(
     except (SafetensorError, ValueError, RuntimeError) as exc:
         raise _invalid(f"delta is not valid safetensors: {exc}") from None
     return tensors, metadata
+
+
+_TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def _tensor_spans(
+    header: Mapping[str, Any], data_len: int
+) -> dict[str, tuple[torch.dtype, tuple[int, ...], int, int]]:
+    """(dtype, shape, begin, end) per tensor, every span inside the data and of exact size."""
+    spans = {}
+    for key, entry in header.items():
+        shape, offsets = entry.get("shape"), entry.get("data_offsets")
+        if (
+            not isinstance(shape, list)
+            or not all(isinstance(d, int) and d >= 0 for d in shape)
+            or not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(isinstance(o, int) for o in offsets)
+        ):
+            raise _invalid("tensor entry is malformed", key)
+        dtype = _TORCH_DTYPES[entry["dtype"]]
+        begin, end = offsets
+        count = 1
+        for d in shape:
+            count *= d
+        if not 0 <= begin <= end <= data_len or end - begin != count * dtype.itemsize:
+            raise _invalid("tensor data offsets are out of bounds", key)
+        spans[key] = (dtype, tuple(shape), begin, end)
+    return spans
+
+
+class LazyDelta(Mapping[str, torch.Tensor]):
+    """A delta file read one tensor at a time, so aggregation streams from the blob store.
+
+    The header is parsed with the same strict parser as `deserialize_delta`, every tensor's
+    byte span is checked against the file, and a tensor read is exactly its bytes (`pread`):
+    memory holds only the tensors in use, never a mapping of the whole file.
+    """
+
+    def __init__(self, path: Path, max_bytes: int = C.FEDLEARN_SUBMISSION_MAX_BYTES):
+        self._path = Path(path)
+        size = self._path.stat().st_size
+        if size > max_bytes:
+            raise _invalid(f"delta of {size} bytes exceeds the limit of {max_bytes}")
+        with open(self._path, "rb") as fh:
+            prefix = fh.read(8)
+            n = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else 0
+            if n > C.DELTA_HEADER_MAX_BYTES:
+                raise _invalid("delta header length is out of bounds")
+            head = prefix + fh.read(n)
+        header, self.metadata = read_header(head, max_bytes)
+        if self.metadata.get("format") != C.FEDLEARN_DELTA_FORMAT:
+            raise _invalid("not a hearthnet delta (metadata format)")
+        self._data_start = 8 + n
+        self._spans = _tensor_spans(header, size - self._data_start)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        dtype, shape, begin, end = self._spans[key]
+        fd = os.open(self._path, os.O_RDONLY)
+        try:
+            data = bytearray(end - begin)
+            view = memoryview(data)
+            got = 0
+            while got < len(data):
+                chunk = os.preadv(fd, [view[got:]], self._data_start + begin + got)
+                if chunk <= 0:
+                    raise _invalid("delta file is truncated", key)
+                got += chunk
+        finally:
+            os.close(fd)
+        if not data:
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(data, dtype=dtype).reshape(shape)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(self._spans))
+
+    def __len__(self) -> int:
+        return len(self._spans)
 
 
 def validate_delta(

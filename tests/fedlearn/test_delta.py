@@ -156,3 +156,56 @@ def test_submission_signature(make_manifest):
     assert exc.value.code is ErrorCode.DELTA_INVALID
     with pytest.raises(ValueError):
         ParticipantSubmission.create(participant, signed.round_id, data, 1, float("nan"))
+
+
+def test_lazy_delta_reads_tensors_on_demand(make_manifest, tmp_path):
+    from hearthnet.fedlearn.delta import LazyDelta
+
+    signed = make_manifest()
+    delta = random_delta(signed, 11)
+    path = tmp_path / "d.safetensors"
+    path.write_bytes(_ser(delta, signed))
+    lazy = LazyDelta(path)
+    assert sorted(lazy) == sorted(delta) and len(lazy) == len(delta)
+    assert lazy.metadata["round_id"] == signed.round_id
+    assert all(torch.equal(lazy[k], delta[k]) for k in delta)
+    validate_delta(lazy, signed.manifest, MODEL_SHAPES)
+    with pytest.raises(KeyError):
+        lazy["nope"]
+    bad = tmp_path / "bad"
+    bad.write_bytes(b"\xff" * 16)
+    with pytest.raises(HearthnetError):
+        LazyDelta(bad)
+    with pytest.raises(HearthnetError):
+        LazyDelta(path, max_bytes=10)
+
+
+@pytest.mark.parametrize("how", ["offsets_past_end", "wrong_size", "negative", "truncated"])
+def test_lazy_delta_checks_every_span(make_manifest, tmp_path, how):
+    import json
+
+    from hearthnet.canonical import canonical_bytes
+    from hearthnet.fedlearn.delta import LazyDelta
+
+    signed = make_manifest()
+    data = _ser(random_delta(signed, 12), signed)
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    key = sorted(k for k in header if k != "__metadata__")[0]
+    begin, end = header[key]["data_offsets"]
+    body = data[8 + n :]
+    if how == "offsets_past_end":
+        header[key]["data_offsets"] = [begin, len(body) + 4]
+    elif how == "wrong_size":
+        header[key]["data_offsets"] = [begin, end - 4]
+    elif how == "negative":
+        header[key]["data_offsets"] = [-4, end]
+    else:
+        body = body[:-4]
+    text = canonical_bytes(header)
+    text += b" " * (-len(text) % 8)
+    path = tmp_path / "d"
+    path.write_bytes(struct.pack("<Q", len(text)) + text + body)
+    with pytest.raises(HearthnetError) as exc:
+        LazyDelta(path)
+    assert exc.value.code is ErrorCode.DELTA_INVALID
