@@ -18,10 +18,12 @@ from hearthnet import __version__
 from hearthnet.config import NodeConfig, config_from_dict, load_config
 from hearthnet.constants import (
     CONFIG_FILE_NAME,
+    CONTROL_SOCKET_NAME,
     DEFAULT_LISTEN_PORT,
     EVENTLOG_FILE_NAME,
     KEY_FILE_NAME,
 )
+from hearthnet.control import control_call
 from hearthnet.errors import ErrorCode, HearthnetError
 from hearthnet.eventlog import EventLog
 from hearthnet.identity import NodeIdentity
@@ -115,6 +117,53 @@ def cmd_events(args: argparse.Namespace) -> int:
     return asyncio.run(run())
 
 
+def cmd_node_start(args: argparse.Namespace) -> int:
+    from hearthnet.node import run_node
+
+    config = load_config(Path(args.config))
+    if args.log_format:
+        config = config.model_copy(
+            update={"log": config.log.model_copy(update={"format": args.log_format})}
+        )
+    return run_node(config)
+
+
+def _control(args: argparse.Namespace) -> Path:
+    return load_config(Path(args.config)).data_dir / CONTROL_SOCKET_NAME
+
+
+def cmd_node_status(args: argparse.Namespace) -> int:
+    status = control_call(_control(args), "node.status")
+    if args.json:
+        print(json.dumps(status, indent=2, sort_keys=True))
+        return 0
+    print(f"node id:   {status['node_id']}")
+    print(f"name:      {status['name']}")
+    print(f"listening: {status['listen']}")
+    features = ", ".join(f"{k}={'on' if v else 'off'}" for k, v in status["features"].items())
+    print(f"features:  {features}")
+    print(f"events:    {status['event_head']}")
+    print(f"peers:     {len(status['peers'])}")
+    for peer in status["peers"]:
+        print(f"  {peer['node_id']}  {peer['remote']}")
+    counters = status["counters"]
+    if counters:
+        print("counters:  " + ", ".join(f"{k}={v}" for k, v in sorted(counters.items())))
+    return 0
+
+
+def cmd_call(args: argparse.Namespace) -> int:
+    try:
+        body = json.loads(args.json_body) if args.json_body else {}
+    except json.JSONDecodeError as exc:
+        raise HearthnetError(ErrorCode.BAD_REQUEST, f"--json is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise HearthnetError(ErrorCode.BAD_REQUEST, "--json must be a JSON object")
+    result = control_call(_control(args), args.capability, body, args.peer, args.timeout)
+    print(json.dumps(result, indent=2, sort_keys=True))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hearthnet", description="hearthnet peer-to-peer node daemon and operator tool"
@@ -143,6 +192,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify", action="store_true", help="verify the hash chain and signatures")
     p.add_argument("--json", action="store_true", help="JSON lines output")
     p.set_defaults(handler=cmd_events)
+
+    node = sub.add_parser("node", help="run or inspect the node daemon")
+    node_sub = node.add_subparsers(dest="node_command", required=True, metavar="COMMAND")
+    p = node_sub.add_parser("start", help="run the node in the foreground until SIGINT/SIGTERM")
+    p.add_argument("--config", required=True, help="node config file")
+    p.add_argument("--log-format", choices=["console", "json"], help="override [log] format")
+    p.set_defaults(handler=cmd_node_start)
+    p = node_sub.add_parser("status", help="NodeID, listen address, peers, features, counters")
+    p.add_argument("--config", required=True, help="node config file")
+    p.add_argument("--json", action="store_true", help="JSON output")
+    p.set_defaults(handler=cmd_node_status)
+
+    p = sub.add_parser("call", help="invoke a capability on the local node or a peer")
+    p.add_argument("capability", help="capability name, e.g. node.info")
+    p.add_argument("--config", required=True, help="node config file")
+    p.add_argument("--json", dest="json_body", default="{}", help="request body as JSON")
+    p.add_argument("--peer", help="NodeID of the peer to call (default: the local node)")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds (default 30)")
+    p.set_defaults(handler=cmd_call)
     return parser
 
 

@@ -104,3 +104,34 @@ FEDLEARN_SECURE_MIN_PARTICIPANTS: Final = 3
 FEDLEARN_DP_DELTA_DEFAULT: Final = 1e-5
 DELTA_HEADER_MAX_BYTES: Final = 1 * MIB
 DELTA_MAX_TENSORS: Final = 4096
+
+# --- transport and capability bus --------------------------------------------------------------
+PROTOCOL_VERSION: Final = "hearthnet/1"
+HANDSHAKE_NONCE_BYTES: Final = 32
+HANDSHAKE_TIMEOUT_S: Final = 10.0
+# JSON control frames are small; blobs travel as binary frames of at most BLOB_MAX_BYTES.
+CONTROL_FRAME_MAX_BYTES: Final = 1 * MIB
+WS_MAX_MESSAGE_BYTES: Final = BLOB_MAX_BYTES
+WS_MAX_QUEUE_FRAMES: Final = 16
+# Blobs are sent as one message in frames of this size, hashed by the receiver as they arrive.
+BLOB_FRAGMENT_BYTES: Final = 1 * MIB
+WS_WRITE_LIMIT_BYTES: Final = 4 * MIB
+WS_PING_INTERVAL_S: Final = 20.0
+WS_PING_TIMEOUT_S: Final = 20.0
+WS_CLOSE_TIMEOUT_S: Final = 5.0
+CALL_TIMEOUT_DEFAULT_S: Final = 30.0
+CALL_TIMEOUT_MAX_S: Final = 3600.0
+CAPABILITY_NAME_MAX_LEN: Final = 128
+MAX_PENDING_CALLS_PER_PEER: Final = 1024
+MAX_INFLIGHT_PER_PEER: Final = 32
+MAX_SUBSCRIPTIONS_PER_PEER: Final = 32
+RECONNECT_BACKOFF_MIN_S: Final = 0.2
+RECONNECT_BACKOFF_MAX_S: Final = 30.0
+# A connection that lasted this long resets the dial backoff.
+RECONNECT_RESET_AFTER_S: Final = 10.0
+# A peer that sends this many malformed frames is disconnected.
+PEER_MAX_PROTOCOL_ERRORS: Final = 20
+CONTROL_SOCKET_NAME: Final = "control.sock"
+CONTROL_REQUEST_MAX_BYTES: Final = 1 * MIB
+CONTROL_RESPONSE_MAX_BYTES: Final = 16 * MIB
+CONTROL_TIMEOUT_S: Final = CALL_TIMEOUT_MAX_S

@@ -38,6 +38,15 @@ class ErrorCode(StrEnum):
     BLOB_CORRUPT = "blob_corrupt"
     # fedlearn data plane
     MANIFEST_INVALID = "manifest_invalid"
+    # capability bus and transport
+    UNKNOWN_CAPABILITY = "unknown_capability"
+    TIMEOUT = "timeout"
+    PEER_NOT_CONNECTED = "peer_not_connected"
+    BAD_REQUEST = "bad_request"
+    FORBIDDEN = "forbidden"
+    OVERLOADED = "overloaded"
+    INTERNAL_ERROR = "internal_error"
+    HANDSHAKE_FAILED = "handshake_failed"
     # a peer sent an error whose code this node does not know
     PROTOCOL_ERROR = "protocol_error"
 

@@ -137,3 +137,49 @@ def check_link(event: Event, expected_seq: int, expected_prev: str, owner: str) 
     except HearthnetError as exc:
         return f"payload is not valid JSON: {exc.message}"
     return None
+
+
+def to_wire(event: Event) -> dict[str, Any]:
+    """An event for a peer: the payload travels as its exact JCS text, the signature as hex."""
+    return {
+        "seq": event.seq,
+        "ts": event.ts,
+        "type": event.type,
+        "actor": event.actor,
+        "payload": event.payload_bytes.decode("utf-8"),
+        "prev_hash": event.prev_hash,
+        "hash": event.hash,
+        "signature": event.signature.hex(),
+    }
+
+
+def from_wire(data: Any, expected_actor: str) -> Event:
+    """An event received from `expected_actor`, its hash and signature checked on its own
+    (a subscriber sees a filtered stream, so the chain itself cannot be checked here)."""
+    try:
+        event = Event(
+            seq=int(data["seq"]),
+            ts=str(data["ts"]),
+            type=check_event_type(data["type"]),
+            actor=NodeID(str(data["actor"])),
+            payload_bytes=str(data["payload"]).encode("utf-8"),
+            prev_hash=str(data["prev_hash"]),
+            hash=str(data["hash"]),
+            signature=bytes.fromhex(str(data["signature"])),
+        )
+    except (KeyError, TypeError, ValueError, HearthnetError):
+        raise HearthnetError(ErrorCode.SIGNATURE_INVALID, "malformed event from peer") from None
+    header = header_bytes(
+        event.seq, event.ts, event.type, event.actor, event.payload_bytes, event.prev_hash
+    )
+    if (
+        event.actor != expected_actor
+        or sha256_hex(header) != event.hash
+        or not verify(event.actor, header, event.signature)
+    ):
+        raise HearthnetError(ErrorCode.SIGNATURE_INVALID, "event from peer does not verify")
+    try:
+        event.payload  # noqa: B018 - parsing is the check
+    except HearthnetError:
+        raise HearthnetError(ErrorCode.SIGNATURE_INVALID, "event payload is malformed") from None
+    return event

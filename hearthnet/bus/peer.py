@@ -1,0 +1,421 @@
+"""One authenticated connection to a peer: requests both ways, blobs, event subscriptions.
+
+Created only after the handshake verified, so everything here knows the peer's NodeID. Every
+queue and wait is bounded: in-flight requests per peer, pending calls, subscriptions, event
+queues. Bad input from the peer is answered with an error, counted and logged with its NodeID;
+after PEER_MAX_PROTOCOL_ERRORS malformed frames the connection is closed. Other peers and the
+node are unaffected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import itertools
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from websockets.asyncio.connection import Connection
+from websockets.exceptions import ConnectionClosed
+
+from hearthnet import constants as C
+from hearthnet.bus.bus import CallContext, CapabilityBus
+from hearthnet.bus.protocol import (
+    BlobRef,
+    EventMsg,
+    Message,
+    Request,
+    Response,
+    Subscribe,
+    Unsubscribe,
+    _Msg,
+    decode,
+    encode,
+)
+from hearthnet.errors import ErrorCode, HearthnetError
+from hearthnet.eventlog import Event, EventLog
+from hearthnet.eventlog.event import from_wire, to_wire
+from hearthnet.identity import NodeID
+from hearthnet.logs import get_logger
+
+log = get_logger("hearthnet.peer")
+
+EventPolicy = Callable[[NodeID, Event], bool]
+
+
+async def _sha256(data: bytes) -> str:
+    """Large blobs are hashed off the event loop (hashlib releases the GIL)."""
+    if len(data) < C.BLOB_FRAGMENT_BYTES:
+        return hashlib.sha256(data).hexdigest()
+    return await asyncio.to_thread(lambda: hashlib.sha256(data).hexdigest())
+
+
+class RemoteSubscription:
+    """Events from a peer's log, each verified against the peer's NodeID before it is yielded."""
+
+    def __init__(self, peer: PeerConnection, sub_id: int, prefix: str):
+        self.peer_id = peer.node_id
+        self.prefix = prefix
+        self._peer = peer
+        self._id = sub_id
+        self._queue: asyncio.Queue[Event | HearthnetError | None] = asyncio.Queue(
+            C.EVENTLOG_SUBSCRIBER_QUEUE_MAX
+        )
+
+    def _deliver(self, item: Event | HearthnetError | None) -> None:
+        try:
+            self._queue.put_nowait(item)
+        except asyncio.QueueFull:
+            self._peer._subs_out.pop(self._id, None)
+            with contextlib.suppress(asyncio.QueueEmpty):
+                self._queue.get_nowait()
+            self._queue.put_nowait(
+                HearthnetError(ErrorCode.SUBSCRIPTION_OVERFLOW, "remote subscriber fell behind")
+            )
+
+    def __aiter__(self) -> AsyncIterator[Event]:
+        return self
+
+    async def __anext__(self) -> Event:
+        item = await self._queue.get()
+        if item is None:
+            raise StopAsyncIteration
+        if isinstance(item, HearthnetError):
+            raise item
+        return item
+
+    async def close(self) -> None:
+        if self._peer._subs_out.pop(self._id, None) is not None:
+            with contextlib.suppress(ConnectionClosed, HearthnetError):
+                await self._peer._send(Unsubscribe(t="unsub", id=self._id))
+        self._deliver(None)
+
+
+class PeerConnection:
+    def __init__(
+        self,
+        ws: Connection,
+        node_id: NodeID,
+        dialer: NodeID,
+        bus: CapabilityBus,
+        eventlog: EventLog | None,
+        policy: EventPolicy,
+        stats: Counter[str],
+        max_blob: int = C.BLOB_MAX_BYTES,
+    ):
+        self.ws = ws
+        self.node_id = node_id
+        self.dialer = dialer
+        self.stats = stats
+        self._bus = bus
+        self._log = eventlog
+        self._policy = policy
+        self._max_blob = max_blob
+        self._send_lock = asyncio.Lock()
+        self._ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future[tuple[dict[str, Any], bytes | None]]] = {}
+        self._inflight = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._subs_in: dict[int, asyncio.Task[None]] = {}
+        self._subs_out: dict[int, RemoteSubscription] = {}
+        self._errors = 0
+        self.closed = asyncio.Event()
+
+    # --- sending ------------------------------------------------------------------------------
+
+    async def _send(self, msg: _Msg, blob: bytes | None = None) -> None:
+        """A message and its blob leave back to back: no other frame can come between. The
+        blob goes as one message in BLOB_FRAGMENT_BYTES frames, so the receiver can hash it as
+        it arrives."""
+        async with self._send_lock:
+            await self.ws.send(encode(msg))
+            if blob is not None:
+                view = memoryview(blob)
+                step = C.BLOB_FRAGMENT_BYTES
+                await self.ws.send([view[i : i + step] for i in range(0, len(view), step)] or [b""])
+
+    @staticmethod
+    async def _ref(blob: bytes | None) -> BlobRef | None:
+        if blob is None:
+            return None
+        sha = await _sha256(blob)
+        return BlobRef(sha=sha, size=len(blob))
+
+    async def _recv(self) -> str | tuple[bytes, str]:
+        """The next message: text, or binary with its SHA-256 computed fragment by fragment
+        while the rest is still arriving."""
+        fragments = self.ws.recv_streaming()
+        first = await anext(fragments)
+        if isinstance(first, str):
+            texts = [first]
+            async for part in fragments:
+                texts.append(str(part))
+            return "".join(texts)
+        digest = hashlib.sha256(first)
+        parts = [first]
+        async for part in fragments:
+            data = part.encode() if isinstance(part, str) else part
+            digest.update(data)
+            parts.append(data)
+        return b"".join(parts), digest.hexdigest()
+
+    async def request(
+        self, cap: str, body: dict[str, Any], timeout: float, blob: bytes | None
+    ) -> tuple[dict[str, Any], bytes | None]:
+        if self.closed.is_set():
+            raise HearthnetError(ErrorCode.PEER_NOT_CONNECTED, f"peer {self.node_id} disconnected")
+        if len(self._pending) >= C.MAX_PENDING_CALLS_PER_PEER:
+            raise HearthnetError(ErrorCode.OVERLOADED, "too many calls pending to this peer")
+        if blob is not None and len(blob) > self._max_blob:
+            raise HearthnetError(ErrorCode.PAYLOAD_TOO_LARGE, "blob exceeds the transport limit")
+        req_id = next(self._ids)
+        future: asyncio.Future[tuple[dict[str, Any], bytes | None]] = (
+            asyncio.get_running_loop().create_future()
+        )
+        self._pending[req_id] = future
+        try:
+            await self._send(
+                Request(
+                    t="req",
+                    id=req_id,
+                    cap=cap,
+                    body=body,
+                    timeout=timeout,
+                    blob=await self._ref(blob),
+                ),
+                blob,
+            )
+            async with asyncio.timeout(timeout):
+                return await future
+        except TimeoutError:
+            raise HearthnetError(
+                ErrorCode.TIMEOUT, f"{cap} on {self.node_id} timed out after {timeout}s"
+            ) from None
+        except ConnectionClosed:
+            raise HearthnetError(
+                ErrorCode.PEER_NOT_CONNECTED, f"peer {self.node_id} disconnected"
+            ) from None
+        finally:
+            self._pending.pop(req_id, None)
+
+    async def subscribe(self, prefix: str, after_seq: int | None = None) -> RemoteSubscription:
+        if len(self._subs_out) >= C.MAX_SUBSCRIPTIONS_PER_PEER:
+            raise HearthnetError(ErrorCode.OVERLOADED, "too many subscriptions to this peer")
+        sub_id = next(self._ids)
+        sub = RemoteSubscription(self, sub_id, prefix)
+        self._subs_out[sub_id] = sub
+        await self._send(Subscribe(t="sub", id=sub_id, prefix=prefix, after_seq=after_seq))
+        return sub
+
+    # --- receiving ----------------------------------------------------------------------------
+
+    def _bad(self, kind: str, message: str) -> None:
+        self._errors += 1
+        self.stats[kind] += 1
+        log.warning("bad input from peer", peer=self.node_id, kind=kind, reason=message[:200])
+
+    async def run(self) -> None:
+        """Read frames until the connection closes; then fail everything waiting on it."""
+        try:
+            await self._read_loop()
+        except ConnectionClosed:
+            pass
+        finally:
+            self.closed.set()
+            for future in self._pending.values():
+                if not future.done():
+                    future.set_exception(
+                        HearthnetError(ErrorCode.PEER_NOT_CONNECTED, f"peer {self.node_id} left")
+                    )
+            for task in [*self._tasks, *self._subs_in.values()]:
+                task.cancel()
+            for sub in list(self._subs_out.values()):
+                sub._deliver(None)
+            self._subs_out.clear()
+
+    async def _read_loop(self) -> None:
+        waiting: Request | Response | None = None  # announced a blob; its frame comes next
+        discard_next_binary = False
+        while True:
+            if self._errors >= C.PEER_MAX_PROTOCOL_ERRORS:
+                log.warning("closing peer after repeated bad input", peer=self.node_id)
+                await self.ws.close(1008, "too many malformed frames")
+                return
+            received = await self._recv()
+            if isinstance(received, tuple):
+                frame, frame_sha = received
+                if discard_next_binary:
+                    discard_next_binary = False
+                    continue
+                if waiting is None:
+                    self._bad("unexpected_binary", "binary frame without an announcement")
+                    continue
+                announced, waiting = waiting, None
+                ref = announced.blob
+                assert ref is not None
+                if len(frame) != ref.size or frame_sha != ref.sha:
+                    self._bad("blob_sha_mismatch", "blob does not match its announced SHA-256")
+                    err = HearthnetError(ErrorCode.BLOB_CORRUPT, "blob does not match its SHA-256")
+                    await self._fail(announced, err)
+                    continue
+                await self._handle(announced, frame)
+                continue
+            if waiting is not None:
+                self._bad("missing_blob", "announced blob did not follow")
+                await self._fail(waiting, HearthnetError(ErrorCode.BAD_REQUEST, "blob missing"))
+                waiting = None
+            try:
+                msg = decode(received)
+            except HearthnetError as exc:
+                self._bad(
+                    "oversize_frame"
+                    if exc.code is ErrorCode.PAYLOAD_TOO_LARGE
+                    else "malformed_frame",
+                    exc.message,
+                )
+                continue
+            if isinstance(msg, Request | Response) and msg.blob is not None:
+                if msg.blob.size > self._max_blob:
+                    self._bad("oversize_blob", f"announced blob of {msg.blob.size} bytes")
+                    discard_next_binary = True
+                    await self._fail(
+                        msg,
+                        HearthnetError(
+                            ErrorCode.PAYLOAD_TOO_LARGE,
+                            f"blob of {msg.blob.size} bytes exceeds {self._max_blob}",
+                        ),
+                    )
+                    continue
+                waiting = msg
+                continue
+            await self._handle(msg, None)
+
+    async def _fail(self, msg: Request | Response, err: HearthnetError) -> None:
+        if isinstance(msg, Request):
+            await self._send(Response(t="res", id=msg.id, ok=False, error=err.to_dict()))
+        else:
+            future = self._pending.get(msg.id)
+            if future is not None and not future.done():
+                future.set_exception(err)
+
+    async def _handle(self, msg: Message, blob: bytes | None) -> None:
+        if isinstance(msg, Request):
+            if self._inflight >= C.MAX_INFLIGHT_PER_PEER:
+                self.stats["overloaded"] += 1
+                await self._fail(
+                    msg, HearthnetError(ErrorCode.OVERLOADED, "too many requests in flight")
+                )
+                return
+            self._inflight += 1  # counted at admission, before the task gets to run
+            self._spawn(self._serve(msg, blob))
+        elif isinstance(msg, Response):
+            future = self._pending.get(msg.id)
+            if future is None or future.done():
+                return  # a late answer to a call that timed out
+            if msg.ok:
+                future.set_result((msg.body or {}, blob))
+            else:
+                future.set_exception(HearthnetError.from_dict(msg.error))
+        elif isinstance(msg, Subscribe):
+            await self._start_feed(msg)
+        elif isinstance(msg, Unsubscribe):
+            task = self._subs_in.pop(msg.id, None)
+            if task is not None:
+                task.cancel()
+        elif isinstance(msg, EventMsg):
+            self._receive_event(msg)
+        else:  # hello/auth after the handshake
+            self._bad("unexpected_message", f"unexpected {msg.t!r} after the handshake")
+
+    def _spawn(self, coro: Any) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, req: Request, blob: bytes | None) -> None:
+        try:
+            ctx = CallContext(caller=self.node_id, local=False, blob=blob)
+            try:
+                async with asyncio.timeout(min(req.timeout, C.CALL_TIMEOUT_MAX_S)):
+                    body, out_blob = await self._bus.dispatch(req.cap, req.body, ctx)
+                response = Response(
+                    t="res", id=req.id, ok=True, body=body, blob=await self._ref(out_blob)
+                )
+            except TimeoutError:
+                err = HearthnetError(ErrorCode.TIMEOUT, f"{req.cap} timed out")
+                response, out_blob = (
+                    Response(t="res", id=req.id, ok=False, error=err.to_dict()),
+                    None,
+                )
+            except HearthnetError as exc:
+                if exc.code in (ErrorCode.UNKNOWN_CAPABILITY, ErrorCode.BAD_REQUEST):
+                    self.stats[exc.code.value] += 1
+                response, out_blob = (
+                    Response(t="res", id=req.id, ok=False, error=exc.to_dict()),
+                    None,
+                )
+            with contextlib.suppress(ConnectionClosed):
+                await self._send(response, out_blob)
+        finally:
+            self._inflight -= 1
+
+    # --- event feeds --------------------------------------------------------------------------
+
+    async def _start_feed(self, sub: Subscribe) -> None:
+        if (
+            self._log is None
+            or len(self._subs_in) >= C.MAX_SUBSCRIPTIONS_PER_PEER
+            or (sub.id in self._subs_in)
+        ):
+            err = HearthnetError(ErrorCode.OVERLOADED, "subscription refused")
+            await self._send(EventMsg(t="evt", sub=sub.id, error=err.to_dict()))
+            return
+        task: asyncio.Task[None] = asyncio.ensure_future(self._feed(sub, self._log))
+        self._subs_in[sub.id] = task
+        task.add_done_callback(lambda _t: self._subs_in.pop(sub.id, None))
+
+    async def _feed(self, sub: Subscribe, eventlog: EventLog) -> None:
+        """Backlog after `after_seq` (if asked), then live events; the policy decides, per
+        subscriber and event, what it may see."""
+        live = eventlog.subscribe(sub.prefix)  # first, so nothing falls between backlog and live
+        error: HearthnetError | None = None
+        try:
+            last = 0
+            if sub.after_seq is not None:
+                after = sub.after_seq
+                while page := await eventlog.read(after, type_prefix=sub.prefix or None):
+                    for event in page:
+                        if self._policy(self.node_id, event):
+                            await self._send(EventMsg(t="evt", sub=sub.id, event=to_wire(event)))
+                    after = last = page[-1].seq
+            async for event in live:
+                if event.seq > last and self._policy(self.node_id, event):
+                    await self._send(EventMsg(t="evt", sub=sub.id, event=to_wire(event)))
+        except HearthnetError as exc:
+            error = exc
+        except ConnectionClosed:
+            return
+        finally:
+            live.close()
+        with contextlib.suppress(ConnectionClosed):
+            await self._send(
+                EventMsg(t="evt", sub=sub.id, error=error.to_dict() if error else None)
+            )
+
+    def _receive_event(self, msg: EventMsg) -> None:
+        sub = self._subs_out.get(msg.sub)
+        if sub is None:
+            return
+        if msg.event is None:
+            self._subs_out.pop(msg.sub, None)
+            sub._deliver(HearthnetError.from_dict(msg.error) if msg.error else None)
+            return
+        try:
+            sub._deliver(from_wire(msg.event, self.node_id))
+        except HearthnetError as exc:
+            self._bad("event_invalid", exc.message)
+
+    async def close(self, code: int = 1000, reason: str = "") -> None:
+        await self.ws.close(code, reason)

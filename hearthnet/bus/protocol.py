@@ -1,0 +1,113 @@
+"""The wire protocol's message shapes, with no I/O (the h11 way: parse, validate, encode).
+
+Control messages are JSON text frames, one object each, discriminated by `t`. A message that
+announces a blob (`blob: {sha, size}`) is followed by exactly one binary frame holding it.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from hearthnet import constants as C
+from hearthnet.canonical import parse_json
+from hearthnet.errors import ErrorCode, HearthnetError
+
+_HEX_NONCE = rf"^[0-9a-f]{{{2 * C.HANDSHAKE_NONCE_BYTES}}}$"
+_CAP = r"^[a-z0-9_]+(\.[a-z0-9_]+)*$"
+
+
+class _Msg(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class BlobRef(_Msg):
+    sha: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+    size: Annotated[int, Field(ge=0)]
+
+
+class Hello(_Msg):
+    t: Literal["hello"]
+    v: str
+    net: Annotated[str, Field(max_length=C.NETWORK_ID_MAX_LEN)]
+    role: Literal["dialer", "listener"]
+    node: Annotated[str, Field(max_length=128)]
+    nonce: Annotated[str, Field(pattern=_HEX_NONCE)]
+
+
+class Auth(_Msg):
+    t: Literal["auth"]
+    sig: Annotated[str, Field(pattern=r"^[0-9a-f]{128}$")]
+
+
+class Request(_Msg):
+    t: Literal["req"]
+    id: Annotated[int, Field(ge=0, le=2**53 - 1)]
+    cap: Annotated[str, Field(max_length=C.CAPABILITY_NAME_MAX_LEN, pattern=_CAP)]
+    body: dict[str, Any]
+    timeout: Annotated[float, Field(gt=0, le=C.CALL_TIMEOUT_MAX_S)] = C.CALL_TIMEOUT_DEFAULT_S
+    blob: BlobRef | None = None
+
+
+class Response(_Msg):
+    t: Literal["res"]
+    id: Annotated[int, Field(ge=0, le=2**53 - 1)]
+    ok: bool
+    body: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+    blob: BlobRef | None = None
+
+
+class Subscribe(_Msg):
+    t: Literal["sub"]
+    id: Annotated[int, Field(ge=0, le=2**53 - 1)]
+    prefix: Annotated[str, Field(max_length=C.EVENT_TYPE_MAX_LEN)]
+    after_seq: Annotated[int, Field(ge=0)] | None = None
+
+
+class Unsubscribe(_Msg):
+    t: Literal["unsub"]
+    id: Annotated[int, Field(ge=0, le=2**53 - 1)]
+
+
+class EventMsg(_Msg):
+    """One event of a subscription, or its end (`event` None, `error` saying why if not clean)."""
+
+    t: Literal["evt"]
+    sub: Annotated[int, Field(ge=0, le=2**53 - 1)]
+    event: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+
+
+Message = Annotated[
+    Hello | Auth | Request | Response | Subscribe | Unsubscribe | EventMsg,
+    Field(discriminator="t"),
+]
+_ADAPTER: TypeAdapter[Message] = TypeAdapter(Message)
+
+
+def decode(text: str | bytes) -> Message:
+    """A validated message from an untrusted text frame; `bad_request` when it is not one."""
+    raw = text.encode() if isinstance(text, str) else text
+    if len(raw) > C.CONTROL_FRAME_MAX_BYTES:
+        raise HearthnetError(
+            ErrorCode.PAYLOAD_TOO_LARGE,
+            f"control frame of {len(raw)} bytes exceeds {C.CONTROL_FRAME_MAX_BYTES}",
+        )
+    try:
+        obj = parse_json(raw, C.CONTROL_FRAME_MAX_BYTES)
+        return _ADAPTER.validate_python(obj)
+    except HearthnetError as exc:
+        raise HearthnetError(ErrorCode.BAD_REQUEST, f"malformed frame: {exc.message}") from None
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "frame"
+        raise HearthnetError(
+            ErrorCode.BAD_REQUEST, f"malformed frame at {where}: {err['msg']}"
+        ) from None
+
+
+def encode(msg: _Msg) -> str:
+    return json.dumps(msg.model_dump(exclude_none=True), separators=(",", ":"), allow_nan=False)

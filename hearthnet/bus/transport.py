@@ -1,0 +1,265 @@
+"""WebSocket transport: listen, dial configured peers with backoff, authenticate, route calls.
+
+One connection per peer pair, whoever dialled: when two come up between the same nodes, both
+sides keep the one dialled by the smaller NodeID and close the other. Compression is off (blobs
+are incompressible deltas and compression invites decompression bombs); websockets' pings detect
+dead peers; every frame, queue and wait is bounded by a constant.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+from websockets.asyncio.client import connect
+from websockets.asyncio.connection import Connection
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+
+from hearthnet import constants as C
+from hearthnet.bus.bus import CapabilityBus
+from hearthnet.bus.handshake import check_hello, make_hello, sign_auth, transcript, verify_auth
+from hearthnet.bus.peer import EventPolicy, PeerConnection, RemoteSubscription
+from hearthnet.bus.protocol import Auth, Hello, decode, encode
+from hearthnet.config import NodeConfig, PeerConfig
+from hearthnet.errors import ErrorCode, HearthnetError
+from hearthnet.eventlog import EventLog
+from hearthnet.identity import NodeID, NodeIdentity
+from hearthnet.logs import get_logger
+
+log = get_logger("hearthnet.transport")
+
+_WS_OPTIONS: dict[str, Any] = {
+    "compression": None,
+    "max_size": C.WS_MAX_MESSAGE_BYTES,
+    "max_queue": C.WS_MAX_QUEUE_FRAMES,
+    "write_limit": C.WS_WRITE_LIMIT_BYTES,
+    "ping_interval": C.WS_PING_INTERVAL_S,
+    "ping_timeout": C.WS_PING_TIMEOUT_S,
+    "close_timeout": C.WS_CLOSE_TIMEOUT_S,
+    "open_timeout": C.HANDSHAKE_TIMEOUT_S,
+}
+
+
+class Transport:
+    def __init__(
+        self,
+        identity: NodeIdentity,
+        config: NodeConfig,
+        bus: CapabilityBus,
+        eventlog: EventLog | None,
+        policy: EventPolicy,
+    ):
+        self.identity = identity
+        self.config = config
+        self.bus = bus
+        self.eventlog = eventlog
+        self.policy = policy
+        self.stats: Counter[str] = Counter()
+        self.peers: dict[NodeID, PeerConnection] = {}
+        self._server: Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._url_node: dict[str, NodeID] = {}
+        self._changed = asyncio.Condition()
+        self.on_peer_change: list[Callable[[NodeID, bool], None]] = []
+        bus.remote = self
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._server = await serve(
+            self._accept, self.config.listen.host, self.config.listen.port, **_WS_OPTIONS
+        )
+        for peer in self.config.peers:
+            self._spawn(self._dial_loop(peer))
+
+    @property
+    def listen_address(self) -> tuple[str, int]:
+        assert self._server is not None
+        host, port = self._server.sockets[0].getsockname()[:2]
+        return str(host), int(port)
+
+    async def stop(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self._server is not None:
+            self._server.close()
+        for peer in list(self.peers.values()):
+            with contextlib.suppress(Exception):
+                await peer.close(1001, "node shutting down")
+        if self._server is not None:
+            await self._server.wait_closed()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _spawn(self, coro: Any) -> asyncio.Task[None]:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # --- handshake ----------------------------------------------------------------------------
+
+    async def _recv_control(self, ws: Connection) -> Any:
+        frame = await ws.recv()
+        if not isinstance(frame, str):
+            raise HearthnetError(ErrorCode.HANDSHAKE_FAILED, "binary frame during the handshake")
+        return decode(frame)
+
+    def _admit(self, node: str, expected: str | None) -> None:
+        if node == self.identity.node_id:
+            raise HearthnetError(ErrorCode.HANDSHAKE_FAILED, "connected to itself")
+        if expected is not None and node != expected:
+            raise HearthnetError(ErrorCode.HANDSHAKE_FAILED, "peer is not the configured NodeID")
+        if not self.config.trust.allows(node):
+            raise HearthnetError(ErrorCode.FORBIDDEN, "peer is not a member of this community")
+
+    async def _handshake(self, ws: Connection, role: str, expected: str | None = None) -> NodeID:
+        net = self.config.node.network_id
+        async with asyncio.timeout(C.HANDSHAKE_TIMEOUT_S):
+            if role == "dialer":
+                mine = make_hello(self.identity, net, "dialer")
+                await ws.send(encode(mine))
+                theirs = await self._recv_control(ws)
+                if not isinstance(theirs, Hello):
+                    raise HearthnetError(ErrorCode.HANDSHAKE_FAILED, "expected hello")
+                check_hello(theirs, net, "listener")
+                self._admit(theirs.node, expected)
+                data = transcript(mine, theirs)
+            else:
+                theirs = await self._recv_control(ws)
+                if not isinstance(theirs, Hello):
+                    raise HearthnetError(ErrorCode.HANDSHAKE_FAILED, "expected hello")
+                check_hello(theirs, net, "dialer")
+                self._admit(theirs.node, None)
+                mine = make_hello(self.identity, net, "listener")
+                await ws.send(encode(mine))
+                data = transcript(theirs, mine)
+            await ws.send(encode(sign_auth(self.identity, role, data)))
+            auth = await self._recv_control(ws)
+            if not isinstance(auth, Auth):
+                raise HearthnetError(ErrorCode.HANDSHAKE_FAILED, "expected auth")
+            verify_auth(theirs, data, auth)
+        return NodeID(theirs.node)
+
+    def _handshake_failed(self, exc: BaseException, where: str) -> None:
+        kind = (
+            "handshake_refused"
+            if (isinstance(exc, HearthnetError) and exc.code is ErrorCode.FORBIDDEN)
+            else "handshake_failed"
+        )
+        self.stats[kind] += 1
+        reason = exc.message if isinstance(exc, HearthnetError) else type(exc).__name__
+        log.warning("handshake failed", where=where, reason=reason)
+
+    # --- connections --------------------------------------------------------------------------
+
+    async def _accept(self, ws: ServerConnection) -> None:
+        try:
+            node = await self._handshake(ws, "listener")
+        except (HearthnetError, TimeoutError, ConnectionClosed) as exc:
+            self._handshake_failed(exc, f"from {ws.remote_address}")
+            with contextlib.suppress(Exception):
+                await ws.close(1008, "handshake failed")
+            return
+        await self._serve_peer(ws, node, dialer=node)
+
+    async def _serve_peer(self, ws: Connection, node: NodeID, dialer: NodeID) -> None:
+        peer = PeerConnection(ws, node, dialer, self.bus, self.eventlog, self.policy, self.stats)
+        if not await self._register(peer):
+            await ws.close(1000, "duplicate connection")
+            return
+        log.info("peer connected", peer=node, inbound=dialer == node)
+        try:
+            await peer.run()
+        finally:
+            async with self._changed:
+                if self.peers.get(node) is peer:
+                    del self.peers[node]
+                    self._notify(node, False)
+                self._changed.notify_all()
+            log.info("peer disconnected", peer=node)
+
+    async def _register(self, peer: PeerConnection) -> bool:
+        """Keep one connection per pair: the one dialled by the smaller NodeID wins."""
+        async with self._changed:
+            existing = self.peers.get(peer.node_id)
+            if existing is not None and not existing.closed.is_set():
+                preferred = min(self.identity.node_id, peer.node_id)
+                if existing.dialer == preferred or peer.dialer != preferred:
+                    return False
+                await existing.close(1000, "duplicate connection")
+            self.peers[peer.node_id] = peer
+            self._notify(peer.node_id, True)
+            self._changed.notify_all()
+        return True
+
+    def _notify(self, node: NodeID, up: bool) -> None:
+        for callback in self.on_peer_change:
+            callback(node, up)
+
+    async def _dial_loop(self, cfg: PeerConfig) -> None:
+        delay = C.RECONNECT_BACKOFF_MIN_S
+        while True:
+            known = cfg.node_id or self._url_node.get(cfg.url)
+            if known is not None and known in self.peers:
+                await self._wait_gone(NodeID(known))
+                continue
+            started = time.monotonic()
+            try:
+                async with connect(cfg.url, proxy=None, **_WS_OPTIONS) as ws:
+                    node = await self._handshake(ws, "dialer", cfg.node_id)
+                    self._url_node[cfg.url] = node
+                    await self._serve_peer(ws, node, dialer=self.identity.node_id)
+            except (OSError, TimeoutError, InvalidHandshake, InvalidURI, ConnectionClosed) as exc:
+                self.stats["dial_failed"] += 1
+                log.debug("dial failed", url=cfg.url, reason=type(exc).__name__)
+            except HearthnetError as exc:
+                self._handshake_failed(exc, cfg.url)
+            if time.monotonic() - started > C.RECONNECT_RESET_AFTER_S:
+                delay = C.RECONNECT_BACKOFF_MIN_S
+            await asyncio.sleep(delay * (0.5 + random.random()))  # jitter, not a secret
+            delay = min(delay * 2, C.RECONNECT_BACKOFF_MAX_S)
+
+    async def _wait_gone(self, node: NodeID) -> None:
+        def gone() -> bool:
+            return node not in self.peers
+
+        async with self._changed:
+            await self._changed.wait_for(gone)
+
+    # --- use ----------------------------------------------------------------------------------
+
+    def _peer(self, node: str) -> PeerConnection:
+        peer = self.peers.get(NodeID(node))
+        if peer is None or peer.closed.is_set():
+            raise HearthnetError(ErrorCode.PEER_NOT_CONNECTED, f"peer {node} is not connected")
+        return peer
+
+    async def call_remote(
+        self, peer: str, name: str, body: dict[str, Any], timeout: float, blob: bytes | None
+    ) -> tuple[dict[str, Any], bytes | None]:
+        return await self._peer(peer).request(name, body, timeout, blob)
+
+    async def subscribe(
+        self, peer: str, prefix: str, after_seq: int | None = None
+    ) -> RemoteSubscription:
+        return await self._peer(peer).subscribe(prefix, after_seq)
+
+    async def wait_for_peer(self, node: str, timeout: float) -> None:
+        async with asyncio.timeout(timeout), self._changed:
+            await self._changed.wait_for(lambda: node in self.peers)
+
+    def peer_info(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "node_id": p.node_id,
+                "remote": str(p.ws.remote_address),
+                "dialled_by_us": p.dialer == self.identity.node_id,
+            }
+            for p in sorted(self.peers.values(), key=lambda p: p.node_id)
+        ]

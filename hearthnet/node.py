@@ -1,0 +1,216 @@
+"""Node: wires identity, event log, blob store, capability bus, transport and control channel.
+
+Built-in capabilities: `node.info` and `node.ping` for anyone connected, `node.status` for the
+operator only (local calls through the control channel). Modules add capabilities to `bus` and
+event-visibility rules with `allow_events`; by default a peer sees only `node.*` events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+from collections.abc import Callable
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from hearthnet import __version__
+from hearthnet import constants as C
+from hearthnet.blobs import BlobStore
+from hearthnet.bus.bus import CallContext, CapabilityBus
+from hearthnet.bus.peer import RemoteSubscription
+from hearthnet.bus.transport import Transport
+from hearthnet.config import NodeConfig
+from hearthnet.control import ControlServer
+from hearthnet.eventlog import Event, EventLog
+from hearthnet.identity import NodeID, NodeIdentity
+from hearthnet.logs import configure_logging, get_logger
+
+log = get_logger("hearthnet.node")
+
+EventRule = Callable[[NodeID, Event], bool]
+
+
+class Empty(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class NodeInfo(BaseModel):
+    node_id: str
+    name: str
+    version: str
+    network_id: str
+    features: dict[str, bool]
+
+
+class Ping(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    nonce: str = ""
+
+
+class Pong(BaseModel):
+    nonce: str
+    node_id: str
+    time: float
+
+
+class NodeStatus(BaseModel):
+    node_id: str
+    name: str
+    listen: str
+    peers: list[dict[str, Any]]
+    features: dict[str, bool]
+    counters: dict[str, int]
+    event_head: int
+    uptime_s: float
+
+
+class Node:
+    def __init__(self, config: NodeConfig, identity: NodeIdentity | None = None):
+        self.config = config
+        self.identity = identity or NodeIdentity.load(config.key_path)
+        self.node_id = self.identity.node_id
+        self.bus = CapabilityBus(self.node_id, config.features)
+        self._rules: list[tuple[str, EventRule]] = [("node.", lambda _peer, _event: True)]
+        self.eventlog: EventLog | None = None
+        self.blobs: BlobStore | None = None
+        self.transport: Transport | None = None
+        self._control: ControlServer | None = None
+        self._started = 0.0
+        self._register_builtins()
+
+    # --- event visibility ---------------------------------------------------------------------
+
+    def allow_events(self, prefix: str, rule: EventRule) -> None:
+        """Let a peer see events under `prefix` when `rule(peer, event)` says so."""
+        self._rules.append((prefix, rule))
+
+    def _policy(self, peer: NodeID, event: Event) -> bool:
+        return any(event.type.startswith(p) and rule(peer, event) for p, rule in self._rules)
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        data = self.config.data_dir
+        data.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.eventlog = EventLog(data / C.EVENTLOG_FILE_NAME, self.identity)
+        try:
+            self.blobs = BlobStore(data / C.BLOBS_DIR_NAME)
+            self.transport = Transport(
+                self.identity, self.config, self.bus, self.eventlog, self._policy
+            )
+            await self.transport.start()
+            self._control = ControlServer(data / C.CONTROL_SOCKET_NAME, self.bus)
+            await self._control.start()
+        except BaseException:
+            await self.stop()
+            raise
+        self._started = time.monotonic()
+        host, port = self.transport.listen_address
+        await self.eventlog.append("node.started", {"listen": f"{host}:{port}"})
+        log.info(
+            "node started",
+            node_id=self.node_id,
+            name=self.config.node.name,
+            listen=f"ws://{host}:{port}",
+            features=self.config.features,
+        )
+
+    async def stop(self) -> None:
+        if self._control is not None:
+            await self._control.stop()
+            self._control = None
+        if self.transport is not None:
+            await self.transport.stop()
+            self.transport = None
+        if self.eventlog is not None:
+            with contextlib.suppress(Exception):
+                await self.eventlog.append("node.stopped", {})
+            await self.eventlog.close()
+            self.eventlog = None
+        log.info("node stopped", node_id=self.node_id)
+
+    async def run_until_signal(self) -> None:
+        """Run in the foreground until SIGINT or SIGTERM, then shut down cleanly."""
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await self.start()
+        try:
+            await stop.wait()
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+            await self.stop()
+
+    # --- peers --------------------------------------------------------------------------------
+
+    @property
+    def listen_url(self) -> str:
+        assert self.transport is not None
+        host, port = self.transport.listen_address
+        return f"ws://{host}:{port}"
+
+    async def wait_for_peer(self, node: str, timeout: float = 10.0) -> None:
+        assert self.transport is not None
+        await self.transport.wait_for_peer(node, timeout)
+
+    async def subscribe_remote(
+        self, peer: str, prefix: str, after_seq: int | None = None
+    ) -> RemoteSubscription:
+        assert self.transport is not None
+        return await self.transport.subscribe(peer, prefix, after_seq)
+
+    # --- built-in capabilities ----------------------------------------------------------------
+
+    def _register_builtins(self) -> None:
+        self.bus.register(
+            "node.info",
+            self._info,
+            Empty,
+            NodeInfo,
+            description="who this node is and what it runs",
+        )
+        self.bus.register("node.ping", self._ping, Ping, Pong, description="liveness")
+        self.bus.register(
+            "node.status",
+            self._status,
+            Empty,
+            NodeStatus,
+            local_only=True,
+            description="operator view: peers, counters, features",
+        )
+
+    async def _info(self, _ctx: CallContext, _req: Empty) -> NodeInfo:
+        return NodeInfo(
+            node_id=self.node_id,
+            name=self.config.node.name,
+            version=__version__,
+            network_id=self.config.node.network_id,
+            features=self.config.features,
+        )
+
+    async def _ping(self, _ctx: CallContext, req: Ping) -> Pong:
+        return Pong(nonce=req.nonce[:64], node_id=self.node_id, time=time.time())
+
+    async def _status(self, _ctx: CallContext, _req: Empty) -> NodeStatus:
+        assert self.transport is not None and self.eventlog is not None
+        return NodeStatus(
+            node_id=self.node_id,
+            name=self.config.node.name,
+            listen=self.listen_url,
+            peers=self.transport.peer_info(),
+            features=self.config.features,
+            counters=dict(self.transport.stats),
+            event_head=self.eventlog.head_seq,
+            uptime_s=round(time.monotonic() - self._started, 3),
+        )
+
+
+def run_node(config: NodeConfig) -> int:
+    configure_logging(config.log.format, config.log.level)
+    asyncio.run(Node(config).run_until_signal())
+    return 0

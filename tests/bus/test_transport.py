@@ -1,0 +1,328 @@
+"""Real Node instances on loopback: separate data dirs, ports and identities."""
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+
+import pytest
+from pydantic import BaseModel, ConfigDict
+from websockets.exceptions import ConnectionClosed
+
+from hearthnet import constants as C
+from hearthnet.bus.bus import CallContext
+from hearthnet.bus.protocol import Auth, Hello, decode, encode
+from hearthnet.errors import ErrorCode, HearthnetError
+from hearthnet.identity import NodeIdentity
+from hearthnet.node import Empty, NodeInfo
+
+from .conftest import RawPeer
+
+
+class Echo(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    text: str = ""
+    delay: float = 0.0
+    fail: str | None = None
+
+
+class EchoReply(BaseModel):
+    text: str
+    caller: str
+    blob_sha: str | None = None
+
+
+async def _echo(ctx: CallContext, req: Echo):
+    if req.delay:
+        await asyncio.sleep(req.delay)
+    if req.fail:
+        raise HearthnetError(ErrorCode(req.fail), "asked to fail", {"why": "test"})
+    sha = hashlib.sha256(ctx.blob).hexdigest() if ctx.blob is not None else None
+    reply = EchoReply(text=req.text, caller=ctx.caller, blob_sha=sha)
+    return (reply, ctx.blob) if ctx.blob is not None else reply
+
+
+def with_echo(node):
+    node.bus.register("test.echo", _echo, Echo, EchoReply)
+
+
+@pytest.fixture
+async def trio(make_node):
+    a = await make_node("a", setup=with_echo)
+    b = await make_node("b", peers=[a.listen_url], setup=with_echo)
+    c = await make_node("c", peers=[a.listen_url, b.listen_url], setup=with_echo)
+    for x, y in [(b, a), (c, a), (c, b)]:
+        await x.wait_for_peer(y.node_id)
+        await y.wait_for_peer(x.node_id)
+    return a, b, c
+
+
+async def test_handshake_and_calls_between_three_nodes(trio):
+    a, b, c = trio
+    for x in trio:
+        assert len(x.transport.peers) == 2  # one connection per pair, full mesh
+    info = await c.bus.call("node.info", peer=a.node_id, response_model=NodeInfo)
+    assert info.node_id == a.node_id and info.name == "a"
+    local = await a.bus.call("node.info")
+    assert local.node_id == a.node_id
+    reply = await b.bus.call("test.echo", Echo(text="hi"), peer=c.node_id)
+    assert reply.text == "hi"
+    assert reply.caller == b.node_id  # from the authenticated session, not the payload
+    pong = await a.bus.call("node.ping", {"nonce": "n1"}, peer=b.node_id)
+    assert pong.nonce == "n1" and pong.node_id == b.node_id
+
+
+async def test_errors_cross_the_wire_with_their_code(trio):
+    a, b, _ = trio
+    with pytest.raises(HearthnetError) as exc:
+        await a.bus.call("test.echo", Echo(fail="round_full"), peer=b.node_id)
+    assert exc.value.code is ErrorCode.ROUND_FULL and exc.value.detail == {"why": "test"}
+    with pytest.raises(HearthnetError) as exc:
+        await a.bus.call("no.such.thing", peer=b.node_id)
+    assert exc.value.code is ErrorCode.UNKNOWN_CAPABILITY
+    with pytest.raises(HearthnetError) as exc:
+        await a.bus.call("test.echo", Echo(delay=2), peer=b.node_id, timeout=0.2)
+    assert exc.value.code is ErrorCode.TIMEOUT
+    with pytest.raises(HearthnetError) as exc:
+        await a.bus.call("test.echo", peer=NodeIdentity.generate().node_id)
+    assert exc.value.code is ErrorCode.PEER_NOT_CONNECTED
+    with pytest.raises(HearthnetError) as exc:
+        await a.bus.call("test.echo", {"text": 5}, peer=b.node_id)
+    assert exc.value.code is ErrorCode.BAD_REQUEST and "text" in exc.value.message
+    with pytest.raises(HearthnetError) as exc:  # operator-only capability, asked by a peer
+        await a.bus.call("node.status", peer=b.node_id, response_model=Empty)
+    assert exc.value.code is ErrorCode.UNKNOWN_CAPABILITY
+    status = await a.bus.call("node.status")
+    assert len(status.peers) == 2
+
+
+async def test_blobs_travel_and_are_checked(trio):
+    a, b, _ = trio
+    blob = os.urandom(3 * 1024 * 1024)
+    reply, back = await a.bus.call_blob("test.echo", Echo(text="b"), peer=b.node_id, blob=blob)
+    assert reply.blob_sha == hashlib.sha256(blob).hexdigest() and back == blob
+
+
+async def test_experimental_disabled_even_for_read_only_queries(make_node):
+    off = await make_node("off")
+    on = await make_node(
+        "on",
+        peers=[off.listen_url],
+        experimental={"fedlearn": True},
+        setup=lambda n: n.bus.register("experimental.fedlearn.round.list", _echo, Echo, EchoReply),
+    )
+    await on.wait_for_peer(off.node_id)
+    for name in ("experimental.fedlearn.round.list", "experimental.fedlearn.anything"):
+        with pytest.raises(HearthnetError) as exc:
+            await on.bus.call(name, peer=off.node_id)
+        assert exc.value.code is ErrorCode.EXPERIMENTAL_DISABLED
+        with pytest.raises(HearthnetError) as exc:
+            await off.bus.call(name)
+        assert exc.value.code is ErrorCode.EXPERIMENTAL_DISABLED
+        with pytest.raises(HearthnetError) as exc:  # a flag-off node does not call out either
+            await off.bus.call(name, peer=on.node_id)
+        assert exc.value.code is ErrorCode.EXPERIMENTAL_DISABLED
+    assert (await on.bus.call("experimental.fedlearn.round.list", Echo(text="x"))).text == "x"
+    with pytest.raises(HearthnetError) as exc:
+        off.bus.register("experimental.fedlearn.round.list", _echo, Echo, EchoReply)
+    assert exc.value.code is ErrorCode.EXPERIMENTAL_DISABLED
+
+
+async def test_members_only_refuses_outsiders(make_node):
+    member, outsider = NodeIdentity.generate(), NodeIdentity.generate()
+    a = await make_node("a", trust={"members_only": True, "roster": [member.node_id]})
+    m = await make_node("m", peers=[a.listen_url], identity=member)
+    await a.wait_for_peer(member.node_id)
+    o = await make_node("o", peers=[a.listen_url], identity=outsider)
+    await asyncio.sleep(1.0)
+    assert outsider.node_id not in a.transport.peers
+    assert a.transport.stats["handshake_refused"] >= 1
+    with pytest.raises(HearthnetError):
+        await o.bus.call("node.info", peer=a.node_id)
+    assert (await m.bus.call("node.info", peer=a.node_id)).name == "a"
+
+
+async def test_replayed_and_forged_handshakes_fail(make_node):
+    a = await make_node("a")
+    ident = NodeIdentity.generate()
+    recorded = await RawPeer.connect(a.listen_url, ident)
+    await recorded.ws.close()
+    # Replay the recorded dialer hello and auth on a fresh connection.
+    from websockets.asyncio.client import connect
+
+    async with connect(a.listen_url, proxy=None) as ws:
+        await ws.send(encode(recorded.hello))
+        theirs = decode(await ws.recv())
+        assert isinstance(theirs, Hello) and theirs.nonce != recorded.theirs.nonce
+        decode(await ws.recv())  # the listener's own auth
+        await ws.send(encode(recorded.auth))
+        with pytest.raises(ConnectionClosed):  # the node refuses the replay and closes
+            await asyncio.wait_for(ws.recv(), 5)
+    # A hello naming someone else's NodeID cannot produce a valid signature.
+    async with connect(a.listen_url, proxy=None) as ws:
+        victim = NodeIdentity.generate().node_id
+        forged = recorded.hello.model_copy(update={"node": victim, "nonce": "ab" * 32})
+        await ws.send(encode(forged))
+        decode(await ws.recv())
+        decode(await ws.recv())
+        await ws.send(encode(Auth(t="auth", sig="00" * 64)))
+        with pytest.raises(ConnectionClosed):
+            await asyncio.wait_for(ws.recv(), 5)
+    await asyncio.sleep(0.1)
+    assert a.transport.stats["handshake_failed"] >= 2
+    assert victim not in a.transport.peers and ident.node_id not in a.transport.peers
+
+
+async def test_bad_input_is_answered_counted_and_harmless(make_node):
+    a = await make_node("a", setup=with_echo)
+    good = await make_node("good", peers=[a.listen_url])
+    await a.wait_for_peer(good.node_id)
+    raw = await RawPeer.connect(a.listen_url, NodeIdentity.generate())
+    await raw.ws.send("this is not json")
+    await raw.ws.send('{"t":"teleport"}')
+    await raw.ws.send(b"unannounced binary")
+    await raw.ws.send("x" * (C.CONTROL_FRAME_MAX_BYTES + 10))
+    # A blob announced beyond the limit: refused without reading it.
+    big = {
+        "t": "req",
+        "id": 1,
+        "cap": "test.echo",
+        "body": {},
+        "blob": {"sha": "0" * 64, "size": C.BLOB_MAX_BYTES + 1},
+    }
+    await raw.ws.send(json.dumps(big))
+    await raw.ws.send(b"ignored")
+    assert (await raw.recv_json())["error"]["code"] == "payload_too_large"
+    # A blob whose bytes do not match the announced SHA.
+    bad = {
+        "t": "req",
+        "id": 2,
+        "cap": "test.echo",
+        "body": {},
+        "blob": {"sha": hashlib.sha256(b"promised").hexdigest(), "size": 8},
+    }
+    await raw.ws.send(json.dumps(bad))
+    await raw.ws.send(b"switched")
+    assert (await raw.recv_json())["error"]["code"] == "blob_corrupt"
+    # The same connection still works, and so does the node for everyone else.
+    await raw.ws.send(json.dumps({"t": "req", "id": 3, "cap": "test.echo", "body": {"text": "ok"}}))
+    answer = await raw.recv_json()
+    assert answer["ok"] and answer["body"]["text"] == "ok"
+    assert (await good.bus.call("node.info", peer=a.node_id)).name == "a"
+    stats = (await a.bus.call("node.status")).counters
+    for kind in (
+        "malformed_frame",
+        "unexpected_binary",
+        "oversize_frame",
+        "oversize_blob",
+        "blob_sha_mismatch",
+    ):
+        assert stats.get(kind, 0) >= 1, kind
+    await raw.ws.close()
+
+
+async def test_request_flood_gets_overloaded_not_unbounded_work(make_node):
+    a = await make_node("a", setup=with_echo)
+    raw = await RawPeer.connect(a.listen_url, NodeIdentity.generate())
+    n = C.MAX_INFLIGHT_PER_PEER + 20
+    for i in range(n):
+        body = {"t": "req", "id": i, "cap": "test.echo", "body": {"delay": 1.0}}
+        await raw.ws.send(json.dumps(body))
+    answers = [await asyncio.wait_for(raw.recv_json(), 10) for _ in range(n)]
+    codes = [x["error"]["code"] for x in answers if not x["ok"]]
+    assert codes.count("overloaded") >= 20
+    assert sum(1 for x in answers if x["ok"]) == C.MAX_INFLIGHT_PER_PEER
+    assert (await a.bus.call("node.status")).counters["overloaded"] >= 20
+    await raw.ws.close()
+
+
+async def test_too_many_malformed_frames_disconnects(make_node):
+    a = await make_node("a")
+    raw = await RawPeer.connect(a.listen_url, NodeIdentity.generate())
+    for _ in range(C.PEER_MAX_PROTOCOL_ERRORS + 1):
+        await raw.ws.send("garbage")
+    with pytest.raises(ConnectionClosed):
+        await asyncio.wait_for(raw.ws.recv(), 5)
+    assert raw.ws.close_code == 1008
+
+
+async def test_reconnects_after_peer_restart(make_node, tmp_path):
+    ident = NodeIdentity.generate()
+    a = await make_node("a", identity=ident)
+    port = a.transport.listen_address[1]
+    b = await make_node("b", peers=[a.listen_url])
+    await b.wait_for_peer(ident.node_id)
+    await a.stop()
+    await asyncio.sleep(0.3)
+    assert ident.node_id not in b.transport.peers
+    with pytest.raises(HearthnetError) as exc:
+        await b.bus.call("node.info", peer=ident.node_id)
+    assert exc.value.code is ErrorCode.PEER_NOT_CONNECTED
+    a2 = await make_node("a", port=port, identity=ident)
+    await b.wait_for_peer(ident.node_id, timeout=15)
+    assert (await b.bus.call("node.info", peer=a2.node_id)).node_id == ident.node_id
+
+
+async def test_remote_event_subscription_with_policy(make_node):
+    def setup(node):
+        node.allow_events("shared.", lambda peer, event: event.payload.get("to") == peer)
+
+    a = await make_node("a", setup=setup)
+    b = await make_node("b", peers=[a.listen_url])
+    await b.wait_for_peer(a.node_id)
+    early = await a.eventlog.append("shared.note", {"to": b.node_id, "n": 0})
+    sub = await b.subscribe_remote(a.node_id, "", after_seq=0)
+    await a.eventlog.append("shared.note", {"to": "someone else", "n": 1})
+    await a.eventlog.append("private.secret", {"n": 2})
+    await a.eventlog.append("shared.note", {"to": b.node_id, "n": 3})
+    seen = []
+
+    async def collect():
+        async for event in sub:
+            seen.append(event)
+            if event.type == "shared.note" and event.payload["n"] == 3:
+                return
+
+    await asyncio.wait_for(collect(), 5)
+    types = [(e.type, e.payload.get("n")) for e in seen]
+    assert ("shared.note", 0) in types and ("shared.note", 3) in types
+    assert ("shared.note", 1) not in types and all(t != "private.secret" for t, _ in types)
+    assert any(t == "node.started" for t, _ in types)  # node.* is public
+    assert seen[0].actor == a.node_id and early.seq in [e.seq for e in seen]
+    await sub.close()
+
+
+async def test_clean_shutdown(make_node):
+    a = await make_node("a")
+    b = await make_node("b", peers=[a.listen_url])
+    await b.wait_for_peer(a.node_id)
+    control = a.config.data_dir / C.CONTROL_SOCKET_NAME
+    assert control.exists() and oct(control.stat().st_mode & 0o777) == "0o600"
+    log = a.eventlog
+    await a.stop()
+    await asyncio.sleep(0.3)
+    assert a.node_id not in b.transport.peers
+    assert not control.exists()
+    from hearthnet.eventlog import EventLog
+
+    reader = EventLog.open_readonly(a.config.data_dir / C.EVENTLOG_FILE_NAME, a.node_id)
+    events = await reader.read()
+    assert [e.type for e in events][-1] == "node.stopped"
+    assert (await reader.verify()).ok
+    await reader.close()
+    assert log is not None
+
+
+async def test_fragmented_message_over_the_limit_is_refused(make_node):
+    a = await make_node("a")
+    good = await make_node("good", peers=[a.listen_url])
+    await a.wait_for_peer(good.node_id)
+    raw = await RawPeer.connect(a.listen_url, NodeIdentity.generate())
+    chunk = b"\0" * C.MIB
+    with contextlib.suppress(ConnectionClosed):  # the node may close before we finish
+        await raw.ws.send([chunk] * (C.WS_MAX_MESSAGE_BYTES // C.MIB) + [b"x"])
+    with pytest.raises(ConnectionClosed):
+        await asyncio.wait_for(raw.ws.recv(), 10)
+    assert raw.ws.close_code == 1009
+    assert (await good.bus.call("node.info", peer=a.node_id)).name == "a"

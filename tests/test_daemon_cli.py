@@ -1,0 +1,91 @@
+"""The real CLI driving real daemons: `hearthnet node start` as subprocesses."""
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from hearthnet.errors import ErrorCode
+
+HEARTHNET = str(Path(sys.executable).with_name("hearthnet"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([HEARTHNET, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def wait_until(predicate, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError("condition not reached in time")
+
+
+def test_two_daemons_cli_call_and_sigterm(tmp_path):
+    port_a, port_b = free_port(), free_port()
+    cfg_a, cfg_b = tmp_path / "a" / "node.toml", tmp_path / "b" / "node.toml"
+    assert run("init", "--data-dir", str(tmp_path / "a"), "--port", str(port_a)).returncode == 0
+    assert run("init", "--data-dir", str(tmp_path / "b"), "--port", str(port_b)).returncode == 0
+    with cfg_b.open("a") as fh:
+        fh.write(f'\n[[peers]]\nurl = "ws://127.0.0.1:{port_a}"\n')
+    id_a = run("id", "--config", str(cfg_a)).stdout.strip()
+    id_b = run("id", "--config", str(cfg_b)).stdout.strip()
+
+    procs = [
+        subprocess.Popen(
+            [HEARTHNET, "node", "start", "--config", str(c), "--log-format", "json"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for c in (cfg_a, cfg_b)
+    ]
+    try:
+
+        def connected() -> bool:
+            result = run("node", "status", "--config", str(cfg_a), "--json")
+            return result.returncode == 0 and any(
+                p["node_id"] == id_b for p in json.loads(result.stdout)["peers"]
+            )
+
+        wait_until(connected)
+        result = run("call", "node.info", "--peer", id_b, "--config", str(cfg_a))
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)["node_id"] == id_b
+        result = run(
+            "call", "node.ping", "--json", '{"nonce": "x"}', "--peer", id_a, "--config", str(cfg_b)
+        )
+        assert json.loads(result.stdout)["nonce"] == "x"
+        result = run(
+            "call", "experimental.fedlearn.round.list", "--peer", id_b, "--config", str(cfg_a)
+        )
+        assert result.returncode == 2
+        assert f"error [{ErrorCode.EXPERIMENTAL_DISABLED.value}]" in result.stderr
+        status = run("node", "status", "--config", str(cfg_b))
+        assert id_b in status.stdout and "peers:     1" in status.stdout
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        outputs = [proc.communicate(timeout=30) for proc in procs]
+    assert [p.returncode for p in procs] == [0, 0]
+    lines = [json.loads(line) for line in outputs[0][1].splitlines() if line.startswith("{")]
+    events = [line["event"] for line in lines]
+    assert "node started" in events and "node stopped" in events
+    started = next(line for line in lines if line["event"] == "node started")
+    assert started["node_id"] == id_a and started["listen"].endswith(str(port_a))
+    assert not (tmp_path / "a" / "control.sock").exists()
+    result = run("node", "status", "--config", str(cfg_a))
+    assert result.returncode == 2 and "no node is running" in result.stderr
+    result = run("events", "--config", str(cfg_a), "--verify")
+    assert result.returncode == 0
