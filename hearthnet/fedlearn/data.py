@@ -1,0 +1,91 @@
+"""Training data providers (spec M28 §5.4): the trainer never reaches into other storage.
+
+`CustomFileProvider` reads operator-curated files for a topic: `<root>/<topic>.jsonl|.txt` and
+`<root>/<topic>/*.jsonl|*.txt`. JSON lines hold `{"text": ...}` or chat `{"messages": [...]}`
+(rendered with the model's chat template); plain text is split into paragraphs at blank lines.
+Every sample counts once: `num_samples` is what was really read.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+from hearthnet import constants as C
+from hearthnet.errors import ErrorCode, HearthnetError
+
+ChatRenderer = Callable[[list[dict[str, str]]], str]
+_TOPIC_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
+
+
+class TrainingDataProvider(Protocol):
+    def samples(self, topic: str) -> list[str]: ...
+
+
+def _invalid(message: str) -> HearthnetError:
+    return HearthnetError(ErrorCode.DATA_INVALID, message)
+
+
+class CustomFileProvider:
+    def __init__(self, root: Path, render_chat: ChatRenderer | None = None):
+        self.root = Path(root)
+        self.render_chat = render_chat
+
+    def files(self, topic: str) -> list[Path]:
+        if not _TOPIC_RE.match(topic) or len(topic) > C.FEDLEARN_TOPIC_MAX_LEN:
+            raise _invalid(f"invalid topic {topic[:64]!r}")
+        found = [self.root / f"{topic}{ext}" for ext in (".jsonl", ".txt")]
+        folder = self.root / topic
+        if folder.is_dir():
+            found += sorted(p for p in folder.iterdir() if p.suffix in (".jsonl", ".txt"))
+        return [p for p in found if p.is_file()]
+
+    def samples(self, topic: str) -> list[str]:
+        out: list[str] = []
+        for path in self.files(topic):
+            if path.stat().st_size > C.DATA_MAX_FILE_BYTES:
+                raise _invalid(f"{path.name} is larger than {C.DATA_MAX_FILE_BYTES} bytes")
+            text = path.read_text(encoding="utf-8", errors="strict")
+            out += self._jsonl(path, text) if path.suffix == ".jsonl" else self._paragraphs(text)
+            if len(out) > C.DATA_MAX_SAMPLES:
+                raise _invalid(f"topic {topic} has more than {C.DATA_MAX_SAMPLES} samples")
+        if not out:
+            raise _invalid(f"no training data for topic {topic!r} under {self.root}")
+        return out
+
+    @staticmethod
+    def _paragraphs(text: str) -> list[str]:
+        parts = (p.strip() for p in re.split(r"\n\s*\n", text))
+        return [p[: C.DATA_MAX_SAMPLE_CHARS] for p in parts if p]
+
+    def _jsonl(self, path: Path, text: str) -> list[str]:
+        out = []
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row: Any = json.loads(line)
+            except json.JSONDecodeError:
+                raise _invalid(f"{path.name}:{lineno}: not JSON") from None
+            if isinstance(row, dict) and isinstance(row.get("text"), str):
+                sample = row["text"]
+            elif isinstance(row, dict) and isinstance(row.get("messages"), list):
+                messages = row["messages"]
+                if not all(
+                    isinstance(m, dict)
+                    and isinstance(m.get("role"), str)
+                    and isinstance(m.get("content"), str)
+                    for m in messages
+                ):
+                    raise _invalid(f"{path.name}:{lineno}: messages need role and content")
+                if self.render_chat is None:
+                    raise _invalid(f"{path.name}:{lineno}: chat data needs the model's template")
+                sample = self.render_chat(messages)
+            else:
+                raise _invalid(f"{path.name}:{lineno}: expected {{'text'}} or {{'messages'}}")
+            if sample.strip():
+                out.append(sample[: C.DATA_MAX_SAMPLE_CHARS])
+        return out

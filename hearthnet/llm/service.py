@@ -1,0 +1,271 @@
+"""LLMService: the node's base model, sessions with their own adapters, evaluation.
+
+One 4-bit model serves every session. Adapters are loaded into it as named PEFT adapters and a
+request selects its session's adapter (or none) under a lock, so a request never sees another
+session's adapter. The node default adapter changes only by explicit operator action. All model
+work is blocking: the node runs these methods in worker threads, never on its event loop.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hearthnet import constants as C
+from hearthnet.config import FedLearnConfig, LLMSection
+from hearthnet.errors import ErrorCode, HearthnetError
+from hearthnet.fedlearn.lora import target_layers
+from hearthnet.fedlearn.manifest import RoundManifest
+from hearthnet.llm import model as M
+from hearthnet.logs import get_logger
+
+log = get_logger("hearthnet.llm")
+
+
+@dataclass(frozen=True)
+class ResourceEstimate:
+    vram_mb: int
+    disk_mb: int
+
+
+@dataclass
+class Session:
+    id: str
+    adapter_sha: str | None
+    service: LLMService = field(repr=False)
+
+    def generate(self, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0) -> str:
+        return self.service.generate(prompt, self.adapter_sha, max_new_tokens, temperature)
+
+    def apply_adapter(self, sha: str | None) -> None:
+        if sha is not None:
+            self.service.require_adapter(sha)
+        self.adapter_sha = sha
+
+    def close(self) -> None:
+        self.service.sessions.pop(self.id, None)
+
+
+class LLMService:
+    def __init__(self, llm: LLMSection, data_dir: Path, fedlearn: FedLearnConfig):
+        self.settings = llm
+        self.fedlearn = fedlearn
+        self.cache_root = data_dir / C.LLM_CACHE_DIR_NAME
+        self.adapter_root = data_dir / C.ADAPTERS_DIR_NAME
+        self.sessions: dict[str, Session] = {}
+        self.node_default: str | None = None
+        self._known: dict[str, Path] = {}  # adapter sha -> PEFT directory
+        self._loaded: set[str] = set()
+        self._lock = threading.Lock()
+        self._model: Any = None
+        self._peft: Any = None
+        self.tokenizer: Any = None
+
+    # --- loading ------------------------------------------------------------------------------
+
+    def prepare(self) -> None:
+        """Resolve, hash and (once) convert the base model; no weights are loaded yet."""
+        self.source = M.resolve_source(self.settings.base_model)
+        self.base_model_sha = M.weights_sha(self.source, self.cache_root)
+        self.model_dir = M.model_dir(self.source, self.cache_root, self.base_model_sha)
+        self.base_model_id = self.source.model_id
+        self.device = M.compute_device(self.settings.device)
+        self.model_shapes = M.linear_shapes(self.model_dir)
+        self.hidden_size = int(self.config_value("hidden_size"))
+        for path in sorted(self.adapter_root.glob("*/adapter_config.json")):
+            self._known[path.parent.name] = path.parent
+
+    def config_value(self, key: str) -> Any:
+        import json
+
+        return json.loads((self.model_dir / "config.json").read_text())[key]
+
+    def load(self) -> None:
+        self.prepare()
+        self.tokenizer = M.load_tokenizer(self.model_dir)
+        self._model = M.load_4bit(self.model_dir, self.device)
+        log.info(
+            "base model loaded",
+            model=self.base_model_id,
+            sha=self.base_model_sha[:16],
+            device=self.device,
+        )
+
+    # --- adapters -----------------------------------------------------------------------------
+
+    def register_adapter(self, sha: str, directory: Path) -> None:
+        self._known[sha] = directory
+
+    def require_adapter(self, sha: str) -> Path:
+        directory = self._known.get(sha)
+        if directory is None:
+            raise HearthnetError(ErrorCode.ADAPTER_NOT_FOUND, f"no adapter {sha}")
+        return directory
+
+    def adapters(self) -> list[dict[str, Any]]:
+        return [
+            {"sha": sha, "loaded": sha in self._loaded, "node_default": sha == self.node_default}
+            for sha in sorted(self._known)
+        ]
+
+    def set_node_adapter(self, sha: str | None) -> None:
+        """Operator action only: the adapter new sessions start with."""
+        if sha is not None:
+            self.require_adapter(sha)
+        self.node_default = sha
+
+    @staticmethod
+    def _name(sha: str) -> str:
+        return "a" + sha[:40]
+
+    def _activate(self, sha: str | None) -> Any:
+        """The model to run with `sha`'s adapter selected (or no adapter); lock held."""
+        if sha is None:
+            return None
+        if sha not in self._loaded:
+            if len(self._loaded) >= C.LLM_MAX_LOADED_ADAPTERS:
+                raise HearthnetError(ErrorCode.INSUFFICIENT_RESOURCES, "too many adapters loaded")
+            directory = str(self.require_adapter(sha))
+            if self._peft is None:
+                from peft import PeftModel
+
+                self._peft = PeftModel.from_pretrained(
+                    self._model, directory, adapter_name=self._name(sha)
+                )
+            else:
+                self._peft.load_adapter(directory, adapter_name=self._name(sha))
+            self._peft.eval()
+            self._loaded.add(sha)
+        self._peft.set_adapter(self._name(sha))
+        return self._peft
+
+    def _run(self, sha: str | None, fn: Any) -> Any:
+        if self._model is None:
+            raise HearthnetError(ErrorCode.MODEL_UNAVAILABLE, "the base model is not loaded")
+        with self._lock, torch.inference_mode():
+            model = self._activate(sha)
+            if model is None and self._peft is not None:
+                with self._peft.disable_adapter():
+                    return fn(self._peft)
+            return fn(model if model is not None else self._model)
+
+    # --- sessions and generation --------------------------------------------------------------
+
+    def open_session(self, adapter_sha: str | None = None) -> Session:
+        if len(self.sessions) >= C.LLM_MAX_SESSIONS:
+            raise HearthnetError(ErrorCode.INSUFFICIENT_RESOURCES, "too many open sessions")
+        sha = adapter_sha if adapter_sha is not None else self.node_default
+        if sha is not None:
+            self.require_adapter(sha)
+        session = Session(secrets.token_hex(8), sha, self)
+        self.sessions[session.id] = session
+        return session
+
+    def generate(
+        self,
+        prompt: str,
+        adapter_sha: str | None,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+    ) -> str:
+        if not 1 <= max_new_tokens <= C.LLM_MAX_NEW_TOKENS:
+            raise HearthnetError(ErrorCode.BAD_REQUEST, "max_new_tokens out of range")
+        if len(prompt) > C.LLM_MAX_PROMPT_CHARS:
+            raise HearthnetError(ErrorCode.BAD_REQUEST, "prompt too long")
+        inputs = self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}],
+            add_generation_prompt=True,
+            return_tensors="pt",
+            return_dict=True,
+        ).to(self.device)
+
+        def run(model: Any) -> str:
+            sampling = (
+                {"do_sample": True, "temperature": temperature}
+                if temperature > 0
+                else {"do_sample": False}
+            )
+            out = model.generate(
+                **inputs,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=self.tokenizer.pad_token_id,
+                **sampling,
+            )
+            return str(
+                self.tokenizer.decode(
+                    out[0][inputs["input_ids"].shape[1] :], skip_special_tokens=True
+                )
+            )
+
+        return str(self._run(adapter_sha, run))
+
+    def perplexity(self, texts: list[str], adapter_sha: str | None = None) -> float:
+        """exp(mean token negative log-likelihood) over `texts`, each up to the training length."""
+        if not texts or len(texts) > C.LLM_EVAL_MAX_TEXTS:
+            raise HearthnetError(ErrorCode.BAD_REQUEST, "perplexity needs 1..1000 texts")
+
+        def run(model: Any) -> float:
+            total, count = 0.0, 0
+            for text in texts:
+                ids = self.tokenizer(
+                    text, return_tensors="pt", truncation=True, max_length=C.TRAIN_MAX_SEQ_TOKENS
+                )["input_ids"].to(self.device)
+                if ids.shape[1] < 2:
+                    continue
+                loss = model(input_ids=ids, labels=ids).loss
+                total += float(loss) * (ids.shape[1] - 1)
+                count += ids.shape[1] - 1
+            if count == 0:
+                raise HearthnetError(ErrorCode.BAD_REQUEST, "texts are too short to evaluate")
+            return math.exp(total / count)
+
+        return float(self._run(adapter_sha, run))
+
+    # --- resources ----------------------------------------------------------------------------
+
+    def estimate_training_resources(self, manifest: RoundManifest) -> ResourceEstimate:
+        """Spec §5.3: from rank × target modules × hidden size, plus the 4-bit base and the
+        activations of one batch."""
+        layers = target_layers(manifest, self.model_shapes)
+        lora_params = sum(manifest.lora_rank * (o + i) for o, i in layers.values())
+        n_layers = int(self.config_value("num_hidden_layers"))
+        base_params = sum(o * i for o, i in self.model_shapes.values())
+        activations = (
+            manifest.batch_size
+            * C.TRAIN_MAX_SEQ_TOKENS
+            * self.hidden_size
+            * n_layers
+            * C.TRAIN_ACTIVATION_BYTES_PER_TOKEN_UNIT
+        )
+        mem = base_params // 2 + lora_params * C.TRAIN_BYTES_PER_LORA_PARAM + activations
+        disk = lora_params * 4 * 2  # the delta and its adapter directory
+        return ResourceEstimate(vram_mb=math.ceil(mem / C.MIB), disk_mb=math.ceil(disk / C.MIB))
+
+    def check_resources(self, manifest: RoundManifest) -> ResourceEstimate:
+        est = self.estimate_training_resources(manifest)
+        if (
+            est.vram_mb > self.fedlearn.training_vram_budget_mb
+            or est.disk_mb > self.fedlearn.training_disk_budget_mb
+        ):
+            raise HearthnetError(
+                ErrorCode.INSUFFICIENT_RESOURCES,
+                f"training needs ~{est.vram_mb} MB memory and {est.disk_mb} MB disk; the budget "
+                f"is {self.fedlearn.training_vram_budget_mb} MB and "
+                f"{self.fedlearn.training_disk_budget_mb} MB",
+                {"vram_mb": est.vram_mb, "disk_mb": est.disk_mb},
+            )
+        return est
+
+    def check_base_model(self, manifest: RoundManifest) -> None:
+        if manifest.base_model_sha != self.base_model_sha:
+            raise HearthnetError(
+                ErrorCode.BASE_MODEL_MISMATCH,
+                "the round's base model differs from this node's; nothing is downloaded",
+                {"local": self.base_model_sha, "round": manifest.base_model_sha},
+            )
