@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import os
 import platform
+import threading
 import time
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -34,3 +37,29 @@ def write_result(name: str, result: dict[str, Any], out: Path | None = None) -> 
     print(json.dumps(doc, indent=2, sort_keys=True))
     print(f"wrote {path}")
     return path
+
+
+class PeakRSS:
+    """Samples this process's RSS from a thread: this sandbox's kernel keeps no usable VmHWM
+    (it equals VmRSS) and ru_maxrss survives exec, so a peak has to be observed."""
+
+    def __init__(self, interval_s: float = 0.001):
+        self._proc = psutil.Process()
+        self._interval = interval_s
+        self._stop = threading.Event()
+        self.start_mib = self.peak_mib = self._proc.memory_info().rss / 2**20
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak_mib = max(self.peak_mib, self._proc.memory_info().rss / 2**20)
+            time.sleep(self._interval)
+
+    def __enter__(self) -> PeakRSS:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_mib = max(self.peak_mib, self._proc.memory_info().rss / 2**20)

@@ -23,16 +23,14 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import psutil
 import torch
 
-from benchmarks._common import write_result
+from benchmarks._common import PeakRSS, write_result
 from hearthnet.config import FedLearnConfig
 from hearthnet.fedlearn.aggregator import FedAvgAggregator
 from hearthnet.fedlearn.delta import LazyDelta, ParticipantSubmission, serialize_delta
@@ -177,32 +175,6 @@ def write_inputs(n: int, params: int, folder: Path) -> None:
             }
         )
     )
-
-
-class PeakRSS:
-    """Samples this process's RSS from a thread: this sandbox's kernel keeps no usable VmHWM
-    (it equals VmRSS) and ru_maxrss survives exec, so a peak has to be observed."""
-
-    def __init__(self, interval_s: float = 0.001):
-        self._proc = psutil.Process()
-        self._interval = interval_s
-        self._stop = threading.Event()
-        self.start_mib = self.peak_mib = self._proc.memory_info().rss / 2**20
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak_mib = max(self.peak_mib, self._proc.memory_info().rss / 2**20)
-            time.sleep(self._interval)
-
-    def __enter__(self) -> PeakRSS:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak_mib = max(self.peak_mib, self._proc.memory_info().rss / 2**20)
 
 
 def memory_child(folder: Path) -> None:

@@ -26,6 +26,8 @@ from hearthnet.config import NodeConfig
 from hearthnet.control import ControlServer
 from hearthnet.eventlog import Event, EventLog
 from hearthnet.identity import NodeID, NodeIdentity
+from hearthnet.llm.capabilities import register_llm
+from hearthnet.llm.service import LLMService
 from hearthnet.logs import configure_logging, get_logger
 
 log = get_logger("hearthnet.node")
@@ -77,6 +79,7 @@ class Node:
         self.eventlog: EventLog | None = None
         self.blobs: BlobStore | None = None
         self.transport: Transport | None = None
+        self.llm: LLMService | None = None
         self._control: ControlServer | None = None
         self._started = 0.0
         self._register_builtins()
@@ -98,6 +101,10 @@ class Node:
         self.eventlog = EventLog(data / C.EVENTLOG_FILE_NAME, self.identity)
         try:
             self.blobs = BlobStore(data / C.BLOBS_DIR_NAME)
+            if self.config.llm.enabled and self.llm is None:
+                self.llm = LLMService(self.config.llm, data, self.config.fedlearn)
+                await asyncio.to_thread(self.llm.load)
+                register_llm(self.bus, self.llm)
             self.transport = Transport(
                 self.identity, self.config, self.bus, self.eventlog, self._policy
             )
