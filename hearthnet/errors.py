@@ -8,7 +8,10 @@ arrive with the code it was raised with.
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
 
 
 class ErrorCode(StrEnum):
@@ -94,3 +97,11 @@ class HearthnetError(Exception):
 
     def __hash__(self) -> int:
         return hash((self.code, self.message))
+
+
+def first_problem(exc: ValidationError, default: str) -> tuple[str, str]:
+    """(dotted location, reason) of a pydantic error's first problem, for a message that names
+    the offending field."""
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"]) or default
+    return where, str(err["msg"]).removeprefix("Value error, ")

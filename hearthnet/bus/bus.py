@@ -17,7 +17,7 @@ from typing import Any, Protocol
 from pydantic import BaseModel, ValidationError
 
 from hearthnet import constants as C
-from hearthnet.errors import ErrorCode, HearthnetError
+from hearthnet.errors import ErrorCode, HearthnetError, first_problem
 from hearthnet.identity import NodeID
 from hearthnet.logs import get_logger
 
@@ -117,10 +117,9 @@ class CapabilityBus:
         try:
             request = cap.request_model.model_validate(body)
         except ValidationError as exc:
-            err = exc.errors()[0]
-            where = ".".join(str(p) for p in err["loc"]) or "body"
+            where, reason = first_problem(exc, "body")
             raise HearthnetError(
-                ErrorCode.BAD_REQUEST, f"{name}: field '{where}': {err['msg']}"
+                ErrorCode.BAD_REQUEST, f"{name}: field '{where}': {reason}"
             ) from None
         try:
             result = await cap.handler(ctx, request)

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from hearthnet import constants as C
 from hearthnet.canonical import parse_json
-from hearthnet.errors import ErrorCode, HearthnetError
+from hearthnet.errors import ErrorCode, HearthnetError, first_problem
 
 _HEX_NONCE = rf"^[0-9a-f]{{{2 * C.HANDSHAKE_NONCE_BYTES}}}$"
 _CAP = r"^[a-z0-9_]+(\.[a-z0-9_]+)*$"
@@ -102,10 +102,9 @@ def decode(text: str | bytes) -> Message:
     except HearthnetError as exc:
         raise HearthnetError(ErrorCode.BAD_REQUEST, f"malformed frame: {exc.message}") from None
     except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"]) or "frame"
+        where, reason = first_problem(exc, "frame")
         raise HearthnetError(
-            ErrorCode.BAD_REQUEST, f"malformed frame at {where}: {err['msg']}"
+            ErrorCode.BAD_REQUEST, f"malformed frame at {where}: {reason}"
         ) from None
 
 

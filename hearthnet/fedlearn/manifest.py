@@ -19,7 +19,7 @@ from ulid import ULID
 from hearthnet import constants as C
 from hearthnet.canonical import canonical_bytes, parse_canonical, sha256_hex
 from hearthnet.config import FedLearnConfig
-from hearthnet.errors import ErrorCode, HearthnetError
+from hearthnet.errors import ErrorCode, HearthnetError, first_problem
 from hearthnet.identity import NodeID, NodeIdentity, is_node_id, verify
 
 RoundID = NewType("RoundID", str)
@@ -170,11 +170,9 @@ class RoundManifest(_RoundParams):
         try:
             return cls.model_validate(fields)
         except ValidationError as exc:
-            err = exc.errors()[0]
-            where = ".".join(str(p) for p in err["loc"]) or "manifest"
+            where, reason = first_problem(exc, "manifest")
             raise HearthnetError(
-                ErrorCode.MANIFEST_INVALID,
-                f"manifest field '{where}': {err['msg'].removeprefix('Value error, ')}",
+                ErrorCode.MANIFEST_INVALID, f"manifest field '{where}': {reason}"
             ) from None
 
     @property
