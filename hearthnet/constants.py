@@ -85,8 +85,8 @@ FEDLEARN_MAX_SEED: Final = 2**53 - 1
 FEDLEARN_MAX_NUM_SAMPLES: Final = 2**20
 FEDLEARN_WEIGHT_MEDIAN_CAP: Final = 4
 # Exact aggregation: values are rounded onto a power-of-two grid 2^-22 below the largest |value|
-# (the most a float32 integer kernel holds) and summed as integers in float64:
-# terms < 2^24 · 2^20, sums < 2^44 · 32 = 2^49 < 2^53 keep every sum exact.
+# and summed as integers in float64: terms < 2^22 · 2^20, sums < 2^42 · 32 = 2^47 < 2^53 keep
+# every sum exact.
 FEDLEARN_AGG_GRID_BITS: Final = 22
 # product_svd: B and A are rounded to 23-bit grids so each B·A entry (≤ 64 terms) is an exact
 # integer below 2^52, whatever order a BLAS sums it in.
@@ -94,9 +94,6 @@ FEDLEARN_PRODUCT_FACTOR_BITS: Final = 23
 # Small keys are batched into blocks of about this many elements per participant; larger keys
 # are processed alone.
 FEDLEARN_AGG_CHUNK_ELEMENTS: Final = 1 << 18
-# participants × window columns per aggregation step: 12 bytes each (float32 block and its
-# float64 copy) keeps a step within a core's L2 cache.
-FEDLEARN_AGG_WORKSET_ELEMENTS: Final = 1 << 17
 # Secure aggregation: clipped values |x| ≤ clip_norm are quantised to 2^32 steps per clip_norm,
 # times a weight ≤ 2^20, summed over ≤ 32 participants: < 2^57 inside the 2^64 ring.
 FEDLEARN_SECURE_FRACTION_BITS: Final = 32

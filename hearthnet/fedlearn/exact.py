@@ -2,17 +2,15 @@
 
 Per key, every participant's values are rounded onto one power-of-two grid, chosen from the
 largest |value| across all participants, so each becomes an integer q with |q| ≤ 2^GRID_BITS.
-One fused float32 operation does the scaling and the rounding: y = M + x·2^s with
-M = 1.5·2^23 rounds x·2^s to the nearest integer (ties to even) and keeps y an exact integer.
-The weighted sum Σ w_i·y_i is then a float64 matrix-vector product whose every term (< 2^44)
-and partial sum (< 2^50) is an integer below 2^53, so it is exact whatever order a BLAS, a
-thread count or a vector width adds it in; subtracting M·Σw, dividing by Σw and rescaling are
-single correctly-rounded IEEE operations. The result is bit-identical on every machine. The only
-loss is the rounding onto the grid: at most 2^-(GRID_BITS+1) of the key's largest |value|.
+A compiled kernel (numba) computes, per element, Σ_i w_i·rint(x_i·2^s) in float64: the scaling
+is exact (a power of two), `rint` rounds half to even, every product (< 2^42) and partial sum
+(< 2^47) is an integer below 2^53 and therefore exact. Elements are independent, so the
+kernel's threads cannot change a bit; dividing by Σw and rescaling are single correctly-rounded
+IEEE operations. The result is bit-identical on every machine, in any participant order. The
+only loss is the rounding onto the grid: at most 2^-(GRID_BITS+1) of the key's largest |value|.
 
 Small keys are batched into one block (each keeping its own grid through a per-element scale)
-and large keys are processed in windows, so per-call overhead stays small and the working set
-stays in cache; coordinator memory is participants × one block.
+so per-call overhead stays small; memory is participants × one block (or one large key).
 """
 
 from __future__ import annotations
@@ -22,14 +20,26 @@ import math
 import threading
 from collections.abc import Iterator, Sequence
 
+import numpy as np
 import torch
+from numba import njit, prange
 
 from hearthnet import constants as C
 from hearthnet.errors import ErrorCode, HearthnetError
 
-_MAGIC = 1.5 * 2**23  # float32 ulp is 1 on [2^23, 2^24]: adding it rounds |v| < 2^22
-_MAX_SCALE_EXP = 100  # 2^100 is a safe float32 scale; larger shifts are applied in two steps
 _thread_lock = threading.Lock()
+
+
+@njit(parallel=True, cache=True, fastmath=False)
+def _grid_sum(rows: np.ndarray, scale: np.ndarray, w: np.ndarray, out: np.ndarray) -> None:
+    """out[j] = Σ_i w[i]·rint(rows[i, j]·scale[j]), exactly (see the module docstring)."""
+    n, size = rows.shape
+    for j in prange(size):
+        s = scale[j]
+        acc = 0.0
+        for i in range(n):
+            acc += w[i] * np.rint(np.float64(rows[i, j]) * s)
+        out[j] = acc
 
 
 def _failed(message: str) -> HearthnetError:
@@ -73,38 +83,6 @@ def _as_f32(t: torch.Tensor) -> torch.Tensor:
     return flat if flat.dtype == torch.float32 else flat.to(torch.float32)
 
 
-_MAGIC_T = torch.tensor(_MAGIC, dtype=torch.float32)
-
-
-def _block_sum(
-    block: torch.Tensor,
-    scale: torch.Tensor,
-    pre: torch.Tensor | None,
-    w: torch.Tensor,
-    out: torch.Tensor,
-) -> None:
-    """out = Σ_i w_i·(M + rint(block_i·scale)) in float64, for an (n × L) float32 block it may
-    overwrite: four vectorised calls, whatever n is."""
-    if pre is not None:  # tiny values: the first power-of-two step, exact
-        block.mul_(pre)
-    torch.addcmul(_MAGIC_T, block, scale, out=block)
-    torch.mv(block.to(torch.float64).t(), w, out=out)
-
-
-def _window(n: int) -> int:
-    """Columns per window so the block and its float64 copy stay in a core's L2 cache."""
-    return max(1024, C.FEDLEARN_AGG_WORKSET_ELEMENTS // n)
-
-
-def _scales(shift: int | None, size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    s = 0 if shift is None else shift
-    if shift is None:
-        return torch.zeros(size, dtype=torch.float32), None
-    pre = max(0, s - _MAX_SCALE_EXP)
-    main = torch.full((size,), 2.0 ** (s - pre), dtype=torch.float32)
-    return main, (torch.full((size,), 2.0**pre, dtype=torch.float32) if pre else None)
-
-
 def exact_weighted_means(
     columns: Sequence[Sequence[torch.Tensor]],
     weights: Sequence[int],
@@ -116,56 +94,28 @@ def exact_weighted_means(
     for column in columns:
         _check(column, weights)
     if bits > C.FEDLEARN_AGG_GRID_BITS:
-        raise ValueError("the float32 kernel holds at most FEDLEARN_AGG_GRID_BITS bits")
-    w = torch.tensor([float(v) for v in weights], dtype=torch.float64)
-    total_w = float(sum(weights))
-    sizes = [col[0].numel() for col in columns]
-    out: list[torch.Tensor] = []
+        raise ValueError("sums stay exact for at most FEDLEARN_AGG_GRID_BITS bits")
     n = len(weights)
-    width = _window(n)
-    if len(columns) == 1 and sizes[0] > C.FEDLEARN_AGG_CHUNK_ELEMENTS:
-        shifts = [grid_shift(max_abs(columns[0]), bits)]
-        flats = [_as_f32(t) for t in columns[0]]
-        acc = torch.empty(sizes[0], dtype=torch.float64)
-        for start in range(0, sizes[0], width):
-            stop = min(start + width, sizes[0])
-            scale, pre = _scales(shifts[0], stop - start)
-            block = torch.stack([f[start:stop] for f in flats])
-            _block_sum(block, scale, pre, w, acc[start:stop])
-    else:
-        total = sum(sizes)
-        rows = torch.empty(n, total, dtype=torch.float32)
-        for i in range(n):
-            torch.cat([_as_f32(col[i]) for col in columns], out=rows[i])
-        shifts, start = [], 0
-        for size in sizes:  # one pass per key over all participants' values
-            shifts.append(grid_shift(max_abs([rows[:, start : start + size]]), bits))
-            start += size
-        parts = [_scales(s, k) for s, k in zip(shifts, sizes, strict=True)]
-        scale = torch.cat([p[0] for p in parts])
-        pre = None
-        if any(p[1] is not None for p in parts):
-            pre = torch.cat(
-                [
-                    p[1] if p[1] is not None else torch.ones(k)
-                    for p, k in zip(parts, sizes, strict=True)
-                ]
-            )
-        acc = torch.empty(total, dtype=torch.float64)
-        for start in range(0, total, width):
-            stop = min(start + width, total)
-            _block_sum(
-                rows[:, start:stop],
-                scale[start:stop],
-                None if pre is None else pre[start:stop],
-                w,
-                acc[start:stop],
-            )
-    acc -= _MAGIC * total_w
-    acc /= total_w
+    sizes = [col[0].numel() for col in columns]
+    rows = torch.empty(n, sum(sizes), dtype=torch.float32)
+    for i in range(n):
+        torch.cat([_as_f32(col[i]) for col in columns], out=rows[i])
+    shifts, start = [], 0
+    for size in sizes:  # one pass per key over all participants' values
+        shifts.append(grid_shift(max_abs([rows[:, start : start + size]]), bits))
+        start += size
+    scale = np.concatenate(
+        [np.full(k, 0.0 if s is None else 2.0**s) for s, k in zip(shifts, sizes, strict=True)]
+    )
+    acc = np.empty(rows.shape[1], dtype=np.float64)
+    _grid_sum(rows.numpy(), scale, np.array([float(w) for w in weights]), acc)
+    acc /= float(sum(weights))
+    out: list[torch.Tensor] = []
     start = 0
     for col, size, shift in zip(columns, sizes, shifts, strict=True):
-        piece = acc[start : start + size] * 2.0 ** -(0 if shift is None else shift)
+        piece = torch.from_numpy(acc[start : start + size])
+        if shift is not None:
+            piece = piece * 2.0**-shift
         out.append(piece.to(out_dtype).reshape(col[0].shape))
         start += size
     return out
