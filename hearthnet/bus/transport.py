@@ -13,7 +13,6 @@ import contextlib
 import random
 import time
 from collections import Counter
-from collections.abc import Callable
 from typing import Any
 
 from websockets.asyncio.client import connect
@@ -66,7 +65,6 @@ class Transport:
         self._tasks: set[asyncio.Task[None]] = set()
         self._url_node: dict[str, NodeID] = {}
         self._changed = asyncio.Condition()
-        self.on_peer_change: list[Callable[[NodeID, bool], None]] = []
         bus.remote = self
 
     # --- lifecycle ----------------------------------------------------------------------------
@@ -180,7 +178,6 @@ class Transport:
             async with self._changed:
                 if self.peers.get(node) is peer:
                     del self.peers[node]
-                    self._notify(node, False)
                 self._changed.notify_all()
             log.info("peer disconnected", peer=node)
 
@@ -194,13 +191,8 @@ class Transport:
                     return False
                 await existing.close(1000, "duplicate connection")
             self.peers[peer.node_id] = peer
-            self._notify(peer.node_id, True)
             self._changed.notify_all()
         return True
-
-    def _notify(self, node: NodeID, up: bool) -> None:
-        for callback in self.on_peer_change:
-            callback(node, up)
 
     async def _dial_loop(self, cfg: PeerConfig) -> None:
         delay = C.RECONNECT_BACKOFF_MIN_S

@@ -214,18 +214,6 @@ def validate_delta(
             raise _invalid("tensor has NaN or Inf values", key)
 
 
-def check_delta_metadata(
-    metadata: Mapping[str, str], manifest_sha: str, round_id: str, participant: str
-) -> None:
-    for field, want in (
-        ("manifest_sha", manifest_sha),
-        ("round_id", round_id),
-        ("participant", participant),
-    ):
-        if metadata.get(field) != want:
-            raise _invalid(f"delta metadata {field} does not match the submission")
-
-
 class ParticipantSubmission(BaseModel):
     """A participant's signed claim about its delta (spec §4.1); the bytes travel as a blob.
 

@@ -134,8 +134,8 @@ def exact_weighted_mean(
 def plan_groups(
     sizes: Sequence[int], limit: int = C.FEDLEARN_AGG_CHUNK_ELEMENTS
 ) -> list[list[int]]:
-    """Consecutive keys batched until a block reaches `limit` elements; a key that large forms
-    its own group (and is processed in windows)."""
+    """Consecutive keys batched until a block reaches `limit` elements; a larger key forms its
+    own group."""
     groups: list[list[int]] = []
     current: list[int] = []
     total = 0

@@ -8,6 +8,7 @@ work is blocking: the node runs these methods in worker threads, never on its ev
 
 from __future__ import annotations
 
+import json
 import math
 import secrets
 import threading
@@ -77,14 +78,11 @@ class LLMService:
         self.base_model_id = self.source.model_id
         self.device = M.compute_device(self.settings.device)
         self.model_shapes = M.linear_shapes(self.model_dir)
-        self.hidden_size = int(self.config_value("hidden_size"))
+        config = json.loads((self.model_dir / "config.json").read_text())
+        self.hidden_size = int(config["hidden_size"])
+        self.num_layers = int(config["num_hidden_layers"])
         for path in sorted(self.adapter_root.glob("*/adapter_config.json")):
             self._known[path.parent.name] = path.parent
-
-    def config_value(self, key: str) -> Any:
-        import json
-
-        return json.loads((self.model_dir / "config.json").read_text())[key]
 
     def load(self) -> None:
         self.prepare()
@@ -234,13 +232,12 @@ class LLMService:
         activations of one batch."""
         layers = target_layers(manifest, self.model_shapes)
         lora_params = sum(manifest.lora_rank * (o + i) for o, i in layers.values())
-        n_layers = int(self.config_value("num_hidden_layers"))
         base_params = sum(o * i for o, i in self.model_shapes.values())
         activations = (
             manifest.batch_size
             * C.TRAIN_MAX_SEQ_TOKENS
             * self.hidden_size
-            * n_layers
+            * self.num_layers
             * C.TRAIN_ACTIVATION_BYTES_PER_TOKEN_UNIT
         )
         mem = base_params // 2 + lora_params * C.TRAIN_BYTES_PER_LORA_PARAM + activations

@@ -61,7 +61,7 @@ class RawPeer:
 
     @classmethod
     async def connect(cls, url: str, identity: NodeIdentity, net: str = "test-net") -> "RawPeer":
-        ws = await connect(url, proxy=None, compression=None, max_size=2**27)
+        ws = await connect(url, proxy=None, max_size=2**27)  # offers deflate; the node must refuse
         mine = make_hello(identity, net, "dialer")
         await ws.send(encode(mine))
         theirs = decode(await ws.recv())

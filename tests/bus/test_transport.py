@@ -326,3 +326,11 @@ async def test_fragmented_message_over_the_limit_is_refused(make_node):
         await asyncio.wait_for(raw.ws.recv(), 10)
     assert raw.ws.close_code == 1009
     assert (await good.bus.call("node.info", peer=a.node_id)).name == "a"
+
+
+async def test_compression_is_never_negotiated(make_node):
+    a = await make_node("a")
+    raw = await RawPeer.connect(a.listen_url, NodeIdentity.generate())
+    assert raw.ws.response is not None
+    assert "Sec-WebSocket-Extensions" not in raw.ws.response.headers  # no permessage-deflate
+    await raw.ws.close()
