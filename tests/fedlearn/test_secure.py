@@ -104,25 +104,35 @@ def test_secure_sum_equals_plain_within_quantisation_bound(make_manifest, n):
 
 
 def test_masked_vector_is_uniform_and_independent_of_delta(make_manifest):
+    # Enough entries for a valid 256-bin chi-square (~256 expected per bin).
+    shapes = {
+        "model.layers.0.self_attn.q_proj": (8192, 64),
+        "model.layers.0.self_attn.v_proj": (8192, 64),
+    }
     signed, parties, anns, _ = setup_round(make_manifest, 3)
-    small = {k: torch.zeros_like(v) for k, v in random_delta(signed, 1).items()}
-    large = {k: torch.full_like(v, 0.2) for k, v in random_delta(signed, 1).items()}
+    keys = [f"{p}.lora_B" for p in shapes]
+    small = {k: torch.zeros(8192, 4) for k in keys}
+    large = {k: torch.full((8192, 4), 0.2) for k in keys}
+    me = parties[0].identity.node_id
     for delta in (small, large):
-        vec = masked_for(signed, parties[0], anns, delta)
+        vec = mask_delta(
+            delta, parties[0].key, me, anns, signed.manifest, signed.manifest_sha, shapes
+        )
         top = (vec >> np.uint64(56)).astype(np.int64)  # the byte a delta would bias most
         low = (vec & np.uint64(0xFF)).astype(np.int64)
         for byte in (top, low):
             counts = np.bincount(byte, minlength=256)
             assert chisquare(counts).pvalue > 1e-4
     # A party that knows the delta but not the masks learns nothing: same vector, new keys.
+    zero = {k: torch.zeros_like(v) for k, v in random_delta(signed, 1).items()}
     other = [Party() for _ in range(3)]
     anns2 = {
         p.identity.node_id: p.key.announce(p.identity, signed.round_id, signed.manifest_sha, 10)
         for p in other
     }
     assert not np.array_equal(
-        masked_for(signed, other[0], anns2, small)[:100],
-        masked_for(signed, parties[0], anns, small)[:100],
+        masked_for(signed, other[0], anns2, zero)[:100],
+        masked_for(signed, parties[0], anns, zero)[:100],
     )
 
 
