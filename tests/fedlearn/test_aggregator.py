@@ -310,3 +310,17 @@ def test_aggregation_streams_one_key_at_a_time(make_manifest):
     out = agg.aggregate()
     assert len(out) == 8
     assert _CountingDelta.peak <= 3  # one column (3 participants), never all 12 tensors
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf"), -float("nan")])
+@pytest.mark.parametrize("where", [0, 1, 2])
+def test_any_non_finite_value_in_any_key_fails(bad, where):
+    from hearthnet.fedlearn.exact import exact_weighted_means
+
+    columns = [[torch.randn(5000) for _ in range(3)] for _ in range(3)]
+    columns[where][where][4999 - where] = bad
+    with pytest.raises(HearthnetError) as exc:
+        exact_weighted_means(columns, [1, 2, 3])
+    assert exc.value.code is ErrorCode.FEDLEARN_AGGREGATION_FAILED
+    columns[where][where][4999 - where] = 3.0e38  # the largest finite values still aggregate
+    assert all(bool(torch.isfinite(t).all()) for t in exact_weighted_means(columns, [1, 2, 3]))
