@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from hearthnet import __version__
+from hearthnet.cli_fedlearn import add_commands
 from hearthnet.config import NodeConfig, config_from_dict, load_config
 from hearthnet.constants import (
     CONFIG_FILE_NAME,
@@ -211,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peer", help="NodeID of the peer to call (default: the local node)")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds (default 30)")
     p.set_defaults(handler=cmd_call)
+
+    add_commands(sub)
     return parser
 
 

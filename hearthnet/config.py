@@ -70,6 +70,10 @@ class FedLearnConfig(_Section):
         int, Field(ge=0, le=C.FEDLEARN_TRAINING_BUDGET_MB_CEILING)
     ] = C.FEDLEARN_TRAINING_DISK_BUDGET_MB_DEFAULT
 
+    # Where this node's private training text lives (`<topic>.txt|.jsonl` or `<topic>/`); unset
+    # means `<data_dir>/training`. Relative paths are taken from the config file's folder.
+    training_data: PathField | None = None
+
     def model_post_init(self, _context: Any) -> None:
         if self.min_round_participants > self.max_round_participants:
             raise ValueError("min_round_participants exceeds max_round_participants")
@@ -127,6 +131,9 @@ class LLMSection(_Section):
     # A local Hugging Face model directory or a .gguf file; unset means the bundled SmolLM2.
     base_model: PathField | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Where converted models are cached (several nodes on one machine may share it); unset means
+    # `<data_dir>/models`.
+    cache_dir: PathField | None = None
 
 
 class NodeConfig(_Section):
@@ -174,9 +181,16 @@ def config_from_dict(data: dict[str, Any], base_dir: Path) -> NodeConfig:
         raise HearthnetError(ErrorCode.CONFIG_INVALID, message, {"problems": problems}) from None
     node = cfg.node.model_copy(update={"data_dir": (base_dir / cfg.node.data_dir).resolve()})
     updates: dict[str, Any] = {"node": node}
-    if cfg.llm.base_model is not None:
-        updates["llm"] = cfg.llm.model_copy(
-            update={"base_model": (base_dir / cfg.llm.base_model).resolve()}
+    llm_paths = {
+        key: (base_dir / value).resolve()
+        for key in ("base_model", "cache_dir")
+        if (value := getattr(cfg.llm, key)) is not None
+    }
+    if llm_paths:
+        updates["llm"] = cfg.llm.model_copy(update=llm_paths)
+    if cfg.fedlearn.training_data is not None:
+        updates["fedlearn"] = cfg.fedlearn.model_copy(
+            update={"training_data": (base_dir / cfg.fedlearn.training_data).resolve()}
         )
     return cfg.model_copy(update=updates)
 

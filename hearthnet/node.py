@@ -70,8 +70,14 @@ class NodeStatus(BaseModel):
 
 
 class Node:
-    def __init__(self, config: NodeConfig, identity: NodeIdentity | None = None):
+    def __init__(
+        self,
+        config: NodeConfig,
+        identity: NodeIdentity | None = None,
+        training_provider: Any = None,
+    ):
         self.config = config
+        self.training_provider = training_provider
         self.identity = identity or NodeIdentity.load(config.key_path)
         self.node_id = self.identity.node_id
         self.bus = CapabilityBus(self.node_id, config.features)
@@ -80,6 +86,7 @@ class Node:
         self.blobs: BlobStore | None = None
         self.transport: Transport | None = None
         self.llm: LLMService | None = None
+        self.fedlearn: Any = None  # hearthnet.fedlearn.capabilities.FedLearnService when enabled
         self._control: ControlServer | None = None
         self._started = 0.0
         self._register_builtins()
@@ -105,10 +112,18 @@ class Node:
                 self.llm = LLMService(self.config.llm, data, self.config.fedlearn)
                 await asyncio.to_thread(self.llm.load)
                 register_llm(self.bus, self.llm)
+            if self.config.experimental.fedlearn and self.llm is None:
+                # A coordinator needs the base model's identity and shapes, not its weights.
+                self.llm = LLMService(self.config.llm, data, self.config.fedlearn)
+                await asyncio.to_thread(self.llm.prepare)
             self.transport = Transport(
                 self.identity, self.config, self.bus, self.eventlog, self._policy
             )
+            if self.config.experimental.fedlearn:
+                self._start_fedlearn()
             await self.transport.start()
+            if self.fedlearn is not None:
+                await self.fedlearn.start()
             self._control = ControlServer(data / C.CONTROL_SOCKET_NAME, self.bus)
             await self._control.start()
         except BaseException:
@@ -125,7 +140,31 @@ class Node:
             features=self.config.features,
         )
 
+    def _start_fedlearn(self) -> None:
+        from hearthnet.fedlearn.capabilities import FedLearnService
+        from hearthnet.fedlearn.context import FedContext
+
+        assert self.eventlog is not None and self.blobs is not None and self.llm is not None
+        if self.fedlearn is None:
+            ctx = FedContext(
+                self.identity,
+                self.config,
+                self.eventlog,
+                self.blobs,
+                self.bus,
+                self.llm,
+                self.transport,
+            )
+            self.fedlearn = FedLearnService(ctx, self.training_provider)
+            self.fedlearn.register(self.bus)
+            self.allow_events("fedlearn.round.", self.fedlearn.event_visible)
+        else:  # restarted in-process: fresh log, blobs and transport
+            ctx = self.fedlearn.ctx
+            ctx.eventlog, ctx.blobs, ctx.transport = self.eventlog, self.blobs, self.transport
+
     async def stop(self) -> None:
+        if self.fedlearn is not None:
+            await self.fedlearn.stop()
         if self._control is not None:
             await self._control.stop()
             self._control = None

@@ -80,6 +80,9 @@ def default_progress(total: int) -> Progress:
     return log_line
 
 
+_PROCESS_LOCK = threading.Lock()
+
+
 class QLoRATrainer:
     def __init__(self, model_dir: Path, device: str = "cpu"):
         self.model_dir = Path(model_dir)
@@ -151,6 +154,17 @@ class QLoRATrainer:
     ) -> TrainResult:
         if not samples:
             raise HearthnetError(ErrorCode.DATA_INVALID, "no training samples")
+        with _PROCESS_LOCK:  # one training per process: they share torch's threads and memory
+            return self._train(manifest, samples, cancel, progress, noise_rng)
+
+    def _train(
+        self,
+        manifest: RoundManifest,
+        samples: list[str],
+        cancel: threading.Event | None,
+        progress: Progress | None,
+        noise_rng: torch.Generator | None,
+    ) -> TrainResult:
         model, tokenizer, layers = self.build(manifest)
         try:
             seqs = self._tokenize(tokenizer, samples)
@@ -182,11 +196,16 @@ class QLoRATrainer:
                 losses.append(float(out.loss.detach()))
                 tokens += int(mask.sum())
                 report(step, manifest.train_steps, losses[-1])
-                if plateaued(losses):
+                if step < manifest.train_steps and plateaued(losses):
                     stopped_early = True
                     log.info("loss plateau: stopping early", step=step)
                     break
             delta = self._extract(layers, manifest)
+            if not all(bool(torch.isfinite(t).all()) for t in delta.values()):
+                raise HearthnetError(
+                    ErrorCode.DATA_INVALID,
+                    "training diverged (non-finite LoRA weights); nothing is submitted",
+                )
         finally:
             del model
             gc.collect()

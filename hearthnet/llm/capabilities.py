@@ -1,5 +1,5 @@
-"""The LLM service on the capability bus: `llm.generate`, `llm.session.apply_adapter`,
-`llm.adapter.list`, and the operator-only `llm.adapter.set_default`.
+"""The LLM service on the capability bus: `llm.generate`, `llm.perplexity`,
+`llm.session.apply_adapter`, `llm.adapter.list`, and the operator-only `llm.adapter.set_default`.
 
 Sessions and generation use this node's compute and belong to its operator, so they are
 local-only (the control channel); which adapters a node has is public. Model work runs in
@@ -60,6 +60,19 @@ class SetDefaultRequest(_Req):
     sha: _SHA | None = None
 
 
+class PerplexityRequest(_Req):
+    texts: Annotated[
+        list[Annotated[str, Field(max_length=C.DATA_MAX_SAMPLE_CHARS)]],
+        Field(min_length=1, max_length=C.LLM_EVAL_MAX_TEXTS),
+    ]
+    adapter_sha: _SHA | None = None  # none: the base model alone
+
+
+class PerplexityResponse(BaseModel):
+    perplexity: float
+    adapter_sha: str | None
+
+
 def register_llm(bus: CapabilityBus, service: LLMService) -> None:
     def session(session_id: str | None, adapter_sha: str | None = None) -> Any:
         if session_id is None:
@@ -91,6 +104,20 @@ def register_llm(bus: CapabilityBus, service: LLMService) -> None:
         service.set_node_adapter(req.sha)
         return await adapter_list(_ctx, _Req())
 
+    async def perplexity(_ctx: CallContext, req: PerplexityRequest) -> PerplexityResponse:
+        if req.adapter_sha is not None:
+            service.require_adapter(req.adapter_sha)
+        value = await asyncio.to_thread(service.perplexity, req.texts, req.adapter_sha)
+        return PerplexityResponse(perplexity=value, adapter_sha=req.adapter_sha)
+
+    bus.register(
+        "llm.perplexity",
+        perplexity,
+        PerplexityRequest,
+        PerplexityResponse,
+        local_only=True,
+        description="held-out perplexity of the base model, or with an adapter",
+    )
     bus.register(
         "llm.generate",
         generate,

@@ -57,7 +57,7 @@ class LLMService:
     def __init__(self, llm: LLMSection, data_dir: Path, fedlearn: FedLearnConfig):
         self.settings = llm
         self.fedlearn = fedlearn
-        self.cache_root = data_dir / C.LLM_CACHE_DIR_NAME
+        self.cache_root = llm.cache_dir or data_dir / C.LLM_CACHE_DIR_NAME
         self.adapter_root = data_dir / C.ADAPTERS_DIR_NAME
         self.sessions: dict[str, Session] = {}
         self.node_default: str | None = None
@@ -83,6 +83,10 @@ class LLMService:
         self.num_layers = int(config["num_hidden_layers"])
         for path in sorted(self.adapter_root.glob("*/adapter_config.json")):
             self._known[path.parent.name] = path.parent
+
+    @property
+    def prepared(self) -> bool:
+        return hasattr(self, "model_shapes")
 
     def load(self) -> None:
         self.prepare()

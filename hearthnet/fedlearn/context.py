@@ -1,0 +1,58 @@
+"""What the round code needs from its node: identity, log, blobs, bus, peers, base model."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
+
+from hearthnet.blobs import BlobStore
+from hearthnet.bus.bus import CapabilityBus
+from hearthnet.config import NodeConfig
+from hearthnet.errors import ErrorCode, HearthnetError
+from hearthnet.eventlog import EventLog
+from hearthnet.identity import NodeIdentity
+from hearthnet.llm.service import LLMService
+
+
+@dataclass
+class FedContext:
+    identity: NodeIdentity
+    config: NodeConfig
+    eventlog: EventLog
+    blobs: BlobStore
+    bus: CapabilityBus
+    llm: LLMService
+    transport: Any  # hearthnet.bus.transport.Transport (peers, subscribe, wait_for_peer)
+    tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+
+    @property
+    def node_id(self) -> str:
+        return self.identity.node_id
+
+    @property
+    def roster(self) -> set[str]:
+        """Coordinators whose manifests this node trusts: the trust roster and itself."""
+        return {*self.config.trust.roster, self.identity.node_id}
+
+    def connected(self, node: str) -> bool:
+        if node == self.node_id:
+            return True
+        peer = self.transport.peers.get(node)
+        return peer is not None and not peer.closed.is_set()
+
+    def connected_peers(self) -> list[str]:
+        return sorted(n for n, p in self.transport.peers.items() if not p.closed.is_set())
+
+    def spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
+        """A background task that is cancelled when the node stops and logs its failure."""
+        task = asyncio.create_task(coro, name=name)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    def model_shapes(self) -> dict[str, tuple[int, int]]:
+        shapes = getattr(self.llm, "model_shapes", None)
+        if shapes is None:
+            raise HearthnetError(ErrorCode.MODEL_UNAVAILABLE, "the base model is not prepared")
+        return dict(shapes)

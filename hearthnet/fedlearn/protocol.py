@@ -1,0 +1,263 @@
+"""Round messages (spec M28 §4.1–4.2): capability requests and responses, and signed documents.
+
+Pure data: no I/O. Signed documents (join receipts, round results) are JCS-canonical JSON signed
+with Ed25519 and travel as `{body, signature}`; receivers verify the exact bytes, then parse them
+(DESIGN.md §2), the same way manifests do.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from hearthnet import constants as C
+from hearthnet.canonical import canonical_bytes, parse_canonical, sha256_hex
+from hearthnet.errors import ErrorCode, HearthnetError
+from hearthnet.fedlearn.delta import ParticipantSubmission
+from hearthnet.fedlearn.secure import MaskKeyAnnouncement
+from hearthnet.identity import NodeID, NodeIdentity, verify
+
+Sha = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+RoundIdField = Annotated[str, Field(min_length=26, max_length=26)]
+NodeIdField = Annotated[str, Field(min_length=1, max_length=128)]
+Scope = Literal["session", "node"]
+M = TypeVar("M", bound=BaseModel)
+
+
+class _Msg(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --- signed documents ---------------------------------------------------------------------------
+
+
+class SignedDoc(_Msg):
+    """JCS body and its Ed25519 signature, as sent."""
+
+    body: Annotated[str, Field(max_length=C.FEDLEARN_SIGNED_DOC_MAX_CHARS)]
+    signature: Annotated[str, Field(pattern=r"^[0-9a-f]{128}$")]
+
+    @classmethod
+    def sign(cls, identity: NodeIdentity, document: BaseModel) -> SignedDoc:
+        body = canonical_bytes(document.model_dump(mode="json"))
+        return cls(body=body.decode("utf-8"), signature=identity.sign(body).hex())
+
+    @property
+    def sha(self) -> str:
+        return sha256_hex(self.body.encode("utf-8"))
+
+    def open(self, model: type[M], signer: str) -> M:
+        """The document, if `signer` signed these exact bytes; `signature_invalid` otherwise."""
+        body = self.body.encode("utf-8")
+        if not verify(NodeID(signer), body, bytes.fromhex(self.signature)):
+            raise HearthnetError(ErrorCode.SIGNATURE_INVALID, "signature does not verify")
+        try:
+            return model.model_validate(parse_canonical(body))
+        except (HearthnetError, ValidationError):
+            raise HearthnetError(
+                ErrorCode.SIGNATURE_INVALID, "signed document is malformed"
+            ) from None
+
+    def claimed(self, model: type[M]) -> M:
+        """Parse without verifying — only to learn who claims to have signed it."""
+        try:
+            return model.model_validate(parse_canonical(self.body.encode("utf-8")))
+        except (HearthnetError, ValidationError):
+            raise HearthnetError(
+                ErrorCode.SIGNATURE_INVALID, "signed document is malformed"
+            ) from None
+
+
+class JoinReceipt(_Msg):
+    """The coordinator's participation token (spec §9, M16): binds one participant to one
+    round; a submission must present it."""
+
+    kind: Literal["hearthnet.fedlearn.receipt/1"] = "hearthnet.fedlearn.receipt/1"
+    round_id: RoundIdField
+    manifest_sha: Sha
+    participant: NodeIdField
+    coordinator: NodeIdField
+    issued_at: str
+
+
+class Exclusion(_Msg):
+    participant: NodeIdField
+    reason: Annotated[str, Field(max_length=256)]
+
+
+class RoundResult(_Msg):
+    """Spec §4.1's RoundResult plus the rule, who was included and excluded, and takeover."""
+
+    kind: Literal["hearthnet.fedlearn.result/1"] = "hearthnet.fedlearn.result/1"
+    round_id: RoundIdField
+    manifest_sha: Sha
+    aggregated_delta_sha: Sha
+    n_participants: int
+    total_samples: int
+    aggregator: NodeIdField
+    completed_at: str
+    download_url: str
+    rule: str
+    lora_aggregation: str
+    secure: bool
+    included: list[NodeIdField]
+    excluded: list[Exclusion]
+    takeover: bool
+
+
+# --- capability bodies --------------------------------------------------------------------------
+
+
+class Empty(_Msg):
+    pass
+
+
+class ManifestWire(_Msg):
+    body: Annotated[str, Field(max_length=C.FEDLEARN_SIGNED_DOC_MAX_CHARS)]
+    signature: Annotated[str, Field(max_length=256)]
+
+
+class AnnounceRequest(_Msg):
+    """A draft (the fields of `RoundManifestDraft`), checked by the coordinator."""
+
+    draft: dict[str, Any]
+
+
+class AnnounceResponse(_Msg):
+    round_id: str
+    manifest_sha: str
+    offered_to: list[str]
+
+
+class OfferRequest(_Msg):
+    manifest: ManifestWire
+
+
+class ListRequest(_Msg):
+    topic: Annotated[str, Field(max_length=C.FEDLEARN_TOPIC_MAX_LEN)] | None = None
+
+
+class RoundSummary(_Msg):
+    round_id: str
+    topic: str
+    coordinator: str
+    deadline: str
+    phase: str
+    role: str
+    manifest: dict[str, Any]
+
+
+class ListResponse(_Msg):
+    rounds: list[RoundSummary]
+
+
+class RoundRef(_Msg):
+    round_id: RoundIdField
+
+
+class JoinRequest(_Msg):
+    round_id: RoundIdField
+    consent: bool = False
+
+
+class JoinResponse(_Msg):
+    round_id: str
+    receipt: SignedDoc
+    consent_event_seq: int
+
+
+class EnrollRequest(_Msg):
+    round_id: RoundIdField
+    manifest_sha: Sha
+
+
+class EnrollResponse(_Msg):
+    receipt: SignedDoc
+
+
+class MaskKeyRequest(_Msg):
+    announcement: MaskKeyAnnouncement
+
+
+class SubmitRequest(_Msg):
+    """The delta (or masked vector) travels as the call's blob."""
+
+    submission: ParticipantSubmission
+    receipt: SignedDoc
+
+
+class SubmitReceipt(_Msg):
+    round_id: str
+    participant: str
+    delta_sha: str
+    accepted_at: str
+
+
+class StatusRequest(_Msg):
+    round_id: RoundIdField
+    wait: bool = False
+    timeout_s: Annotated[float, Field(gt=0, le=C.FEDLEARN_STATUS_WAIT_MAX_S)] = 60.0
+
+
+class RoundStatus(_Msg):
+    round_id: str
+    phase: str
+    role: str
+    stage: str | None
+    coordinator: str
+    deadline: str
+    joined: list[str]
+    submitted: list[str]
+    rejected: list[dict[str, str]]
+    result: SignedDoc | None
+    abort: dict[str, str] | None
+
+
+class ResultPush(_Msg):
+    result: SignedDoc
+
+
+class HandoverResponse(_Msg):
+    """A participant's own signed submission and receipt, for a takeover node; the delta (or
+    masked vector) is the blob."""
+
+    submission: ParticipantSubmission
+    receipt: SignedDoc
+    masks: list[MaskKeyAnnouncement]
+
+
+class FetchRequest(_Msg):
+    sha: Sha
+
+
+class FetchResponse(_Msg):
+    sha: str
+    size: int
+
+
+class ApplyRequest(_Msg):
+    sha: Sha
+    scope: Scope = "session"
+
+
+class ApplyReceipt(_Msg):
+    sha: str
+    scope: str
+    session_id: str | None
+    node_default: str | None
+
+
+class PendingResponse(_Msg):
+    rounds: list[RoundSummary]
+
+
+class ConsentView(_Msg):
+    round_id: str
+    topic: str
+    coordinator: str
+    consent_text: str
+    manifest_sha: str
+    deadline: str
+    dp_noise_scale: float
+    secure: bool

@@ -1,0 +1,133 @@
+"""Aggregation of a round's stored submissions, and the published adapter and result.
+
+`aggregate_submissions` is what both the coordinator and a takeover node run: the same signed
+submissions in → the same adapter bytes out (DESIGN.md §4), because participants are taken in
+NodeID order, the means are exact, and the adapter file holds nothing node- or time-specific.
+The adapter file carries its signed manifest, so anyone who fetches it by SHA can apply it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+from safetensors.torch import load as torch_load
+from safetensors.torch import save as torch_save
+
+from hearthnet import constants as C
+from hearthnet.canonical import parse_canonical
+from hearthnet.errors import ErrorCode, HearthnetError
+from hearthnet.fedlearn.aggregator import FedAvgAggregator
+from hearthnet.fedlearn.delta import (
+    LazyDelta,
+    ParticipantSubmission,
+    canonical_safetensors,
+    read_header,
+)
+from hearthnet.fedlearn.lora import ModelShapes
+from hearthnet.fedlearn.manifest import RoundManifest, SignedManifest, format_ts
+from hearthnet.fedlearn.protocol import Exclusion, RoundResult
+from hearthnet.fedlearn.secure import (
+    MaskKeyAnnouncement,
+    SecureFedAvgAggregator,
+    deserialize_masked,
+)
+
+FETCH_CAPABILITY = "experimental.fedlearn.adapter.fetch"
+
+
+@dataclass(frozen=True)
+class Aggregate:
+    adapter: bytes
+    included: list[str]
+    total_samples: int
+
+
+def aggregate_submissions(
+    signed: SignedManifest,
+    submissions: Mapping[str, ParticipantSubmission],
+    blob_path: Callable[[str], Path],
+    model_shapes: ModelShapes,
+    masks: Mapping[str, MaskKeyAnnouncement] | None = None,
+) -> Aggregate:
+    """Blocking (run it in a thread). Every submission must already have been validated."""
+    manifest = signed.manifest
+    order = sorted(submissions)
+    if manifest.secure:
+        secure = SecureFedAvgAggregator(manifest, model_shapes, masks or {}, signed.manifest_sha)
+        for p in order:
+            sub = submissions[p]
+            data = blob_path(sub.delta_sha).read_bytes()
+            vec, _ = deserialize_masked(data, secure.length)
+            secure.add(sub, vec)
+        tensors = secure.aggregate()
+    else:
+        plain = FedAvgAggregator(manifest, model_shapes)
+        for p in order:
+            sub = submissions[p]
+            plain.add(sub, LazyDelta(blob_path(sub.delta_sha)))
+        tensors = plain.aggregate()
+    total = sum(submissions[p].num_samples for p in order)
+    return Aggregate(adapter_bytes(tensors, signed), order, total)
+
+
+def adapter_bytes(tensors: Mapping[str, torch.Tensor], signed: SignedManifest) -> bytes:
+    """The aggregated adapter (A and B of every layer) with its signed manifest in the header."""
+    data = {k: v.detach().contiguous().to(torch.float32) for k, v in sorted(tensors.items())}
+    metadata = {
+        "format": C.FEDLEARN_ADAPTER_FORMAT,
+        "round_id": signed.manifest.round_id,
+        "manifest_sha": signed.manifest_sha,
+        "manifest": signed.body.decode("utf-8"),
+        "manifest_signature": signed.signature.hex(),
+    }
+    return canonical_safetensors(torch_save(data, metadata))
+
+
+def read_adapter(data: bytes) -> tuple[dict[str, torch.Tensor], SignedManifest]:
+    """Parse a published adapter; `delta_invalid` if it is not one (its SHA is checked by the
+    caller, who asked for it by SHA)."""
+    _, metadata = read_header(data, C.BLOB_MAX_BYTES)
+    if metadata.get("format") != C.FEDLEARN_ADAPTER_FORMAT:
+        raise HearthnetError(ErrorCode.DELTA_INVALID, "not a hearthnet adapter")
+    try:
+        body = metadata["manifest"].encode("utf-8")
+        manifest = RoundManifest.model_validate(parse_canonical(body))
+        signed = SignedManifest(manifest, body, bytes.fromhex(metadata["manifest_signature"]))
+        tensors = torch_load(data)
+    except (KeyError, ValueError, HearthnetError) as exc:
+        raise HearthnetError(ErrorCode.DELTA_INVALID, f"adapter unreadable: {exc}") from None
+    return tensors, signed
+
+
+def build_result(
+    signed: SignedManifest,
+    aggregate: Aggregate,
+    aggregator: str,
+    excluded: list[Exclusion],
+    takeover: bool,
+    now: datetime | None = None,
+) -> RoundResult:
+    from hearthnet.canonical import sha256_hex
+
+    sha = sha256_hex(aggregate.adapter)
+    m = signed.manifest
+    return RoundResult(
+        round_id=m.round_id,
+        manifest_sha=signed.manifest_sha,
+        aggregated_delta_sha=sha,
+        n_participants=len(aggregate.included),
+        total_samples=aggregate.total_samples,
+        aggregator=aggregator,
+        completed_at=format_ts(now or datetime.now(UTC)),
+        download_url=f"hearthnet://{aggregator}/{FETCH_CAPABILITY}?sha={sha}",
+        rule=m.aggregation.rule,
+        lora_aggregation=m.lora_aggregation,
+        secure=m.secure,
+        included=aggregate.included,
+        excluded=sorted(excluded, key=lambda e: e.participant),
+        takeover=takeover,
+    )

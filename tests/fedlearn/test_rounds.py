@@ -1,0 +1,327 @@
+"""Rounds end to end over real nodes on loopback (spec M28 §8.3–8.4, issue 6).
+
+Training is real (4-bit base, peft LoRA): a tiny random Llama for speed, the real SmolLM2 where
+the spec asks for a model-quality check.
+"""
+
+import asyncio
+import math
+from datetime import UTC, datetime, timedelta
+
+import pytest
+import torch
+
+from hearthnet import constants as C
+from hearthnet.errors import ErrorCode, HearthnetError
+from hearthnet.fedlearn.delta import (
+    ParticipantSubmission,
+    deserialize_delta,
+    read_header,
+    serialize_delta,
+)
+from hearthnet.fedlearn.lora import expected_shapes
+from hearthnet.fedlearn.protocol import JoinReceipt, RoundResult, SignedDoc
+from hearthnet.fedlearn.publish import aggregate_submissions, read_adapter
+from hearthnet.identity import NodeIdentity
+from hearthnet.node import Node
+
+from .rounds import CAP, node_config_for, small_draft, start_cluster, stop_cluster, wait_status
+
+pytestmark = pytest.mark.timeout(600)
+
+
+def _result(status) -> RoundResult:
+    return status.result.claimed(RoundResult)
+
+
+async def _announce(cluster, name="alice", **draft):
+    return await cluster.call(name, "round.announce", {"draft": small_draft(**draft)})
+
+
+async def _join(cluster, names, round_id):
+    for name in names:
+        await cluster.call(name, "round.join", {"round_id": round_id, "consent": True}, timeout=60)
+
+
+async def test_two_node_round_on_smollm_applies_and_keeps_perplexity_sane(tmp_path, smollm_dir):
+    """Spec §8.3: announce → join → train 10 steps → submit → aggregate → apply."""
+    c = await start_cluster(tmp_path, ["alice", "bob"], smollm_dir, llm_enabled=("alice",))
+    try:
+        ann = await _announce(c, deadline_in_s=300)
+        assert ann.offered_to == [c["bob"].node_id]
+        await _join(c, ["alice", "bob"], ann.round_id)
+        status = await wait_status(c, "alice", ann.round_id, 400)
+        assert status.phase == "completed", status.abort
+        result = status.result.open(RoundResult, c["alice"].node_id)
+        assert result.n_participants == 2 and not result.takeover and result.rule == "fedavg"
+        sha = result.aggregated_delta_sha
+        bob = await wait_status(c, "bob", ann.round_id, 60)
+        assert bob.stage == "completed" and c["bob"].blobs.has(sha)  # distributed by SHA
+        applied = await c.call("alice", "adapter.apply", {"sha": sha, "scope": "session"})
+        assert applied.session_id and applied.node_default is None  # node apply is separate
+        held_out = ["Our fire brigade meets at the old school hall on Thursday evenings."] * 2
+        base = await c["alice"].bus.call("llm.perplexity", {"texts": held_out})
+        tuned = await c["alice"].bus.call("llm.perplexity", {"texts": held_out, "adapter_sha": sha})
+        assert math.isfinite(tuned["perplexity"]) and tuned["perplexity"] <= 2 * base["perplexity"]
+        out = await c["alice"].bus.call(
+            "llm.generate", {"prompt": "Hello", "session_id": applied.session_id, "max_new_tokens": 8}
+        )
+        assert out["adapter_sha"] == sha
+    finally:
+        await stop_cluster(c)
+
+
+async def test_three_node_secure_round_matches_plain_average(tmp_path, tiny_model_dir):
+    c = await start_cluster(tmp_path, ["alice", "bob", "carol"], tiny_model_dir)
+    try:
+        ann = await _announce(c, secure=True, min_participants=3, max_participants=3, deadline_in_s=90)
+        await _join(c, ["alice", "bob", "carol"], ann.round_id)
+        status = await wait_status(c, "alice", ann.round_id, 120)
+        assert status.phase == "completed", status.abort
+        result = _result(status)
+        assert result.secure and result.n_participants == 3
+        # The coordinator saw masked vectors only; their sum equals the plain weighted mean of
+        # the clipped deltas within the quantisation bound.
+        record = c["alice"].fedlearn.coordinator.rounds[ann.round_id]
+        for sub in record.submissions.values():
+            _, meta = read_header(c["alice"].blobs.get(sub.blob_sha), C.BLOB_MAX_BYTES, frozenset({"U64"}))
+            assert meta["format"] == C.FEDLEARN_MASKED_FORMAT
+        plain = {}
+        for name in ("alice", "bob", "carol"):
+            member = c[name].fedlearn.participant.members[ann.round_id]
+            plain[c[name].node_id] = (member.trained_sha, member.num_samples, c[name])
+        tensors, _ = read_adapter(c["alice"].blobs.get(result.aggregated_delta_sha))
+        total = sum(n for _, n, _ in plain.values())
+        for key in [k for k in tensors if k.endswith("lora_B")]:
+            expected = sum(
+                deserialize_delta(node.blobs.get(sha))[0][key].double() * n
+                for sha, n, node in plain.values()
+            ) / total
+            assert torch.allclose(tensors[key].double(), expected, atol=1e-6)
+    finally:
+        await stop_cluster(c)
+
+
+async def test_takeover_reproduces_the_coordinators_sha(tmp_path, tiny_model_dir):
+    c = await start_cluster(tmp_path, ["alice", "bob", "carol", "dave"], tiny_model_dir)
+    try:
+        ann = await _announce(c, deadline_in_s=25)
+        await _join(c, ["bob", "carol"], ann.round_id)
+        # dave joins through the protocol but never submits: a drop-out
+        manifest_sha = c["bob"].fedlearn.participant.members[ann.round_id].signed.manifest_sha
+        await c["dave"].bus.call(
+            CAP + "round.enroll",
+            {"round_id": ann.round_id, "manifest_sha": manifest_sha},
+            peer=c["alice"].node_id,
+        )
+        coordinator = c["alice"].fedlearn.coordinator
+        async with coordinator.changed:
+            await asyncio.wait_for(
+                coordinator.changed.wait_for(
+                    lambda: len(coordinator.rounds[ann.round_id].submissions) == 2
+                ),
+                60,
+            )
+        await c["alice"].stop()  # the coordinator vanishes before the deadline
+        with pytest.raises(HearthnetError) as exc:
+            await c.call("bob", "round.finalize", {"round_id": ann.round_id})
+        assert exc.value.code is ErrorCode.FEDLEARN_AGGREGATOR_UNREACHABLE
+        bob = await wait_status(c, "bob", ann.round_id, 90)
+        carol = await wait_status(c, "carol", ann.round_id, 30)
+        assert bob.stage == carol.stage == "completed"
+        taken = _result(bob)
+        assert taken.takeover and taken.aggregator in (c["bob"].node_id, c["carol"].node_id)
+        assert _result(carol).aggregated_delta_sha == taken.aggregated_delta_sha
+        assert [e.participant for e in taken.excluded] == [c["dave"].node_id]
+        # The coordinator comes back, rebuilds the round from its log and aggregates the same
+        # submissions itself: the same adapter SHA.
+        await c["alice"].start()
+        status = await wait_status(c, "alice", ann.round_id, 60)
+        assert status.phase == "completed"
+        own = status.result.open(RoundResult, c["alice"].node_id)
+        assert not own.takeover and own.aggregated_delta_sha == taken.aggregated_delta_sha
+    finally:
+        await stop_cluster(c)
+
+
+def _forged_submission(node: Node, signed, delta, samples=5):
+    data = serialize_delta(
+        delta, manifest_sha=signed.manifest_sha, round_id=signed.round_id, participant=node.node_id
+    )
+    return ParticipantSubmission.create(node.identity, signed.round_id, data, samples, 0.1), data
+
+
+async def test_garbage_is_rejected_and_too_few_valid_submissions_abort(tmp_path, tiny_model_dir):
+    c = await start_cluster(tmp_path, ["alice", "bob", "carol", "dave"], tiny_model_dir)
+    try:
+        ann = await _announce(c, min_participants=3, deadline_in_s=20)
+        await _join(c, ["bob", "carol"], ann.round_id)
+        alice_id = c["alice"].node_id
+        signed = c["bob"].fedlearn.participant.members[ann.round_id].signed
+        enrolled = await c["dave"].bus.call(
+            CAP + "round.enroll",
+            {"round_id": ann.round_id, "manifest_sha": signed.manifest_sha},
+            peer=alice_id,
+        )
+        receipt = enrolled.receipt.model_dump()
+        shapes = expected_shapes(signed.manifest, c["alice"].fedlearn.ctx.model_shapes())
+        good = {k: torch.zeros(s) for k, s in shapes.items()}
+
+        async def submit(delta, receipt=receipt):
+            sub, data = _forged_submission(c["dave"], signed, delta)
+            return await c["dave"].bus.call(
+                CAP + "round.submit",
+                {"submission": sub.model_dump(), "receipt": receipt},
+                peer=alice_id,
+                blob=data,
+            )
+
+        nan = dict(good)
+        first = sorted(nan)[0]
+        nan[first] = nan[first].clone()
+        nan[first][0, 0] = float("nan")
+        missing = dict(good)
+        del missing[sorted(missing)[-1]]
+        for delta in (nan, missing):
+            with pytest.raises(HearthnetError) as exc:
+                await submit(delta)
+            assert exc.value.code is ErrorCode.DELTA_INVALID
+        # someone else's receipt is no receipt
+        bob_receipt = c["bob"].fedlearn.participant.members[ann.round_id].receipt.model_dump()
+        with pytest.raises(HearthnetError) as exc:
+            await submit(good, bob_receipt)
+        assert exc.value.code is ErrorCode.FORBIDDEN
+        status = await wait_status(c, "alice", ann.round_id, 90)
+        assert status.phase == "aborted"
+        assert status.abort["code"] == "fedlearn_min_participants_unmet"
+        assert len(status.submitted) == 2 and {r["code"] for r in status.rejected} >= {"delta_invalid"}
+        events = await c["alice"].eventlog.read_all("fedlearn.round.")
+        assert [e.type for e in events].count("fedlearn.round.rejected") == 3
+        bob = await wait_status(c, "bob", ann.round_id, 30)
+        assert bob.stage == "aborted"
+        with pytest.raises(HearthnetError) as exc:  # late: after the deadline
+            await submit(good)
+        assert exc.value.code in (ErrorCode.ROUND_CLOSED,)
+    finally:
+        await stop_cluster(c)
+
+
+async def test_join_refusals(tmp_path, tiny_model_dir):
+    c = await start_cluster(tmp_path, ["alice", "bob", "carol", "dave"], tiny_model_dir)
+    try:
+        ann = await _announce(c, max_participants=2, deadline_in_s=8)
+        with pytest.raises(HearthnetError) as exc:
+            await c.call("bob", "round.join", {"round_id": ann.round_id})
+        assert exc.value.code is ErrorCode.CONSENT_REQUIRED
+        await _join(c, ["bob", "carol"], ann.round_id)
+        with pytest.raises(HearthnetError) as exc:
+            await c.call("dave", "round.join", {"round_id": ann.round_id, "consent": True})
+        assert exc.value.code is ErrorCode.ROUND_FULL
+        consent = await c["dave"].eventlog.read_all("fedlearn.consent.granted")
+        assert len(consent) == 1  # recorded, signed, before the refusal
+        late = await _announce(c, deadline_in_s=2)
+        await asyncio.sleep(3)
+        with pytest.raises(HearthnetError) as exc:
+            await c.call("dave", "round.join", {"round_id": late.round_id, "consent": True})
+        assert exc.value.code is ErrorCode.ROUND_CLOSED
+    finally:
+        await stop_cluster(c)
+
+
+async def test_wrong_base_model_untrusted_manifest_and_disabled_flag(tmp_path, tiny_model_dir):
+    from transformers import LlamaForCausalLM
+
+    other = tmp_path / "other-model"
+    model = LlamaForCausalLM.from_pretrained(tiny_model_dir)
+    torch.nn.init.normal_(model.model.layers[0].self_attn.q_proj.weight)
+    model.save_pretrained(other)
+    for f in tiny_model_dir.iterdir():
+        if f.name.startswith("tokenizer") or f.name.endswith(".jinja"):
+            (other / f.name).write_bytes(f.read_bytes())
+    c = await start_cluster(tmp_path, ["alice", "bob"], tiny_model_dir)
+    ids = {"alice": c["alice"].identity, "bob": c["bob"].identity, "eve": NodeIdentity.generate()}
+    eve = Node(
+        node_config_for(tmp_path, "eve", other, ids, [c["alice"].listen_url, c["bob"].listen_url]),
+        ids["eve"],
+    )
+    off = Node(
+        node_config_for(tmp_path, "off", tiny_model_dir, ids, [c["alice"].listen_url], flag=False),
+        NodeIdentity.generate(),
+    )
+    await eve.start()
+    await off.start()
+    try:
+        await eve.wait_for_peer(c["alice"].node_id)
+        await off.wait_for_peer(c["alice"].node_id)
+        ann = await _announce(c)
+        assert eve.node_id in ann.offered_to and off.node_id not in ann.offered_to
+        with pytest.raises(HearthnetError) as exc:
+            await eve.bus.call(CAP + "round.join", {"round_id": ann.round_id, "consent": True})
+        assert exc.value.code is ErrorCode.BASE_MODEL_MISMATCH
+        # eve is outside bob's roster: her manifest is signature_invalid, and a security event
+        from hearthnet.fedlearn.manifest import RoundManifestDraft
+
+        draft = {**small_draft(), "base_model_id": "x", "base_model_sha": eve.llm.base_model_sha}
+        draft["deadline"] = datetime.now(UTC) + timedelta(minutes=5)
+        draft.pop("deadline_in_s")
+        signed = RoundManifestDraft.model_validate(draft).build(eve.identity, eve.config.fedlearn)
+        with pytest.raises(HearthnetError) as exc:
+            await eve.bus.call(CAP + "round.offer", {"manifest": signed.to_wire()}, peer=c["bob"].node_id)
+        assert exc.value.code is ErrorCode.SIGNATURE_INVALID and exc.value.message == "manifest rejected"
+        assert await c["bob"].eventlog.read_all("security.signature.invalid")
+        # the flag off: every fedlearn name answers experimental_disabled, read-only ones too
+        for name in ("round.list", "round.status", "adapter.fetch"):
+            for caller, peer in ((off, None), (c["alice"], off.node_id)):
+                with pytest.raises(HearthnetError) as exc:
+                    await caller.bus.call(CAP + name, {}, peer=peer)
+                assert exc.value.code is ErrorCode.EXPERIMENTAL_DISABLED
+        # a delta is never served as an adapter
+        with pytest.raises(HearthnetError) as exc:
+            await eve.bus.call(CAP + "adapter.fetch", {"sha": "0" * 64}, peer=c["alice"].node_id)
+        assert exc.value.code is ErrorCode.ADAPTER_NOT_FOUND
+    finally:
+        await eve.stop()
+        await off.stop()
+        await stop_cluster(c)
+
+
+def test_receipt_binds_participant_and_round():
+    coordinator, someone = NodeIdentity.generate(), NodeIdentity.generate()
+    receipt = SignedDoc.sign(
+        coordinator,
+        JoinReceipt(
+            round_id="01M80WAYYFD3P33D6819RBBN9R",
+            manifest_sha="a" * 64,
+            participant=someone.node_id,
+            coordinator=coordinator.node_id,
+            issued_at="2026-01-01T00:00:00Z",
+        ),
+    )
+    assert receipt.open(JoinReceipt, coordinator.node_id).participant == someone.node_id
+    with pytest.raises(HearthnetError) as exc:
+        receipt.open(JoinReceipt, someone.node_id)
+    assert exc.value.code is ErrorCode.SIGNATURE_INVALID
+    tampered = receipt.model_copy(update={"body": receipt.body.replace("a" * 64, "b" * 64)})
+    with pytest.raises(HearthnetError):
+        tampered.open(JoinReceipt, coordinator.node_id)
+
+
+def test_aggregate_submissions_is_order_independent(tmp_path, make_manifest):
+    from .conftest import MODEL_SHAPES, random_delta
+
+    signed = make_manifest()
+    people = [NodeIdentity.generate() for _ in range(3)]
+    subs, paths = {}, {}
+    for i, ident in enumerate(people):
+        data = serialize_delta(
+            random_delta(signed, i), manifest_sha=signed.manifest_sha, round_id=signed.round_id,
+            participant=ident.node_id,
+        )
+        sub = ParticipantSubmission.create(ident, signed.round_id, data, 10 + i, 0.1)
+        path = tmp_path / sub.delta_sha
+        path.write_bytes(data)
+        subs[ident.node_id], paths[sub.delta_sha] = sub, path
+    first = aggregate_submissions(signed, subs, paths.__getitem__, MODEL_SHAPES)
+    shuffled = dict(reversed(list(subs.items())))
+    second = aggregate_submissions(signed, shuffled, paths.__getitem__, MODEL_SHAPES)
+    assert first.adapter == second.adapter and first.included == sorted(subs)
