@@ -325,3 +325,89 @@ def test_aggregate_submissions_is_order_independent(tmp_path, make_manifest):
     shuffled = dict(reversed(list(subs.items())))
     second = aggregate_submissions(signed, shuffled, paths.__getitem__, MODEL_SHAPES)
     assert first.adapter == second.adapter and first.included == sorted(subs)
+
+
+async def test_coordinator_killed_and_restarted_mid_round_completes(tmp_path, tiny_model_dir):
+    """SIGKILL the coordinator daemon after the joins; it rebuilds the round from its log,
+    the participants resubmit to it, and the round completes."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    from hearthnet.control import control_call
+
+    ids = {n: NodeIdentity.generate() for n in ("alice", "bob", "carol")}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    alice_cfg = node_config_for(tmp_path, "alice", tiny_model_dir, ids, [], port=port)
+    data = alice_cfg.data_dir
+    data.mkdir(parents=True, mode=0o700)
+    ids["alice"].save(data / "node.key")
+    (data / "node.toml").write_text(
+        f'[node]\nname = "alice"\ndata_dir = "."\nnetwork_id = "test-net"\n'
+        f'[listen]\nhost = "127.0.0.1"\nport = {port}\n'
+        f"[trust]\nroster = {[i.node_id for i in ids.values()]!r}\n".replace("'", '"')
+        + "[experimental]\nfedlearn = true\n[fedlearn]\nmin_round_participants = 1\n"
+        f'[llm]\nbase_model = "{tiny_model_dir}"\ncache_dir = "{tmp_path / "model-cache"}"\n'
+    )
+    sock = data / C.CONTROL_SOCKET_NAME
+
+    def start_alice():
+        return subprocess.Popen(
+            [sys.executable, "-m", "hearthnet.cli", "node", "start", "--config", str(data / "node.toml")],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    async def ctl(cap, body, timeout=30.0):
+        return await asyncio.to_thread(control_call, sock, CAP + cap, body, None, timeout)
+
+    async def up():
+        for _ in range(300):
+            if sock.exists():
+                try:
+                    return await asyncio.to_thread(control_call, sock, "node.status", {}, None, 5.0)
+                except (HearthnetError, OSError):
+                    pass
+            await asyncio.sleep(0.2)
+        raise AssertionError("alice did not come up")
+
+    from .rounds import write_corpus
+
+    proc = start_alice()
+    nodes = []
+    try:
+        await up()
+        for name in ("bob", "carol"):
+            write_corpus(tmp_path / name / "training", name, "village")
+            cfg = node_config_for(tmp_path, name, tiny_model_dir, ids, [f"ws://127.0.0.1:{port}"])
+            node = Node(cfg, ids[name])
+            await node.start()
+            await node.wait_for_peer(ids["alice"].node_id)
+            nodes.append(node)
+        ann = await ctl("round.announce", {"draft": small_draft(deadline_in_s=60)})
+        for node in nodes:
+            await node.bus.call(CAP + "round.join", {"round_id": ann["round_id"], "consent": True})
+        os.kill(proc.pid, signal.SIGKILL)  # mid-round: joined, nothing aggregated
+        proc.wait()
+        sock.unlink(missing_ok=True)
+        proc = start_alice()
+        await up()
+        status = await ctl(
+            "round.status", {"round_id": ann["round_id"], "wait": True, "timeout_s": 90}, 100
+        )
+        assert status["phase"] == "completed", status
+        assert len(status["submitted"]) == 2 and len(status["joined"]) == 2
+        for node in nodes:
+            st = await node.bus.call(
+                CAP + "round.status", {"round_id": ann["round_id"], "wait": True, "timeout_s": 30}
+            )
+            assert st.stage == "completed"
+    finally:
+        for node in nodes:
+            await node.stop()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
