@@ -39,10 +39,15 @@ async def _fixed_delta(self: RoundParticipant, member: Membership) -> None:
     shapes = expected_shapes(m, self.ctx.model_shapes())
     delta = {k: torch.randn(s, generator=gen) * 1e-3 for k, s in shapes.items()}
     data = serialize_delta(
-        delta, manifest_sha=member.signed.manifest_sha, round_id=m.round_id, participant=self.ctx.node_id
+        delta,
+        manifest_sha=member.signed.manifest_sha,
+        round_id=m.round_id,
+        participant=self.ctx.node_id,
     )
     sha = await asyncio.to_thread(self.ctx.blobs.put, data)
-    await self._emit(member, "trained", {"blob_sha": sha, "num_samples": 100, "train_loss": 1.0, "steps": 1})
+    await self._emit(
+        member, "trained", {"blob_sha": sha, "num_samples": 100, "train_loss": 1.0, "steps": 1}
+    )
 
 
 async def one_round(tmp: Path, model_dir: Path, n: int) -> dict[str, Any]:
@@ -51,8 +56,12 @@ async def one_round(tmp: Path, model_dir: Path, n: int) -> dict[str, Any]:
     try:
         coordinator = cluster["coord"].fedlearn.coordinator
         draft = small_draft(
-            lora_target_modules=MODULES, lora_rank=16, lora_alpha=32,
-            min_participants=n, max_participants=n, deadline_in_s=600,
+            lora_target_modules=MODULES,
+            lora_rank=16,
+            lora_alpha=32,
+            min_participants=n,
+            max_participants=n,
+            deadline_in_s=600,
         )
         ann = await cluster.call("coord", "round.announce", {"draft": draft})
         marks: dict[str, float] = {}
@@ -70,7 +79,10 @@ async def one_round(tmp: Path, model_dir: Path, n: int) -> dict[str, Any]:
 
         watcher = asyncio.create_task(watch())
         await asyncio.gather(
-            *(cluster.call(p, "round.join", {"round_id": ann.round_id, "consent": True}) for p in names[1:])
+            *(
+                cluster.call(p, "round.join", {"round_id": ann.round_id, "consent": True})
+                for p in names[1:]
+            )
         )
         await asyncio.wait_for(watcher, 300)
         record = coordinator.rounds[ann.round_id]

@@ -97,8 +97,9 @@ def _table(rounds: list[dict[str, Any]]) -> str:
         return "no rounds"
     lines = [f"{'ROUND':26}  {'TOPIC':20}  {'ROLE':11}  {'PHASE':11}  DEADLINE"]
     for r in rounds:
+        topic = r["topic"][:20]
         lines.append(
-            f"{r['round_id']:26}  {r['topic'][:20]:20}  {r['role']:11}  {r['phase']:11}  {r['deadline']}"
+            f"{r['round_id']:26}  {topic:20}  {r['role']:11}  {r['phase']:11}  {r['deadline']}"
         )
     return "\n".join(lines)
 
@@ -127,17 +128,17 @@ def cmd_status(args: argparse.Namespace) -> int:
         f"joined      {len(res['joined'])}   submitted {len(res['submitted'])}",
     ]
     for rej in res["rejected"]:
-        lines.append(
-            f"rejected    {rej.get('participant', '?')[:16]}…: {rej.get('code')}: {rej.get('reason')}"
-        )
+        who = rej.get("participant", "?")[:16]
+        lines.append(f"rejected    {who}…: {rej.get('code')}: {rej.get('reason')}")
     if res["abort"]:
         lines.append(f"aborted     {res['abort']['code']}: {res['abort']['reason']}")
     if res["result"]:
         result = json.loads(res["result"]["body"])
         lines.append(f"adapter     {result['aggregated_delta_sha']}")
+        role = "takeover" if result["takeover"] else "coordinator"
         lines.append(
-            f"aggregated  by {result['aggregator'][:16]}… ({'takeover' if result['takeover'] else 'coordinator'}),"
-            f" {result['n_participants']} participants, {result['total_samples']} samples, rule {result['rule']}"
+            f"aggregated  by {result['aggregator'][:16]}… ({role}), {result['n_participants']}"
+            f" participants, {result['total_samples']} samples, rule {result['rule']}"
         )
         for ex in result["excluded"]:
             lines.append(f"excluded    {ex['participant'][:16]}…: {ex['reason']}")

@@ -263,7 +263,8 @@ class Demo:
         after = self.run_json("alice", "llm", "generate", PROMPT, "--max-new-tokens", "48")["text"]
         print("\n=== result ===")
         print(
-            f"held-out perplexity: base {base_ppl:.2f} -> with the community adapter {tuned_ppl:.2f}"
+            f"held-out perplexity: base {base_ppl:.2f} -> with the community adapter"
+            f" {tuned_ppl:.2f}"
         )
         print(f"prompt: {PROMPT}")
         print(f"  without adapter: {before.strip()}")

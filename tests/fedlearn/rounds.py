@@ -123,6 +123,11 @@ def small_draft(**overrides: Any) -> dict[str, Any]:
 
 async def wait_status(cluster: Cluster, name: str, round_id: str, timeout: float = 120) -> Any:
     return await asyncio.wait_for(
-        cluster.call(name, "round.status", {"round_id": round_id, "wait": True, "timeout_s": timeout}, timeout=timeout + 5),
+        cluster.call(
+            name,
+            "round.status",
+            {"round_id": round_id, "wait": True, "timeout_s": timeout},
+            timeout=timeout + 5,
+        ),
         timeout + 10,
     )

@@ -62,11 +62,12 @@ async def test_two_node_round_on_smollm_applies_and_keeps_perplexity_sane(tmp_pa
         held_out = ["Our fire brigade meets at the old school hall on Thursday evenings."] * 2
         base = await c["alice"].bus.call("llm.perplexity", {"texts": held_out})
         tuned = await c["alice"].bus.call("llm.perplexity", {"texts": held_out, "adapter_sha": sha})
-        assert math.isfinite(tuned["perplexity"]) and tuned["perplexity"] <= 2 * base["perplexity"]
+        assert math.isfinite(tuned.perplexity) and tuned.perplexity <= 2 * base.perplexity
         out = await c["alice"].bus.call(
-            "llm.generate", {"prompt": "Hello", "session_id": applied.session_id, "max_new_tokens": 8}
+            "llm.generate",
+            {"prompt": "Hello", "session_id": applied.session_id, "max_new_tokens": 8},
         )
-        assert out["adapter_sha"] == sha
+        assert out.adapter_sha == sha
     finally:
         await stop_cluster(c)
 
@@ -74,7 +75,9 @@ async def test_two_node_round_on_smollm_applies_and_keeps_perplexity_sane(tmp_pa
 async def test_three_node_secure_round_matches_plain_average(tmp_path, tiny_model_dir):
     c = await start_cluster(tmp_path, ["alice", "bob", "carol"], tiny_model_dir)
     try:
-        ann = await _announce(c, secure=True, min_participants=3, max_participants=3, deadline_in_s=90)
+        ann = await _announce(
+            c, secure=True, min_participants=3, max_participants=3, deadline_in_s=90
+        )
         await _join(c, ["alice", "bob", "carol"], ann.round_id)
         status = await wait_status(c, "alice", ann.round_id, 120)
         assert status.phase == "completed", status.abort
@@ -84,7 +87,9 @@ async def test_three_node_secure_round_matches_plain_average(tmp_path, tiny_mode
         # the clipped deltas within the quantisation bound.
         record = c["alice"].fedlearn.coordinator.rounds[ann.round_id]
         for sub in record.submissions.values():
-            _, meta = read_header(c["alice"].blobs.get(sub.blob_sha), C.BLOB_MAX_BYTES, frozenset({"U64"}))
+            _, meta = read_header(
+                c["alice"].blobs.get(sub.blob_sha), C.BLOB_MAX_BYTES, frozenset({"U64"})
+            )
             assert meta["format"] == C.FEDLEARN_MASKED_FORMAT
         plain = {}
         for name in ("alice", "bob", "carol"):
@@ -93,10 +98,13 @@ async def test_three_node_secure_round_matches_plain_average(tmp_path, tiny_mode
         tensors, _ = read_adapter(c["alice"].blobs.get(result.aggregated_delta_sha))
         total = sum(n for _, n, _ in plain.values())
         for key in [k for k in tensors if k.endswith("lora_B")]:
-            expected = sum(
-                deserialize_delta(node.blobs.get(sha))[0][key].double() * n
-                for sha, n, node in plain.values()
-            ) / total
+            expected = (
+                sum(
+                    deserialize_delta(node.blobs.get(sha))[0][key].double() * n
+                    for sha, n, node in plain.values()
+                )
+                / total
+            )
             assert torch.allclose(tensors[key].double(), expected, atol=1e-6)
     finally:
         await stop_cluster(c)
@@ -194,7 +202,9 @@ async def test_garbage_is_rejected_and_too_few_valid_submissions_abort(tmp_path,
         status = await wait_status(c, "alice", ann.round_id, 90)
         assert status.phase == "aborted"
         assert status.abort["code"] == "fedlearn_min_participants_unmet"
-        assert len(status.submitted) == 2 and {r["code"] for r in status.rejected} >= {"delta_invalid"}
+        assert len(status.submitted) == 2 and {r["code"] for r in status.rejected} >= {
+            "delta_invalid"
+        }
         events = await c["alice"].eventlog.read_all("fedlearn.round.")
         assert [e.type for e in events].count("fedlearn.round.rejected") == 3
         bob = await wait_status(c, "bob", ann.round_id, 30)
@@ -266,8 +276,13 @@ async def test_wrong_base_model_untrusted_manifest_and_disabled_flag(tmp_path, t
         draft.pop("deadline_in_s")
         signed = RoundManifestDraft.model_validate(draft).build(eve.identity, eve.config.fedlearn)
         with pytest.raises(HearthnetError) as exc:
-            await eve.bus.call(CAP + "round.offer", {"manifest": signed.to_wire()}, peer=c["bob"].node_id)
-        assert exc.value.code is ErrorCode.SIGNATURE_INVALID and exc.value.message == "manifest rejected"
+            await eve.bus.call(
+                CAP + "round.offer", {"manifest": signed.to_wire()}, peer=c["bob"].node_id
+            )
+        assert (
+            exc.value.code is ErrorCode.SIGNATURE_INVALID
+            and exc.value.message == "manifest rejected"
+        )
         assert await c["bob"].eventlog.read_all("security.signature.invalid")
         # the flag off: every fedlearn name answers experimental_disabled, read-only ones too
         for name in ("round.list", "round.status", "adapter.fetch"):
@@ -314,7 +329,9 @@ def test_aggregate_submissions_is_order_independent(tmp_path, make_manifest):
     subs, paths = {}, {}
     for i, ident in enumerate(people):
         data = serialize_delta(
-            random_delta(signed, i), manifest_sha=signed.manifest_sha, round_id=signed.round_id,
+            random_delta(signed, i),
+            manifest_sha=signed.manifest_sha,
+            round_id=signed.round_id,
             participant=ident.node_id,
         )
         sub = ParticipantSubmission.create(ident, signed.round_id, data, 10 + i, 0.1)
@@ -357,7 +374,15 @@ async def test_coordinator_killed_and_restarted_mid_round_completes(tmp_path, ti
 
     def start_alice():
         return subprocess.Popen(
-            [sys.executable, "-m", "hearthnet.cli", "node", "start", "--config", str(data / "node.toml")],
+            [
+                sys.executable,
+                "-m",
+                "hearthnet.cli",
+                "node",
+                "start",
+                "--config",
+                str(data / "node.toml"),
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
