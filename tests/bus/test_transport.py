@@ -104,16 +104,21 @@ async def test_blobs_travel_and_are_checked(trio):
     assert reply.blob_sha == hashlib.sha256(blob).hexdigest() and back == blob
 
 
-async def test_experimental_disabled_even_for_read_only_queries(make_node):
+async def test_experimental_disabled_even_for_read_only_queries(make_node, tiny_model_dir):
     off = await make_node("off")
     on = await make_node(
         "on",
         peers=[off.listen_url],
         experimental={"fedlearn": True},
-        setup=lambda n: n.bus.register("experimental.fedlearn.round.list", _echo, Echo, EchoReply),
+        llm={"base_model": str(tiny_model_dir)},
+        setup=lambda n: n.bus.register("experimental.fedlearn.echo", _echo, Echo, EchoReply),
     )
     await on.wait_for_peer(off.node_id)
-    for name in ("experimental.fedlearn.round.list", "experimental.fedlearn.anything"):
+    for name in (
+        "experimental.fedlearn.round.list",
+        "experimental.fedlearn.echo",
+        "experimental.fedlearn.anything",
+    ):
         with pytest.raises(HearthnetError) as exc:
             await on.bus.call(name, peer=off.node_id)
         assert exc.value.code is ErrorCode.EXPERIMENTAL_DISABLED
@@ -123,9 +128,10 @@ async def test_experimental_disabled_even_for_read_only_queries(make_node):
         with pytest.raises(HearthnetError) as exc:  # a flag-off node does not call out either
             await off.bus.call(name, peer=on.node_id)
         assert exc.value.code is ErrorCode.EXPERIMENTAL_DISABLED
-    assert (await on.bus.call("experimental.fedlearn.round.list", Echo(text="x"))).text == "x"
+    assert (await on.bus.call("experimental.fedlearn.echo", Echo(text="x"))).text == "x"
+    assert (await on.bus.call("experimental.fedlearn.round.list", {})).rounds == []
     with pytest.raises(HearthnetError) as exc:
-        off.bus.register("experimental.fedlearn.round.list", _echo, Echo, EchoReply)
+        off.bus.register("experimental.fedlearn.echo", _echo, Echo, EchoReply)
     assert exc.value.code is ErrorCode.EXPERIMENTAL_DISABLED
 
 
