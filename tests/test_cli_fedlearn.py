@@ -1,0 +1,52 @@
+import argparse
+
+import pytest
+
+from hearthnet.cli import build_parser
+from hearthnet.cli_fedlearn import draft_fields, duration
+from hearthnet.errors import ErrorCode, HearthnetError
+
+
+def test_durations():
+    assert duration("90") == 90 and duration("90s") == 90 and duration("10m") == 600
+    assert duration("1.5h") == 5400
+    with pytest.raises(HearthnetError) as exc:
+        duration("soon")
+    assert exc.value.code is ErrorCode.BAD_REQUEST
+
+
+def test_draft_from_file_overridden_by_flags(tmp_path):
+    draft = tmp_path / "draft.toml"
+    draft.write_text('topic = "village"\nlora_rank = 4\ndeadline_in = "5m"\nconsent_text = "ok"\n')
+    args = build_parser().parse_args(
+        [
+            "fedlearn",
+            "announce",
+            "--config",
+            "x",
+            "--draft",
+            str(draft),
+            "--rank",
+            "8",
+            "--modules",
+            "q_proj, v_proj",
+            "--secure",
+            "--clip-norm",
+            "0",
+        ]
+    )
+    fields = draft_fields(args)
+    assert fields == {
+        "topic": "village",
+        "lora_rank": 8,
+        "consent_text": "ok",
+        "deadline_in_s": 300.0,
+        "lora_target_modules": ["q_proj", "v_proj"],
+        "secure": True,
+        "clip_norm": 0.0,
+    }
+    bad = tmp_path / "bad.toml"
+    bad.write_text("topic = ")
+    with pytest.raises(HearthnetError) as exc:
+        draft_fields(argparse.Namespace(**{**vars(args), "draft": str(bad)}))
+    assert exc.value.code is ErrorCode.MANIFEST_INVALID
