@@ -12,7 +12,7 @@ import contextlib
 import signal
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict
 
@@ -29,6 +29,10 @@ from hearthnet.identity import NodeID, NodeIdentity
 from hearthnet.llm.capabilities import register_llm
 from hearthnet.llm.service import LLMService
 from hearthnet.logs import configure_logging, get_logger
+
+if TYPE_CHECKING:  # imported when the flag is on: the module pulls in the trainer's stack
+    from hearthnet.fedlearn.capabilities import FedLearnService
+    from hearthnet.fedlearn.data import TrainingDataProvider
 
 log = get_logger("hearthnet.node")
 
@@ -74,7 +78,7 @@ class Node:
         self,
         config: NodeConfig,
         identity: NodeIdentity | None = None,
-        training_provider: Any = None,
+        training_provider: TrainingDataProvider | None = None,
     ):
         self.config = config
         self.training_provider = training_provider
@@ -86,7 +90,7 @@ class Node:
         self.blobs: BlobStore | None = None
         self.transport: Transport | None = None
         self.llm: LLMService | None = None
-        self.fedlearn: Any = None  # hearthnet.fedlearn.capabilities.FedLearnService when enabled
+        self.fedlearn: FedLearnService | None = None  # when [experimental] fedlearn is on
         self._control: ControlServer | None = None
         self._started = 0.0
         self._register_builtins()

@@ -10,15 +10,14 @@ authenticated session.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from pydantic import ValidationError
-
 from hearthnet import constants as C
 from hearthnet.bus.bus import CallContext, CapabilityBus
-from hearthnet.errors import ErrorCode, HearthnetError, first_problem
+from hearthnet.errors import ErrorCode, HearthnetError
 from hearthnet.eventlog import Event
 from hearthnet.fedlearn.context import FedContext
 from hearthnet.fedlearn.coordinator import RoundCoordinator
@@ -68,28 +67,6 @@ DRAFT_DEFAULTS: dict[str, Any] = {
     "batch_size": 4,
     "deadline_in_s": 3600,
 }
-
-
-def draft_from_fields(fields: dict[str, Any]) -> RoundManifestDraft:
-    """A draft from JSON-ish fields (the CLI, a TOML file); `manifest_invalid` naming the field."""
-    deadline = fields.get("deadline")
-    if isinstance(deadline, str):
-        try:
-            fields["deadline"] = datetime.fromisoformat(deadline)
-        except ValueError:
-            raise HearthnetError(
-                ErrorCode.MANIFEST_INVALID, "deadline is not an ISO 8601 time"
-            ) from None
-    aggregation = fields.get("aggregation")
-    if isinstance(aggregation, str):
-        fields["aggregation"] = {"rule": aggregation}
-    try:
-        return RoundManifestDraft.model_validate(fields)
-    except ValidationError as exc:
-        where, reason = first_problem(exc, "draft")
-        raise HearthnetError(
-            ErrorCode.MANIFEST_INVALID, f"draft field '{where}': {reason}"
-        ) from None
 
 
 class HandoverRequest(_Msg):
@@ -359,7 +336,7 @@ class FedLearnService:
             if not isinstance(seconds, int | float) or not 0 < seconds <= C.FEDLEARN_MAX_DEADLINE_S:
                 raise HearthnetError(ErrorCode.MANIFEST_INVALID, "deadline_in_s is out of range")
             fields["deadline"] = datetime.now(UTC) + timedelta(seconds=float(seconds))
-        draft = draft_from_fields(fields)
+        draft = RoundManifestDraft.from_fields(fields)
         signed = await self.coordinator.announce_round(draft)
         await self.participant.offered(self.ctx.node_id, signed.to_wire())
         offered: list[str] = []
@@ -411,26 +388,12 @@ class FedLearnService:
 
     async def _status(self, _ctx: CallContext, req: StatusRequest) -> RoundStatus:
         if req.wait:
-            conds = (self.coordinator.changed, self.participant.changed)
-            deadline = asyncio.get_running_loop().time() + req.timeout_s
-            while not self._finished(req.round_id):
-                left = deadline - asyncio.get_running_loop().time()
-                if left <= 0:
-                    break
-                waits = [asyncio.ensure_future(self._wait_on(c, min(left, 1.0))) for c in conds]
-                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-                for w in waits:
-                    w.cancel()
+            changed = self.ctx.changed
+            async with changed:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(req.timeout_s):
+                        await changed.wait_for(lambda: self._finished(req.round_id))
         return self.status(req.round_id)
-
-    @staticmethod
-    async def _wait_on(cond: asyncio.Condition, timeout: float) -> None:
-        async with cond:
-            try:
-                async with asyncio.timeout(timeout):
-                    await cond.wait()
-            except TimeoutError:
-                pass
 
     async def _finalize(self, _ctx: CallContext, req: RoundRef) -> ResultPush:
         if req.round_id in self.coordinator.rounds:

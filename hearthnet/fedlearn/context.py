@@ -25,6 +25,9 @@ class FedContext:
     llm: LLMService
     transport: Any  # hearthnet.bus.transport.Transport (peers, subscribe, wait_for_peer)
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+    # One condition for every round state change on this node (coordinator and participant),
+    # so a waiter (`status --wait`, the participant driver) needs only one.
+    changed: asyncio.Condition = field(default_factory=asyncio.Condition)
 
     @property
     def node_id(self) -> str:

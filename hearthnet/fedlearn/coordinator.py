@@ -16,18 +16,22 @@ from typing import Any
 from hearthnet import constants as C
 from hearthnet.errors import ErrorCode, HearthnetError
 from hearthnet.fedlearn.context import FedContext
-from hearthnet.fedlearn.delta import ParticipantSubmission, deserialize_delta, validate_delta
+from hearthnet.fedlearn.delta import ParticipantSubmission
 from hearthnet.fedlearn.manifest import RoundManifestDraft, SignedManifest, format_ts
 from hearthnet.fedlearn.protocol import (
     Exclusion,
     JoinReceipt,
-    RoundResult,
     SignedDoc,
     SubmitReceipt,
 )
-from hearthnet.fedlearn.publish import Aggregate, aggregate_submissions, build_result
-from hearthnet.fedlearn.secure import MaskKeyAnnouncement, check_roster, layout
-from hearthnet.fedlearn.state import ROUND_PREFIX, Phase, RoundRecord, Submitted, fold_rounds
+from hearthnet.fedlearn.publish import (
+    Aggregate,
+    aggregate_submissions,
+    build_result,
+    check_payload,
+)
+from hearthnet.fedlearn.secure import MaskKeyAnnouncement, check_roster
+from hearthnet.fedlearn.state import ROUND_PREFIX, Phase, RoundRecord, fold_rounds
 from hearthnet.logs import get_logger
 
 log = get_logger("hearthnet.fedlearn.coordinator")
@@ -42,7 +46,7 @@ class RoundCoordinator:
         self.ctx = ctx
         self.rounds: dict[str, RoundRecord] = {}
         self._locks: dict[str, asyncio.Lock] = {}
-        self.changed = asyncio.Condition()
+        self.changed = ctx.changed
 
     # --- log ------------------------------------------------------------------------------------
 
@@ -225,19 +229,8 @@ class RoundCoordinator:
                 raise HearthnetError(
                     ErrorCode.DELTA_INVALID, "num_samples differs from the mask key"
                 )
-            from hearthnet.fedlearn.secure import deserialize_masked
-
-            length = sum(a * b for _, (a, b) in layout(m, shapes)) + 1
-            _, meta = await asyncio.to_thread(deserialize_masked, data, length, limit)
-        else:  # checked in memory: nothing is stored unless it is valid
-            delta, meta = await asyncio.to_thread(deserialize_delta, data, limit)
-            await asyncio.to_thread(validate_delta, delta, m, shapes, len(data), limit)
-        if (
-            meta.get("round_id") != record.round_id
-            or meta.get("manifest_sha") != record.signed.manifest_sha
-            or meta.get("participant") != sub.participant
-        ):
-            raise HearthnetError(ErrorCode.DELTA_INVALID, "delta metadata names another round")
+        # checked in memory: nothing is stored unless it is valid
+        await asyncio.to_thread(check_payload, record.signed, sub.participant, data, shapes, limit)
 
     async def accept_submission(
         self, caller: str, sub: ParticipantSubmission, receipt: SignedDoc, data: bytes | None
@@ -361,12 +354,3 @@ class RoundCoordinator:
             "round completed", round_id=round_id, adapter_sha=sha, participants=len(agg.included)
         )
         return doc
-
-    def result_of(self, round_id: str) -> RoundResult | None:
-        record = self.rounds.get(round_id)
-        if record is None or record.result is None:
-            return None
-        return record.result.open(RoundResult, self.ctx.node_id)
-
-    def handover_view(self, round_id: str) -> dict[str, Submitted]:
-        return dict(self.get(round_id).submissions)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Collection
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any, Literal, NewType
+from typing import Annotated, Any, Literal, NewType, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from ulid import ULID
@@ -29,6 +29,7 @@ _MODULE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _SHA_RE = r"^[0-9a-f]{64}$"
 _TOPIC_RE = r"^[a-z0-9][a-z0-9._-]*$"
 _ParamValue = int | float | str | bool
+_M = TypeVar("_M", bound=BaseModel)
 
 
 def new_round_id() -> RoundID:
@@ -105,6 +106,22 @@ class RoundManifestDraft(_RoundParams):
     dp_noise_scale: Annotated[float, Field(ge=0.0, allow_inf_nan=False)] | None = None
     clip_norm: Annotated[float, Field(ge=0.0, allow_inf_nan=False)] | None = None
 
+    @classmethod
+    def from_fields(cls, fields: dict[str, Any]) -> RoundManifestDraft:
+        """A draft from JSON-ish fields (the CLI, a TOML file): an ISO 8601 `deadline` string and
+        a bare rule name for `aggregation` are accepted; `manifest_invalid` names the field."""
+        fields = dict(fields)
+        if isinstance(fields.get("deadline"), str):
+            try:
+                fields["deadline"] = datetime.fromisoformat(fields["deadline"])
+            except ValueError:
+                raise HearthnetError(
+                    ErrorCode.MANIFEST_INVALID, "deadline is not an ISO 8601 time"
+                ) from None
+        if isinstance(fields.get("aggregation"), str):
+            fields["aggregation"] = {"rule": fields["aggregation"]}
+        return _validated(cls, fields, "draft")
+
     def build(
         self,
         identity: NodeIdentity,
@@ -167,13 +184,7 @@ class RoundManifest(_RoundParams):
 
     @classmethod
     def from_fields(cls, fields: dict[str, Any]) -> RoundManifest:
-        try:
-            return cls.model_validate(fields)
-        except ValidationError as exc:
-            where, reason = first_problem(exc, "manifest")
-            raise HearthnetError(
-                ErrorCode.MANIFEST_INVALID, f"manifest field '{where}': {reason}"
-            ) from None
+        return _validated(cls, fields, "manifest")
 
     @property
     def deadline_at(self) -> datetime:
@@ -185,6 +196,16 @@ class RoundManifest(_RoundParams):
 
     def to_json(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+
+def _validated(model: type[_M], fields: dict[str, Any], what: str) -> _M:
+    try:
+        return model.model_validate(fields)
+    except ValidationError as exc:
+        where, reason = first_problem(exc, what)
+        raise HearthnetError(
+            ErrorCode.MANIFEST_INVALID, f"{what} field '{where}': {reason}"
+        ) from None
 
 
 def structural_problems(m: RoundManifest) -> list[str]:

@@ -34,7 +34,6 @@ from hearthnet.fedlearn.delta import (
     ParticipantSubmission,
     deserialize_delta,
     serialize_delta,
-    validate_delta,
 )
 from hearthnet.fedlearn.manifest import SignedManifest
 from hearthnet.fedlearn.protocol import (
@@ -48,13 +47,16 @@ from hearthnet.fedlearn.protocol import (
     SignedDoc,
     SubmitReceipt,
 )
-from hearthnet.fedlearn.publish import aggregate_submissions, build_result, read_adapter
+from hearthnet.fedlearn.publish import (
+    aggregate_submissions,
+    build_result,
+    check_payload,
+    read_adapter,
+)
 from hearthnet.fedlearn.secure import (
     MaskingKey,
     MaskKeyAnnouncement,
     check_roster,
-    deserialize_masked,
-    layout,
     mask_delta,
     serialize_masked,
 )
@@ -93,7 +95,7 @@ class RoundParticipant:
         self.provider = provider
         self.members: dict[str, Membership] = {}
         self.published: set[str] = set()  # adapter SHAs this node may serve
-        self.changed = asyncio.Condition()
+        self.changed = ctx.changed
         self._mask_keys: dict[str, MaskingKey] = {}  # memory only, never logged or persisted
         self._anns: dict[str, dict[str, MaskKeyAnnouncement]] = {}
         self._train_lock = asyncio.Lock()
@@ -202,7 +204,7 @@ class RoundParticipant:
         self.ctx.llm.check_resources(m)
         samples = await asyncio.to_thread(self.provider.samples, m.topic)
         if m.min_reputation is not None:
-            log.info("min_reputation is enforced by the coordinator", round_id=round_id)
+            log.warning("min_reputation is not enforced yet", round_id=round_id)
         response = await self.ctx.bus.call(
             CAP + "round.enroll",
             {"round_id": round_id, "manifest_sha": member.signed.manifest_sha},
@@ -354,25 +356,25 @@ class RoundParticipant:
         data = await asyncio.to_thread(self.ctx.blobs.get, member.trained_sha)
         if not member.signed.manifest.secure:
             return data
-        assert member.roster is not None
+        roster = member.roster
+        assert roster is not None
         key = self._mask_keys[member.round_id]
-        delta, _ = deserialize_delta(data)
-        vec = await asyncio.to_thread(
-            mask_delta,
-            delta,
-            key,
-            self.ctx.node_id,
-            member.roster,
-            member.signed.manifest,
-            member.signed.manifest_sha,
-            self.ctx.model_shapes(),
-        )
-        return serialize_masked(
-            vec,
-            manifest_sha=member.signed.manifest_sha,
-            round_id=member.round_id,
-            participant=self.ctx.node_id,
-        )
+        signed = member.signed
+        shapes = self.ctx.model_shapes()
+
+        def masked() -> bytes:  # parsing and masking up to 64 MiB: off the event loop
+            delta, _ = deserialize_delta(data)
+            vec = mask_delta(
+                delta, key, self.ctx.node_id, roster, signed.manifest, signed.manifest_sha, shapes
+            )
+            return serialize_masked(
+                vec,
+                manifest_sha=signed.manifest_sha,
+                round_id=signed.manifest.round_id,
+                participant=self.ctx.node_id,
+            )
+
+        return await asyncio.to_thread(masked)
 
     async def _submit(self, member: Membership) -> None:
         assert member.receipt is not None and member.num_samples is not None
@@ -589,13 +591,7 @@ class RoundParticipant:
         ):
             raise HearthnetError(ErrorCode.FORBIDDEN, "handed-over submission is not the peer's")
         limit = self.ctx.config.fedlearn.submission_max_bytes
-        shapes = self.ctx.model_shapes()
-        if m.secure:
-            length = sum(a * b for _, (a, b) in layout(m, shapes)) + 1
-            deserialize_masked(data, length, limit)
-        else:
-            delta, _ = deserialize_delta(data, limit)
-            validate_delta(delta, m, shapes, len(data), limit)
+        check_payload(member.signed, peer, data, self.ctx.model_shapes(), limit)
 
     async def takeover(self, round_id: str) -> SignedDoc:
         """Spec §5.7 finalize_takeover: aggregate the submissions this node can gather."""

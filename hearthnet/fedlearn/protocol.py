@@ -250,14 +250,3 @@ class ApplyReceipt(_Msg):
 
 class PendingResponse(_Msg):
     rounds: list[RoundSummary]
-
-
-class ConsentView(_Msg):
-    round_id: str
-    topic: str
-    coordinator: str
-    consent_text: str
-    manifest_sha: str
-    deadline: str
-    dp_noise_scale: float
-    secure: bool

@@ -18,14 +18,16 @@ from safetensors.torch import load as torch_load
 from safetensors.torch import save as torch_save
 
 from hearthnet import constants as C
-from hearthnet.canonical import parse_canonical
+from hearthnet.canonical import parse_canonical, sha256_hex
 from hearthnet.errors import ErrorCode, HearthnetError
 from hearthnet.fedlearn.aggregator import FedAvgAggregator
 from hearthnet.fedlearn.delta import (
     LazyDelta,
     ParticipantSubmission,
     canonical_safetensors,
+    deserialize_delta,
     read_header,
+    validate_delta,
 )
 from hearthnet.fedlearn.lora import ModelShapes
 from hearthnet.fedlearn.manifest import RoundManifest, SignedManifest, format_ts
@@ -34,9 +36,30 @@ from hearthnet.fedlearn.secure import (
     MaskKeyAnnouncement,
     SecureFedAvgAggregator,
     deserialize_masked,
+    masked_length,
 )
 
 FETCH_CAPABILITY = "experimental.fedlearn.adapter.fetch"
+
+
+def check_payload(
+    signed: SignedManifest, participant: str, data: bytes, model_shapes: ModelShapes, limit: int
+) -> None:
+    """A submission's bytes as the coordinator and a takeover node both require them: a masked
+    vector of the right length (secure rounds) or a valid delta, naming this round, manifest
+    and participant. `delta_invalid` otherwise. Blocking: run it in a thread."""
+    m = signed.manifest
+    if m.secure:
+        _, meta = deserialize_masked(data, masked_length(m, model_shapes), limit)
+    else:
+        delta, meta = deserialize_delta(data, limit)
+        validate_delta(delta, m, model_shapes, len(data), limit)
+    if (
+        meta.get("round_id") != m.round_id
+        or meta.get("manifest_sha") != signed.manifest_sha
+        or meta.get("participant") != participant
+    ):
+        raise HearthnetError(ErrorCode.DELTA_INVALID, "delta metadata names another round")
 
 
 @dataclass(frozen=True)
@@ -111,8 +134,6 @@ def build_result(
     takeover: bool,
     now: datetime | None = None,
 ) -> RoundResult:
-    from hearthnet.canonical import sha256_hex
-
     sha = sha256_hex(aggregate.adapter)
     m = signed.manifest
     return RoundResult(

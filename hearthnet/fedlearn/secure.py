@@ -164,6 +164,11 @@ def layout(manifest: RoundManifest, model_shapes: ModelShapes) -> list[tuple[str
     return sorted(expected_shapes(manifest, model_shapes).items())
 
 
+def masked_length(manifest: RoundManifest, model_shapes: ModelShapes) -> int:
+    """Entries of a masked vector: every delta value, then the weight."""
+    return sum(a * b for _, (a, b) in layout(manifest, model_shapes)) + 1
+
+
 def _mask_stream(key: bytes, count: int, zeros: bytes, out: bytearray) -> np.ndarray:
     stream = Cipher(algorithms.ChaCha20(key, bytes(16)), mode=None).encryptor()
     stream.update_into(zeros, out)
@@ -259,7 +264,7 @@ class SecureFedAvgAggregator(_Aggregator):
         check_roster(announcements, manifest, manifest_sha)
         self.announcements = dict(announcements)
         self._layout = layout(manifest, model_shapes)
-        self.length = sum(a * b for _, (a, b) in self._layout) + 1
+        self.length = masked_length(manifest, model_shapes)
         self._sum = np.zeros(self.length, dtype=np.uint64)
 
     def add(self, submission: ParticipantSubmission, masked: np.ndarray) -> None:

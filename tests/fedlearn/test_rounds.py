@@ -209,6 +209,13 @@ async def test_garbage_is_rejected_and_too_few_valid_submissions_abort(tmp_path,
         assert [e.type for e in events].count("fedlearn.round.rejected") == 3
         bob = await wait_status(c, "bob", ann.round_id, 30)
         assert bob.stage == "aborted"
+        # a participant's delta lies in the coordinator's blob store but is never served
+        record = c["alice"].fedlearn.coordinator.rounds[ann.round_id]
+        delta_sha = next(iter(record.submissions.values())).blob_sha
+        assert c["alice"].blobs.has(delta_sha)
+        with pytest.raises(HearthnetError) as exc:
+            await c["dave"].bus.call(CAP + "adapter.fetch", {"sha": delta_sha}, peer=alice_id)
+        assert exc.value.code is ErrorCode.ADAPTER_NOT_FOUND
         with pytest.raises(HearthnetError) as exc:  # late: after the deadline
             await submit(good)
         assert exc.value.code in (ErrorCode.ROUND_CLOSED,)

@@ -98,3 +98,19 @@ def test_no_usable_samples(make_manifest, tiny_model_dir):
     with pytest.raises(HearthnetError) as exc:
         QLoRATrainer(tiny_model_dir).train(signed.manifest, ["a"])
     assert exc.value.code is ErrorCode.DATA_INVALID
+
+
+def test_a_diverged_delta_is_refused(make_manifest, tiny_model_dir, monkeypatch):
+    """Real training whose extracted weights hold a NaN (as a diverged run would)."""
+    signed = make_manifest(lora_rank=4, train_steps=2, clip_norm=0.0)
+    real = QLoRATrainer._extract
+
+    def diverged(layers, manifest):
+        delta = real(layers, manifest)
+        delta[sorted(delta)[0]][0, 0] = float("nan")
+        return delta
+
+    monkeypatch.setattr(QLoRATrainer, "_extract", staticmethod(diverged))
+    with pytest.raises(HearthnetError) as exc:
+        QLoRATrainer(tiny_model_dir).train(signed.manifest, TEXTS, progress=lambda *_: None)
+    assert exc.value.code is ErrorCode.DATA_INVALID
