@@ -55,6 +55,7 @@ _FLAG_FIELDS = {
     "dp_noise": "dp_noise_scale",
     "clip_norm": "clip_norm",
     "lora_aggregation": "lora_aggregation",
+    "min_reputation": "min_reputation",
 }
 
 
@@ -74,16 +75,38 @@ def draft_fields(args: argparse.Namespace) -> dict[str, Any]:
         fields["lora_target_modules"] = [m.strip() for m in args.modules.split(",") if m.strip()]
     if args.secure:
         fields["secure"] = True
-    if args.rule:
+    if args.rule or args.rule_param:
+        current = fields.get("aggregation", {})
+        if isinstance(current, str):
+            current = {"rule": current}
+        params = dict(current.get("params", {}))
+        params.update(rule_params(args.rule_param or []))
         fields["aggregation"] = {
-            "rule": args.rule,
-            "params": fields.get("aggregation", {}).get("params", {}),
+            "rule": args.rule or current.get("rule", "fedavg"),
+            "params": params,
         }
     if args.deadline_in:
         fields["deadline_in_s"] = duration(args.deadline_in)
     if "deadline_in" in fields:  # TOML drafts may say deadline_in = "10m"
         fields["deadline_in_s"] = duration(str(fields.pop("deadline_in")))
     return fields
+
+
+def rule_params(items: list[str]) -> dict[str, Any]:
+    """`--rule-param beta=0.2 --rule-param norm_action=drop`: values are read as JSON
+    (numbers, true/false), or taken as text."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise HearthnetError(
+                ErrorCode.MANIFEST_INVALID, f"--rule-param {item!r}: use KEY=VALUE"
+            )
+        try:
+            out[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key.strip()] = raw
+    return out
 
 
 def cmd_announce(args: argparse.Namespace) -> int:
@@ -142,6 +165,26 @@ def cmd_status(args: argparse.Namespace) -> int:
         )
         for ex in result["excluded"]:
             lines.append(f"excluded    {ex['participant'][:16]}…: {ex['reason']}")
+        for a in result.get("audit", []):
+            lines.append(
+                f"rule        {a['participant'][:16]}…: {a['action']}, influence "
+                f"{a['influence']:.2f}, deviation {a['deviation']:.2f} ({a['reason']})"
+            )
+    return _out(args, res, "\n".join(lines))
+
+
+def cmd_reputation(args: argparse.Namespace) -> int:
+    res = _call(args, CAP + "reputation", {})
+    rows = res["participants"]
+    if not rows:
+        return _out(args, res, f"no reputation recorded yet (ban below {res['ban_threshold']})")
+    lines = [f"{'PARTICIPANT':20}  SCORE   INFLUENCE  ROUNDS  BANNED  LAST ROUND"]
+    for r in rows:
+        lines.append(
+            f"{r['participant'][:18] + '…':20}  {r['score']:.3f}   {r['influence']:.3f}      "
+            f"{r['rounds']:<6}  {'yes' if r['banned'] else 'no':6}  {r['last_round']}"
+        )
+    lines.append(f"(neutral 0.5; joins refused below {res['ban_threshold']})")
     return _out(args, res, "\n".join(lines))
 
 
@@ -246,7 +289,19 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--dp-noise", type=float)
     p.add_argument("--clip-norm", type=float)
     p.add_argument("--secure", action="store_true", help="secure (masked) aggregation")
-    p.add_argument("--rule", help="aggregation rule (default fedavg)")
+    p.add_argument(
+        "--rule",
+        help="aggregation rule: fedavg (default), trimmed_mean, median, krum, multi_krum, "
+        "geometric_median",
+    )
+    p.add_argument(
+        "--rule-param",
+        action="append",
+        metavar="KEY=VALUE",
+        help="a rule parameter (beta, f, m, max_iter, tol, norm_bound, norm_action, "
+        "reputation_weighted); repeatable",
+    )
+    p.add_argument("--min-reputation", type=float, help="refuse joins below this score")
     p.add_argument("--lora-aggregation", choices=["frozen_a", "product_svd", "fedavg_ab"])
     p.set_defaults(handler=cmd_announce)
 
@@ -287,6 +342,10 @@ def add_commands(sub: Any) -> None:
     p.add_argument("sha")
     p.add_argument("--scope", choices=["session", "node"], default="session")
     p.set_defaults(handler=cmd_apply)
+
+    p = fs.add_parser("reputation", help="participants' reputation as this node sees it")
+    common(p)
+    p.set_defaults(handler=cmd_reputation)
 
     p = fs.add_parser("adapters", help="the base model and the adapters this node has")
     common(p)

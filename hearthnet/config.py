@@ -70,6 +70,12 @@ class FedLearnConfig(_Section):
         int, Field(ge=0, le=C.FEDLEARN_TRAINING_BUDGET_MB_CEILING)
     ] = C.FEDLEARN_TRAINING_DISK_BUDGET_MB_DEFAULT
 
+    # Reputation (fedlearn/reputation.py): a participant whose score (0..1, neutral 0.5) is
+    # below the ban threshold cannot join this node's rounds; scores decay toward neutral by
+    # this factor per round the node aggregates.
+    reputation_ban_threshold: Annotated[float, Field(ge=0.0, lt=0.5, allow_inf_nan=False)] = 0.2
+    reputation_decay: Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)] = 0.9
+
     # Where this node's private training text lives (`<topic>.txt|.jsonl` or `<topic>/`); unset
     # means `<data_dir>/training`. Relative paths are taken from the config file's folder.
     training_data: PathField | None = None

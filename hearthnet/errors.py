@@ -41,6 +41,9 @@ class ErrorCode(StrEnum):
     BLOB_CORRUPT = "blob_corrupt"
     # fedlearn data plane
     MANIFEST_INVALID = "manifest_invalid"
+    # robust aggregation and reputation (issue 7)
+    FEDLEARN_TOLERANCE_EXCEEDED = "fedlearn_tolerance_exceeded"
+    REPUTATION_TOO_LOW = "reputation_too_low"
     # capability bus and transport
     UNKNOWN_CAPABILITY = "unknown_capability"
     TIMEOUT = "timeout"

@@ -42,6 +42,8 @@ from hearthnet.fedlearn.protocol import (
     MaskKeyRequest,
     OfferRequest,
     PendingResponse,
+    ReputationResponse,
+    ReputationRow,
     ResultPush,
     RoundRef,
     RoundStatus,
@@ -96,6 +98,7 @@ class FedLearnService:
         return str(tokenizer.apply_chat_template(messages, tokenize=False))
 
     async def start(self) -> None:
+        await self.ctx.load_reputation()
         await self.coordinator.restore()
         await self.participant.restore()
 
@@ -298,6 +301,14 @@ class FedLearnService:
             "round.result", self._result, ResultPush, Ack, False, "a signed round result (takeover)"
         )
         reg(
+            "reputation",
+            self._reputation,
+            Empty,
+            ReputationResponse,
+            True,
+            "operator: participants' reputation as this node sees it",
+        )
+        reg(
             "adapter.fetch",
             self._fetch,
             FetchRequest,
@@ -369,6 +380,11 @@ class FedLearnService:
             if m.stage is Stage.OFFERED and m.signed.manifest.deadline_at > datetime.now(UTC)
         ]
         return PendingResponse(rounds=sorted(waiting, key=lambda s: s.round_id))
+
+    async def _reputation(self, _ctx: CallContext, _req: Empty) -> ReputationResponse:
+        table = self.ctx.reputation
+        rows = [ReputationRow(**row) for row in table.rows()]
+        return ReputationResponse(ban_threshold=table.ban_below, participants=rows)
 
     async def _join(self, _ctx: CallContext, req: JoinRequest) -> JoinResponse:
         return await self.participant.join(req.round_id, req.consent)

@@ -11,6 +11,9 @@ from hearthnet.bus.bus import CapabilityBus
 from hearthnet.config import NodeConfig
 from hearthnet.errors import ErrorCode, HearthnetError
 from hearthnet.eventlog import EventLog
+from hearthnet.fedlearn.reputation import EVENT as REPUTATION_EVENT
+from hearthnet.fedlearn.reputation import Observation, ReputationTable
+from hearthnet.fedlearn.reputation import fold as fold_reputation
 from hearthnet.identity import NodeIdentity
 from hearthnet.llm.service import LLMService
 
@@ -28,6 +31,24 @@ class FedContext:
     # One condition for every round state change on this node (coordinator and participant),
     # so a waiter (`status --wait`, the participant driver) needs only one.
     changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+    reputation: ReputationTable = field(default_factory=lambda: ReputationTable(0.9, 0.2))
+
+    async def load_reputation(self) -> None:
+        """Rebuild the reputation table from this node's log."""
+        fed = self.config.fedlearn
+        events = await self.eventlog.read_all(REPUTATION_EVENT)
+        self.reputation = fold_reputation(
+            (e.payload for e in events if e.actor == self.node_id),  # only our own findings
+            fed.reputation_decay,
+            fed.reputation_ban_threshold,
+        )
+
+    async def record_reputation(self, round_id: str, observed: list[Observation]) -> None:
+        """Log one `fedlearn.reputation.updated` per participant of a round this node
+        aggregated, then apply it (the log leads). A round is recorded once."""
+        for body in self.reputation.changes(round_id, observed):
+            await self.eventlog.append(REPUTATION_EVENT, body)
+            self.reputation.apply(body)
 
     @property
     def node_id(self) -> str:

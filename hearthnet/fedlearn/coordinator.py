@@ -29,6 +29,8 @@ from hearthnet.fedlearn.publish import (
     aggregate_submissions,
     build_result,
     check_payload,
+    observations,
+    receipt_influence,
 )
 from hearthnet.fedlearn.secure import MaskKeyAnnouncement, check_roster
 from hearthnet.fedlearn.state import ROUND_PREFIX, Phase, RoundRecord, fold_rounds
@@ -126,6 +128,19 @@ class RoundCoordinator:
             raise HearthnetError(ErrorCode.FORBIDDEN, "not a member of this community")
         if manifest_sha != record.signed.manifest_sha:
             raise HearthnetError(ErrorCode.SIGNATURE_INVALID, "manifest rejected")
+        score = self.ctx.reputation.score(caller)
+        if caller != self.ctx.node_id:  # a node does not refuse itself
+            if self.ctx.reputation.banned(caller):
+                raise HearthnetError(
+                    ErrorCode.REPUTATION_TOO_LOW,
+                    f"reputation {score:.3f} is below this node's ban threshold",
+                )
+            if m.min_reputation is not None and score < m.min_reputation:
+                raise HearthnetError(
+                    ErrorCode.REPUTATION_TOO_LOW,
+                    f"reputation {score:.3f} is below the round's min_reputation "
+                    f"{m.min_reputation}",
+                )
         async with self.lock(round_id):
             if caller in record.joined:
                 return record.joined[caller]
@@ -143,6 +158,7 @@ class RoundCoordinator:
                     participant=caller,
                     coordinator=self.ctx.node_id,
                     issued_at=format_ts(_now()),
+                    reputation=round(score, 6),
                 ),
             )
             await self._emit(
@@ -285,9 +301,7 @@ class RoundCoordinator:
     # --- aggregate and publish --------------------------------------------------------------------
 
     def _exclusions(self, record: RoundRecord, included: list[str]) -> list[Exclusion]:
-        reasons: dict[str, str] = {}
-        for rejected in record.rejected:
-            reasons.setdefault(rejected["participant"], f"{rejected['code']}: {rejected['reason']}")
+        reasons = self._rejections(record)
         for p in record.joined:
             if p not in included:
                 reasons.setdefault(p, "no valid submission before the deadline")
@@ -301,7 +315,14 @@ class RoundCoordinator:
             self.ctx.blobs.path,
             self.ctx.model_shapes(),
             record.masks if record.signed.manifest.secure else None,
+            receipt_influence(record.joined),
         )
+
+    def _rejections(self, record: RoundRecord) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for rejected in record.rejected:
+            out.setdefault(rejected["participant"], f"{rejected['code']}: {rejected['reason']}")
+        return out
 
     async def aggregate(self, round_id: str) -> bytes:
         """The adapter bytes from the round's valid submissions so far (spec §4.3)."""
@@ -349,6 +370,9 @@ class RoundCoordinator:
                 record.signed, agg, self.ctx.node_id, self._exclusions(record, agg.included), False
             )
             doc = SignedDoc.sign(self.ctx.identity, result)
+            # before `completed`, so a finished round always has its reputation recorded (a
+            # crash in between re-finalizes; a round is recorded once)
+            await self.ctx.record_reputation(round_id, observations(agg, self._rejections(record)))
             await self._emit(record, "completed", {"result": doc.model_dump()})
         log.info(
             "round completed", round_id=round_id, adapter_sha=sha, participants=len(agg.included)

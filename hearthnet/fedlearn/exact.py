@@ -129,6 +129,13 @@ def max_abs(tensors: Sequence[torch.Tensor]) -> float:
     return best
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN or ±Inf: an integer max over the float32 bits (no temporary the size of t)."""
+    if t.numel() == 0:
+        return True
+    return int(_abs_bits_max(_as_f32(t).view(np.uint32))) < _EXPONENT_BITS
+
+
 def grid_shift(largest: float, bits: int = C.FEDLEARN_AGG_GRID_BITS) -> int | None:
     """The power of two that maps `largest` just below 2^bits; None when everything is zero."""
     if largest == 0.0:
@@ -155,7 +162,7 @@ def _as_f32(t: torch.Tensor) -> np.ndarray:
     return flat.contiguous().numpy()
 
 
-def _chunks(sizes: Sequence[int]) -> np.ndarray:
+def chunk_table(sizes: Sequence[int]) -> np.ndarray:
     """(key, start, end) rows covering every key in pieces of at most _CHUNK elements."""
     rows = [
         (k, lo, min(lo + _CHUNK, size))
@@ -200,7 +207,7 @@ def exact_weighted_means(
     shifts = [grid_shift(float(v), bits) for v in abs_bits.view(np.float32)]
     scale = np.array([0.0 if s is None else 2.0**s for s in shifts])
     unscale = np.array([1.0 if s is None else 2.0**-s for s in shifts])
-    _grid_means(parts, n, _chunks(sizes), offsets, scale, unscale, w, total_w, out_np)
+    _grid_means(parts, n, chunk_table(sizes), offsets, scale, unscale, w, total_w, out_np)
     flat = torch.from_numpy(out_np)
     return [
         flat[int(offsets[k]) : int(offsets[k + 1])].reshape(col[0].shape).to(out_dtype)

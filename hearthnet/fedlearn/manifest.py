@@ -20,6 +20,7 @@ from hearthnet import constants as C
 from hearthnet.canonical import canonical_bytes, parse_canonical, sha256_hex
 from hearthnet.config import FedLearnConfig
 from hearthnet.errors import ErrorCode, HearthnetError, first_problem
+from hearthnet.fedlearn.robust import RuleSpec
 from hearthnet.identity import NodeID, NodeIdentity, is_node_id, verify
 
 RoundID = NewType("RoundID", str)
@@ -224,8 +225,18 @@ def structural_problems(m: RoundManifest) -> list[str]:
             problems.append("secure aggregation needs clip_norm > 0 (it bounds the quantiser)")
         if m.lora_aggregation == "product_svd":
             problems.append("secure aggregation cannot average B·A products; use frozen_a")
-        if m.aggregation.rule != "fedavg":
-            problems.append("secure aggregation only sums: the rule must be fedavg")
+    try:
+        spec = RuleSpec.parse(m.aggregation.rule, m.aggregation.params)
+    except HearthnetError as err:
+        problems.append(err.message)
+    else:
+        if m.secure and (spec.robust or spec.reputation_weighted):
+            problems.append("secure aggregation only sums: the rule must be plain fedavg")
+        if m.min_participants < spec.minimum_n():
+            problems.append(
+                f"{spec.rule} defends nothing below {spec.minimum_n()} updates; "
+                f"min_participants is {m.min_participants}"
+            )
     if parse_ts(m.deadline) <= parse_ts(m.created_at):
         problems.append("deadline is not after created_at")
     return problems

@@ -51,7 +51,9 @@ from hearthnet.fedlearn.publish import (
     aggregate_submissions,
     build_result,
     check_payload,
+    observations,
     read_adapter,
+    receipt_influence,
 )
 from hearthnet.fedlearn.secure import (
     MaskingKey,
@@ -203,8 +205,6 @@ class RoundParticipant:
         self.ctx.llm.check_base_model(m)
         self.ctx.llm.check_resources(m)
         samples = await asyncio.to_thread(self.provider.samples, m.topic)
-        if m.min_reputation is not None:
-            log.warning("min_reputation is not enforced yet", round_id=round_id)
         response = await self.ctx.bus.call(
             CAP + "round.enroll",
             {"round_id": round_id, "manifest_sha": member.signed.manifest_sha},
@@ -611,8 +611,10 @@ class RoundParticipant:
         blobs: dict[str, str] = {}
         masks: dict[str, MaskKeyAnnouncement] = dict(member.roster or {})
         excluded: list[Exclusion] = []
+        receipts: dict[str, SignedDoc] = {}
         if member.submission is not None and member.submitted_sha is not None:
             subs[self.ctx.node_id] = member.submission
+            receipts[self.ctx.node_id] = member.receipt
             blobs[member.submission.delta_sha] = member.submitted_sha
         for peer in sorted(member.participants - {self.ctx.node_id}):
             try:
@@ -632,6 +634,7 @@ class RoundParticipant:
                 )
                 continue
             subs[peer] = resp.submission
+            receipts[peer] = resp.receipt
             blobs[resp.submission.delta_sha] = await asyncio.to_thread(self.ctx.blobs.put, data)
             for ann in resp.masks:
                 masks.setdefault(ann.participant, ann)
@@ -647,9 +650,11 @@ class RoundParticipant:
             lambda sha: self.ctx.blobs.path(blobs[sha]),
             self.ctx.model_shapes(),
             masks if m.secure else None,
+            receipt_influence(receipts),
         )
         sha = await asyncio.to_thread(self.ctx.blobs.put, agg.adapter)
         result = build_result(member.signed, agg, self.ctx.node_id, excluded, takeover=True)
+        await self.ctx.record_reputation(round_id, observations(agg, {}))
         doc = SignedDoc.sign(self.ctx.identity, result)
         self.published.add(sha)
         await self.accept_result(doc, self.ctx.node_id)

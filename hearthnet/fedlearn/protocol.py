@@ -79,6 +79,9 @@ class JoinReceipt(_Msg):
     participant: NodeIdField
     coordinator: NodeIdField
     issued_at: str
+    # the coordinator's reputation score for the participant at enrolment: the influence a
+    # `reputation_weighted` rule gives it, fixed here so a takeover node weighs it the same
+    reputation: Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)] = 0.5
 
 
 class Exclusion(_Msg):
@@ -86,8 +89,19 @@ class Exclusion(_Msg):
     reason: Annotated[str, Field(max_length=256)]
 
 
+class AuditEntry(_Msg):
+    """What the aggregation rule did with one included participant's update (`robust.Verdict`)."""
+
+    participant: NodeIdField
+    action: Literal["kept", "down_weighted", "excluded"]
+    influence: Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
+    deviation: Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
+    reason: Annotated[str, Field(max_length=256)]
+
+
 class RoundResult(_Msg):
-    """Spec §4.1's RoundResult plus the rule, who was included and excluded, and takeover."""
+    """Spec §4.1's RoundResult plus the rule, who was included and excluded (and why), what the
+    rule did with each included update, and whether a takeover node produced it."""
 
     kind: Literal["hearthnet.fedlearn.result/1"] = "hearthnet.fedlearn.result/1"
     round_id: RoundIdField
@@ -104,6 +118,8 @@ class RoundResult(_Msg):
     included: list[NodeIdField]
     excluded: list[Exclusion]
     takeover: bool
+    rule_params: dict[str, Any] = {}
+    audit: list[AuditEntry] = []  # empty for secure rounds: no individual update is seen
 
 
 # --- capability bodies --------------------------------------------------------------------------
@@ -212,6 +228,20 @@ class RoundStatus(_Msg):
     rejected: list[dict[str, str]]
     result: SignedDoc | None
     abort: dict[str, str] | None
+
+
+class ReputationRow(_Msg):
+    participant: str
+    score: float
+    influence: float
+    banned: bool
+    rounds: int
+    last_round: str
+
+
+class ReputationResponse(_Msg):
+    ban_threshold: float
+    participants: list[ReputationRow]
 
 
 class ResultPush(_Msg):

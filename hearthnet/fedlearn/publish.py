@@ -9,7 +9,7 @@ The adapter file carries its signed manifest, so anyone who fetches it by SHA ca
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -31,7 +31,8 @@ from hearthnet.fedlearn.delta import (
 )
 from hearthnet.fedlearn.lora import ModelShapes
 from hearthnet.fedlearn.manifest import RoundManifest, SignedManifest, format_ts
-from hearthnet.fedlearn.protocol import Exclusion, RoundResult
+from hearthnet.fedlearn.protocol import AuditEntry, Exclusion, JoinReceipt, RoundResult, SignedDoc
+from hearthnet.fedlearn.reputation import Observation, influence
 from hearthnet.fedlearn.secure import (
     MaskKeyAnnouncement,
     SecureFedAvgAggregator,
@@ -67,6 +68,13 @@ class Aggregate:
     adapter: bytes
     included: list[str]
     total_samples: int
+    audit: list[AuditEntry] = field(default_factory=list)
+
+
+def receipt_influence(receipts: Mapping[str, SignedDoc]) -> dict[str, float]:
+    """Each participant's influence min(score³, cap) from the score its (already verified)
+    join receipt carries."""
+    return {p: influence(doc.claimed(JoinReceipt).reputation) for p, doc in receipts.items()}
 
 
 def aggregate_submissions(
@@ -75,8 +83,10 @@ def aggregate_submissions(
     blob_path: Callable[[str], Path],
     model_shapes: ModelShapes,
     masks: Mapping[str, MaskKeyAnnouncement] | None = None,
+    influence: Mapping[str, float] | None = None,
 ) -> Aggregate:
-    """Blocking (run it in a thread). Every submission must already have been validated."""
+    """Blocking (run it in a thread). Every submission must already have been validated.
+    `influence` (from the join receipts) matters only to a `reputation_weighted` rule."""
     manifest = signed.manifest
     order = sorted(submissions)
     if manifest.secure:
@@ -87,14 +97,38 @@ def aggregate_submissions(
             vec, _ = deserialize_masked(data, secure.length)
             secure.add(sub, vec)
         tensors = secure.aggregate()
+        audit: list[AuditEntry] = []
     else:
-        plain = FedAvgAggregator(manifest, model_shapes)
+        plain = FedAvgAggregator(manifest, model_shapes, influence)
         for p in order:
             sub = submissions[p]
             plain.add(sub, LazyDelta(blob_path(sub.delta_sha)))
-        tensors = plain.aggregate()
+        tensors, verdicts = plain.aggregate_audited()
+        audit = [
+            AuditEntry(
+                participant=p,
+                action=v.action,
+                influence=v.influence,
+                deviation=v.deviation,
+                reason=v.reason,
+            )
+            for p, v in verdicts.items()
+        ]
     total = sum(submissions[p].num_samples for p in order)
-    return Aggregate(adapter_bytes(tensors, signed), order, total)
+    return Aggregate(adapter_bytes(tensors, signed), order, total, audit)
+
+
+def observations(aggregate: Aggregate, rejected: Mapping[str, str]) -> list[Observation]:
+    """What a round showed about each participant, for the reputation table: the rule's
+    verdicts for included updates, a rejection for participants with none included."""
+    seen = [Observation(a.participant, a.action, a.deviation, a.reason) for a in aggregate.audit]
+    included = set(aggregate.included)
+    seen += [
+        Observation(p, "rejected", 0.0, reason)
+        for p, reason in sorted(rejected.items())
+        if p not in included
+    ]
+    return seen
 
 
 def adapter_bytes(tensors: Mapping[str, torch.Tensor], signed: SignedManifest) -> bytes:
@@ -151,4 +185,6 @@ def build_result(
         included=aggregate.included,
         excluded=sorted(excluded, key=lambda e: e.participant),
         takeover=takeover,
+        rule_params=dict(m.aggregation.params),
+        audit=aggregate.audit,
     )
