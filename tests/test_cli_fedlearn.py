@@ -50,3 +50,52 @@ def test_draft_from_file_overridden_by_flags(tmp_path):
     with pytest.raises(HearthnetError) as exc:
         draft_fields(argparse.Namespace(**{**vars(args), "draft": str(bad)}))
     assert exc.value.code is ErrorCode.MANIFEST_INVALID
+
+
+def test_rule_and_rule_params_from_flags_and_file(tmp_path):
+    draft = tmp_path / "draft.toml"
+    draft.write_text('[aggregation]\nrule = "krum"\nparams = { f = 1 }\n')
+    args = build_parser().parse_args(
+        [
+            "fedlearn",
+            "announce",
+            "--config",
+            "x",
+            "--draft",
+            str(draft),
+            "--rule-param",
+            "m=3",
+            "--rule-param",
+            "norm_action=drop",
+            "--rule-param",
+            "reputation_weighted=true",
+            "--min-reputation",
+            "0.4",
+        ]
+    )
+    fields = draft_fields(args)
+    assert fields["aggregation"] == {
+        "rule": "krum",
+        "params": {"f": 1, "m": 3, "norm_action": "drop", "reputation_weighted": True},
+    }
+    assert fields["min_reputation"] == 0.4
+    args = build_parser().parse_args(
+        [
+            "fedlearn",
+            "announce",
+            "--config",
+            "x",
+            "--rule",
+            "trimmed_mean",
+            "--rule-param",
+            "beta=0.25",
+        ]
+    )
+    assert draft_fields(args)["aggregation"] == {"rule": "trimmed_mean", "params": {"beta": 0.25}}
+    with pytest.raises(HearthnetError) as exc:
+        draft_fields(
+            build_parser().parse_args(
+                ["fedlearn", "announce", "--config", "x", "--rule-param", "beta"]
+            )
+        )
+    assert exc.value.code is ErrorCode.MANIFEST_INVALID

@@ -36,17 +36,27 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Literal
 
 import numpy as np
 import torch
-from numba.typed import List as TypedList
 
 from hearthnet.errors import ErrorCode, HearthnetError
-from hearthnet.fedlearn import robust_kernels as K
-from hearthnet.fedlearn.exact import all_finite, chunk_table, exact_weighted_means, plan_groups
+from hearthnet.fedlearn.exact import all_finite
+from hearthnet.fedlearn.robust_ops import (
+    Subset,
+    TensorUpdates,
+    Updates,
+    coordinatewise,
+    copy_update,
+    exact_mean,
+    krum_scores,
+    pair_sq_distances,
+    sq_distances_to,
+    weiszfeld,
+)
 
 RULES = ("fedavg", "trimmed_mean", "median", "krum", "multi_krum", "geometric_median")
 NormAction = Literal["clip", "drop"]
@@ -204,127 +214,6 @@ class RuleSpec:
                 )
 
 
-# --- inputs -----------------------------------------------------------------------------------
-
-
-class Updates(Protocol):
-    """n participants' updates, key by key; `load` returns, for each asked key, the n tensors
-    in participant order (each the key's shape)."""
-
-    @property
-    def n(self) -> int: ...
-
-    def shapes(self) -> list[torch.Size]: ...
-
-    def load(self, keys: Sequence[int]) -> list[list[torch.Tensor]]: ...
-
-
-@dataclass(frozen=True)
-class TensorUpdates:
-    """Same-shape tensors as a one-key `Updates` (the functional API's input)."""
-
-    tensors: Sequence[torch.Tensor]
-
-    @property
-    def n(self) -> int:
-        return len(self.tensors)
-
-    def shapes(self) -> list[torch.Size]:
-        return [self.tensors[0].shape]
-
-    def load(self, keys: Sequence[int]) -> list[list[torch.Tensor]]:
-        return [list(self.tensors) for _ in keys]
-
-
-@dataclass(frozen=True)
-class _Subset:
-    """Some participants of `base`, each optionally scaled (a norm clip)."""
-
-    base: Updates
-    members: tuple[int, ...]
-    scales: tuple[float, ...]
-
-    @property
-    def n(self) -> int:
-        return len(self.members)
-
-    def shapes(self) -> list[torch.Size]:
-        return self.base.shapes()
-
-    def load(self, keys: Sequence[int]) -> list[list[torch.Tensor]]:
-        out = []
-        for column in self.base.load(keys):
-            picked = []
-            for i, s in zip(self.members, self.scales, strict=True):
-                t = column[i]
-                # one correctly rounded float32 multiply per value: the same bits anywhere
-                picked.append(t if s == 1.0 else t.to(torch.float32) * np.float32(s).item())
-            out.append(picked)
-        return out
-
-
-@dataclass
-class _Block:
-    keys: list[int]
-    sizes: list[int]
-    arrays: list[np.ndarray]  # keeps the views alive while the kernels read them
-    chunks: np.ndarray
-    offsets: np.ndarray
-
-    def parts(self, as_int32: bool = False) -> TypedList[np.ndarray]:
-        return TypedList([a.view(np.int32) for a in self.arrays] if as_int32 else self.arrays)
-
-
-def _f32(t: torch.Tensor) -> np.ndarray:
-    flat = t.detach().reshape(-1)
-    if flat.dtype != torch.float32:
-        flat = flat.to(torch.float32)
-    return flat.contiguous().numpy()
-
-
-def _blocks(updates: Updates) -> Iterator[_Block]:
-    """One block of keys at a time; a block's tensors are released before the next loads, so
-    memory holds participants × one block (DESIGN.md §4 streaming)."""
-    sizes = [math.prod(s) for s in updates.shapes()]
-    for group in plan_groups(sizes):
-        arrays = [_f32(t) for column in updates.load(group) for t in column]
-        group_sizes = [sizes[k] for k in group]
-        offsets = np.concatenate([[0], np.cumsum(group_sizes)]).astype(np.int64)
-        block = _Block(group, group_sizes, arrays, chunk_table(group_sizes), offsets)
-        del arrays
-        yield block
-        block.arrays.clear()  # the caller still holds `block` while the next one loads
-
-
-# --- whole-update measurements ------------------------------------------------------------------
-
-
-def pair_sq_distances(updates: Updates) -> np.ndarray:
-    """n×n squared Euclidean distances between whole flattened updates (float64)."""
-    n = updates.n
-    total = np.zeros((n, n))
-    for block in _blocks(updates):
-        partial = np.zeros((block.chunks.shape[0], n, n))
-        K.pair_sq_distances(block.parts(), n, block.chunks, partial)
-        total += K.reduce_chunks(partial)  # blocks in key order: a fixed sequence of adds
-    return total + total.T
-
-
-def sq_distances_to(updates: Updates, z: Sequence[np.ndarray] | None) -> np.ndarray:
-    """Each update's squared distance to z (flat float64 per key; None = the origin)."""
-    n = updates.n
-    total = np.zeros(n)
-    for block in _blocks(updates):
-        if z is None:
-            target = np.zeros(int(block.offsets[-1]))
-        else:
-            target = np.concatenate([z[k] for k in block.keys]) if block.keys else np.zeros(0)
-        partial = np.zeros((block.chunks.shape[0], n))
-        K.sq_distances_to(block.parts(), n, block.chunks, block.offsets, target, partial)
-        total += K.reduce_chunks(partial)
-    return total
-
-
 # --- outcome ------------------------------------------------------------------------------------
 
 
@@ -354,137 +243,6 @@ def _action(influence: float) -> Action:
     return "kept"
 
 
-def _network(n: int) -> np.ndarray:
-    """Batcher's odd-even merge sort for n inputs: the 2^k network with every comparator that
-    touches a padding slot (≥ n, conceptually +inf, which never moves) dropped."""
-    size = 1
-    while size < n:
-        size *= 2
-    pairs: list[tuple[int, int]] = []
-    p = 1
-    while p < size:
-        k = p
-        while k >= 1:
-            for j in range(k % p, size - k, 2 * k):
-                for i in range(min(k, size - j - k)):
-                    if (i + j) // (2 * p) == (i + j + k) // (2 * p) and i + j + k < n:
-                        pairs.append((i + j, i + j + k))
-            k //= 2
-        p *= 2
-    return np.array(pairs, dtype=np.int64).reshape(-1, 2)
-
-
-def coordinatewise(
-    updates: Updates, trim: int, weights: Sequence[int]
-) -> tuple[list[torch.Tensor], np.ndarray]:
-    """Trimmed weighted mean per coordinate (trim = (n-1)//2 with equal weights: the median),
-    and how many coordinates each participant's value was kept at."""
-    n = updates.n
-    shapes = updates.shapes()
-    network = _network(n)
-    distinct = sorted(set(weights))
-    rank = np.array([distinct.index(w) for w in weights], dtype=np.int64)
-    w = np.array([float(x) for x in weights])
-    used = np.zeros(n, dtype=np.int64)
-    out: list[torch.Tensor] = [torch.empty(0)] * len(shapes)
-    for block in _blocks(updates):
-        flat = np.empty(int(block.offsets[-1]), dtype=np.float32)
-        counts = np.zeros((block.chunks.shape[0], n), dtype=np.int64)
-        K.trimmed_means(
-            block.parts(as_int32=True),
-            n,
-            block.chunks,
-            block.offsets,
-            network,
-            trim,
-            rank,
-            w,
-            flat,
-            counts,
-        )
-        used += counts.sum(axis=0)
-        result = torch.from_numpy(flat)
-        for j, k in enumerate(block.keys):
-            out[k] = result[int(block.offsets[j]) : int(block.offsets[j + 1])].reshape(shapes[k])
-    return out, used
-
-
-def exact_mean(
-    updates: Updates,
-    members: Sequence[int],
-    weights: Sequence[int],
-    out_dtype: torch.dtype = torch.float32,
-) -> list[torch.Tensor]:
-    """The exact weighted mean (`exact.py`) of some participants' updates, per key."""
-    shapes = updates.shapes()
-    sizes = [math.prod(s) for s in shapes]
-    out: list[torch.Tensor] = [torch.empty(0)] * len(shapes)
-    for group in plan_groups(sizes):
-        columns = updates.load(group)
-        picked = [[column[i] for i in members] for column in columns]
-        for k, mean in zip(group, exact_weighted_means(picked, weights, out_dtype), strict=True):
-            out[k] = mean.reshape(shapes[k])
-        del columns, picked
-    return out
-
-
-def copy_update(updates: Updates, member: int) -> list[torch.Tensor]:
-    """One participant's update, bit for bit, as float32 (what Krum outputs)."""
-    shapes = updates.shapes()
-    sizes = [math.prod(s) for s in shapes]
-    out: list[torch.Tensor] = [torch.empty(0)] * len(shapes)
-    for group in plan_groups(sizes):
-        for k, column in zip(group, updates.load(group), strict=True):
-            out[k] = column[member].detach().to(torch.float32).clone().reshape(shapes[k])
-    return out
-
-
-def krum_scores(sq: np.ndarray, f: int) -> list[float]:
-    """Each update's Krum score: the sum of its n − f − 2 smallest squared distances to the
-    others, added smallest first (a fixed order)."""
-    n = sq.shape[0]
-    keep = n - f - 2
-    scores = []
-    for i in range(n):
-        nearest = sorted(float(sq[i, j]) for j in range(n) if j != i)[:keep]
-        total = 0.0
-        for d in nearest:
-            total += d
-        scores.append(total)
-    return scores
-
-
-def _weiszfeld(
-    updates: Updates, weights: Sequence[int], max_iter: int, tol: float
-) -> tuple[list[np.ndarray], np.ndarray, int]:
-    """Weighted geometric median by Weiszfeld's iteration from the weighted mean; stops when a
-    step moves less than tol × the median distance to z (the data's own scale) or after
-    max_iter steps. Returns z (flat float64 per key), the final coefficients
-    (w_i / |x_i − z|, normalised) and the steps taken.
-
-    Each step's coefficients are rounded to integers (the largest to 2^20) and the step is the
-    exact weighted mean of `exact.py`: every quantity is then independent of participant
-    order, and the rounding is far below the stopping tolerance."""
-    everyone = range(updates.n)
-    w = np.array([float(x) for x in weights])
-    z = [t.reshape(-1).numpy() for t in exact_mean(updates, everyone, weights, torch.float64)]
-    coef = w / w.sum()
-    steps = 0
-    for steps in range(1, max_iter + 1):  # noqa: B007 - the count is returned
-        dist = np.sqrt(sq_distances_to(updates, z))
-        floor = 1e-12 * max(float(dist.max()), 1e-30)
-        c = w / np.maximum(dist, floor)
-        coef = c / c.sum()
-        top = float(c.max())
-        step_w = [max(1, round(float(x) / top * 2**20)) for x in c]
-        new = [t.reshape(-1).numpy() for t in exact_mean(updates, everyone, step_w, torch.float64)]
-        move = math.sqrt(sum(K.sq_diff(a, b) for a, b in zip(new, z, strict=True)))
-        z = new
-        if move <= tol * max(statistics.median(float(d) for d in dist), 1e-30):
-            break
-    return z, coef, steps
-
-
 # --- the rules ----------------------------------------------------------------------------------
 
 
@@ -512,9 +270,9 @@ def _norm_filter(spec: RuleSpec, updates: Updates) -> tuple[Updates, list[int], 
             verdicts[i] = Verdict("down_weighted", 1.0, why)
     if spec.norm_action == "drop":
         members = [i for i in range(n) if i not in verdicts]
-        return _Subset(updates, tuple(members), (1.0,) * len(members)), members, verdicts
+        return Subset(updates, tuple(members), (1.0,) * len(members)), members, verdicts
     scales = tuple(bound / float(norms[i]) if i in verdicts else 1.0 for i in range(n))
-    return _Subset(updates, tuple(members), scales), members, verdicts
+    return Subset(updates, tuple(members), scales), members, verdicts
 
 
 def run_rule(
@@ -574,7 +332,7 @@ def run_rule(
         ]
         notes["selected"] = m
     else:  # geometric_median
-        z, coef, steps = _weiszfeld(view, w, spec.max_iter, spec.tol)
+        z, coef, steps = weiszfeld(view, w, spec.max_iter, spec.tol)
         shapes = view.shapes()
         tensors = [
             torch.from_numpy(zk).to(torch.float32).reshape(shapes[k]) for k, zk in enumerate(z)

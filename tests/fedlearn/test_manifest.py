@@ -6,7 +6,12 @@ from ulid import ULID
 from hearthnet.canonical import canonical_bytes, parse_json, sha256_hex
 from hearthnet.config import FedLearnConfig
 from hearthnet.errors import ErrorCode, HearthnetError
-from hearthnet.fedlearn.manifest import RoundManifest, RoundManifestDraft, SignedManifest
+from hearthnet.fedlearn.manifest import (
+    AggregationSpec,
+    RoundManifest,
+    RoundManifestDraft,
+    SignedManifest,
+)
 from hearthnet.identity import NodeIdentity
 
 from .conftest import DRAFT
@@ -108,12 +113,37 @@ def test_defaults_come_from_config(make_manifest):
         ),
         ({"secure": True, "lora_aggregation": "product_svd"}, FedLearnConfig(), "product"),
         ({"secure": True, "clip_norm": 0.0}, FedLearnConfig(), "clip_norm"),
+        (
+            {"secure": True, "aggregation": AggregationSpec(rule="median")},
+            FedLearnConfig(),
+            "plain fedavg",
+        ),
+        (
+            {
+                "aggregation": AggregationSpec(rule="fedavg", params={"norm_bound": 2.0}),
+                "secure": True,
+            },
+            FedLearnConfig(),
+            "plain fedavg",
+        ),
+        ({"aggregation": AggregationSpec(rule="bulyan")}, FedLearnConfig(), "unknown rule"),
+        (
+            {"aggregation": AggregationSpec(rule="trimmed_mean", params={"beta": 0.7})},
+            FedLearnConfig(),
+            "beta",
+        ),
+        (  # Krum with f = 1 needs 5 updates; a round that may close with 3 cannot defend
+            {"aggregation": AggregationSpec(rule="krum", params={"f": 1}), "min_participants": 3},
+            FedLearnConfig(),
+            "defends nothing below 5",
+        ),
     ],
 )
 def test_draft_validation(make_manifest, overrides, config, fragment):
     with pytest.raises(HearthnetError) as exc:
         make_manifest(config, **overrides)
     assert exc.value.code is ErrorCode.MANIFEST_INVALID
+    assert fragment in exc.value.message
     assert fragment in exc.value.message
 
 

@@ -1,0 +1,410 @@
+"""Robust rules under attack: held-out perplexity of SmolLM2-135M (4-bit) + the aggregated adapter.
+
+n = 10 participants, each with a non-IID private shard of village notices (each shard covers
+one or two of the notice kinds; the held-out set covers them all). Every honest participant
+trains once for real (QLoRATrainer, frozen_a LoRA on q/k/v/o, no DP) and its delta is cached
+under benchmarks/results/robustness_cache/. Then for f ∈ {0, 1, 2, 3} the first f participants
+are Byzantine and replace their delta by an attack, knowing every honest delta:
+
+- sign_flip: −x_own;  scaling: 20·x_own;  gaussian: N(0, (10·rms of honest values)²) per key;
+- alie (Baruch et al. 2019): μ − z·σ per coordinate, z = Φ⁻¹((n − s)/n), s = ⌊n/2 + 1⌋ − f;
+- ipm_small / ipm_large (Xie et al. 2020): −ε·μ with ε = 0.1 / 100;
+- nonfinite: NaN/Inf values, which `validate_delta` must refuse as `delta_invalid` before
+  any rule sees them (the round then aggregates the n − f valid submissions).
+
+Each rule × attack × f aggregates through `FedAvgAggregator.aggregate_audited` (the code a
+coordinator runs) and the adapter's held-out perplexity is measured. A rule that refuses its
+input (`fedlearn_tolerance_exceeded`) is recorded as refused: no adapter. Writes JSON, a
+Markdown table and a PNG (worst-case perplexity against f per rule) to benchmarks/results/.
+Target: at f = 3 the best robust rule's worst case is within 10% of clean FedAvg's
+perplexity, while undefended FedAvg's worst case is at least 2× worse.
+
+    .venv/bin/python -m benchmarks.bench_robustness [--steps 30] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import random
+import statistics
+import sys
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from benchmarks._common import RESULTS_DIR, write_result
+from hearthnet.config import FedLearnConfig
+from hearthnet.demo import _ASKS, _DAYS, _PLACES, _THINGS, _TIMES
+from hearthnet.errors import ErrorCode, HearthnetError
+from hearthnet.fedlearn.aggregator import FedAvgAggregator
+from hearthnet.fedlearn.delta import ParticipantSubmission, serialize_delta, validate_delta
+from hearthnet.fedlearn.lora import A_SUFFIX, complete_adapter
+from hearthnet.fedlearn.manifest import AggregationSpec, RoundManifest, RoundManifestDraft
+from hearthnet.fedlearn.trainer import QLoRATrainer
+from hearthnet.identity import NodeIdentity
+from hearthnet.llm import model as M
+
+N = 10
+FS = (0, 1, 2, 3)
+ATTACKS = ("sign_flip", "scaling", "gaussian", "alie", "ipm_small", "ipm_large", "nonfinite")
+RULES: dict[str, tuple[str, dict[str, Any]]] = {
+    "fedavg": ("fedavg", {}),
+    "trimmed_mean": ("trimmed_mean", {"beta": 0.3}),
+    "median": ("median", {}),
+    "krum": ("krum", {"f": 3}),
+    "multi_krum": ("multi_krum", {"f": 3}),
+    "geometric_median": ("geometric_median", {"f": 3}),
+    "fedavg+norm_bound": ("fedavg", {"norm_bound": 2.0}),
+}
+MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+CACHE = RESULTS_DIR / "robustness_cache"
+
+
+def notice(rng: random.Random, thing: str) -> str:
+    return (
+        f"Hearthdale notice: the {thing} takes place on {rng.choice(_DAYS)} at "
+        f"{rng.choice(_TIMES)} at the {rng.choice(_PLACES)}. {rng.choice(_ASKS)} — the "
+        "Hearthdale village board"
+    )
+
+
+def shards(count: int) -> tuple[list[list[str]], list[str]]:
+    """Participant i writes only about the kinds i, i+10, ... (non-IID); held-out: all kinds."""
+    rng = random.Random(2026)
+    private = [[notice(rng, rng.choice(_THINGS[i::N])) for _ in range(count)] for i in range(N)]
+    held_out = [notice(rng, rng.choice(_THINGS)) for _ in range(40)]
+    return private, held_out
+
+
+def manifest(
+    sha: str, steps: int, rule: str = "fedavg", params: dict[str, Any] | None = None
+) -> RoundManifest:
+    draft = RoundManifestDraft(
+        base_model_id="SmolLM2-135M-Instruct",
+        base_model_sha=sha,
+        lora_target_modules=MODULES,
+        lora_rank=8,
+        lora_alpha=16,
+        train_steps=steps,
+        learning_rate=3e-3,
+        batch_size=4,
+        seed=11,
+        min_participants=1,
+        max_participants=N,
+        topic="hearthdale",
+        consent_text="bench",
+        clip_norm=0.0,
+        aggregation=AggregationSpec(rule=rule, params=params or {}),
+        deadline=datetime.now(UTC) + timedelta(hours=1),
+    )
+    return draft.build(NodeIdentity.generate(), FedLearnConfig(min_round_participants=1)).manifest
+
+
+def honest_deltas(
+    model_dir: Path, sha: str, steps: int, private: list[list[str]]
+) -> list[dict[str, torch.Tensor]]:
+    """Train each participant once; later runs read the cache (keyed by everything that
+    changes the result)."""
+    key = hashlib.sha256(
+        json.dumps([sha, steps, private, MODULES], sort_keys=True).encode()
+    ).hexdigest()[:16]
+    folder = CACHE / key
+    folder.mkdir(parents=True, exist_ok=True)
+    m = manifest(sha, steps)
+    out = []
+    for i, texts in enumerate(private):
+        path = folder / f"participant-{i}.safetensors"
+        if not path.exists():
+            start = time.perf_counter()
+            result = QLoRATrainer(model_dir).train(m, texts)
+            save_file({k: v.contiguous() for k, v in result.delta.items()}, str(path))
+            print(
+                f"trained participant {i}: loss {result.train_loss:.3f} "
+                f"in {time.perf_counter() - start:.0f} s",
+                file=sys.stderr,
+            )
+        out.append(load_file(str(path)))
+    return out
+
+
+def attack(
+    kind: str, f: int, honest: list[dict[str, torch.Tensor]], rng: torch.Generator
+) -> list[dict[str, torch.Tensor]]:
+    """The f Byzantine deltas (participants 0..f-1), crafted with knowledge of all honest ones."""
+    keys = sorted(honest[0])
+    stack = {k: torch.stack([h[k].double() for h in honest]) for k in keys}
+    mu = {k: s.mean(0) for k, s in stack.items()}
+    sigma = {k: s.std(0) for k, s in stack.items()}
+    out = []
+    for j in range(f):
+        own = honest[j]
+        if kind == "sign_flip":
+            bad = {k: -own[k].double() for k in keys}
+        elif kind == "scaling":
+            bad = {k: 20.0 * own[k].double() for k in keys}
+        elif kind == "gaussian":
+            bad = {
+                k: torch.randn(own[k].shape, generator=rng, dtype=torch.float64)
+                * 10.0
+                * float(stack[k].pow(2).mean().sqrt())
+                for k in keys
+            }
+        elif kind == "alie":
+            s = math.floor(N / 2 + 1) - f
+            z = statistics.NormalDist().inv_cdf((N - s) / N)
+            bad = {k: mu[k] - z * sigma[k] for k in keys}
+        elif kind in ("ipm_small", "ipm_large"):
+            eps = 0.1 if kind == "ipm_small" else 100.0
+            bad = {k: -eps * mu[k] for k in keys}
+        elif kind == "nonfinite":
+            bad = {k: own[k].double().clone() for k in keys}
+            first = keys[j % len(keys)]
+            bad[first].view(-1)[::7] = float("nan")
+            bad[keys[-1]].view(-1)[0] = float("inf")
+        else:
+            raise ValueError(kind)
+        out.append({k: v.to(torch.float32) for k, v in bad.items()})
+    return out
+
+
+class Evaluator:
+    """One 4-bit SmolLM2 with LoRA modules; an adapter is evaluated by copying its A and B
+    into them (no reload), and results are cached by the adapter's bytes."""
+
+    def __init__(self, model_dir: Path, m: RoundManifest, held_out: list[str]):
+        from peft import LoraConfig, get_peft_model
+
+        self.tokenizer = M.load_tokenizer(model_dir)
+        base = M.load_4bit(model_dir, "cpu")
+        self.model = get_peft_model(
+            base,
+            LoraConfig(
+                r=m.lora_rank,
+                lora_alpha=m.lora_alpha,
+                lora_dropout=0.0,
+                target_modules=list(m.lora_target_modules),
+                task_type="CAUSAL_LM",
+            ),
+        )
+        self.model.eval()
+        self.batch = self.tokenizer(held_out, return_tensors="pt", padding=True)
+        self.labels = self.batch["input_ids"].masked_fill(self.batch["attention_mask"] == 0, -100)
+        self.cache: dict[str, float] = {}
+
+    @torch.no_grad()
+    def perplexity(self, adapter: dict[str, torch.Tensor] | None) -> float:
+        digest = hashlib.sha256()
+        for k in sorted(adapter or {}):
+            digest.update(k.encode() + (adapter or {})[k].numpy().tobytes())
+        key = digest.hexdigest()
+        if key in self.cache:
+            return self.cache[key]
+        inner: Any = self.model.base_model.model
+        for name, module in inner.named_modules():
+            if not hasattr(module, "lora_A"):
+                continue
+            a = module.lora_A["default"].weight
+            b = module.lora_B["default"].weight
+            if adapter is None:
+                b.zero_()
+            else:
+                a.copy_(adapter[name + A_SUFFIX])
+                b.copy_(adapter[name + ".lora_B"])
+        out = self.model(**self.batch, labels=self.labels)
+        ppl = math.exp(float(out.loss))
+        self.cache[key] = ppl
+        return ppl
+
+
+def aggregate(
+    m: RoundManifest,
+    deltas: list[dict[str, torch.Tensor]],
+    shapes: dict[str, tuple[int, int]],
+    ids: list[NodeIdentity],
+) -> tuple[dict[str, torch.Tensor] | None, list[str], str | None]:
+    """The coordinator's path: validate each submission, aggregate the valid ones."""
+    agg = FedAvgAggregator(m, shapes)
+    rejected = []
+    for ident, delta in zip(ids, deltas, strict=True):
+        try:
+            validate_delta(delta, m, shapes)
+        except HearthnetError as err:
+            if err.code is not ErrorCode.DELTA_INVALID:
+                raise
+            rejected.append(str(ident.node_id))
+            continue
+        data = serialize_delta(
+            delta, manifest_sha="0" * 64, round_id=m.round_id, participant=ident.node_id
+        )
+        agg.add(ParticipantSubmission.create(ident, m.round_id, data, 40, 0.0), delta)
+    try:
+        tensors, verdicts = agg.aggregate_audited()
+    except HearthnetError as err:
+        if err.code is ErrorCode.FEDLEARN_TOLERANCE_EXCEEDED:
+            return None, rejected, err.message
+        raise
+    excluded = [p for p, v in verdicts.items() if v.action == "excluded"]
+    return complete_adapter(tensors, m, shapes), rejected + excluded, None
+
+
+def run(steps: int) -> dict[str, Any]:
+    cache_root = RESULTS_DIR / "model-cache"
+    source = M.resolve_source(None)
+    sha = M.weights_sha(source, cache_root)
+    model_dir = M.model_dir(source, cache_root, sha)
+    shapes = M.linear_shapes(model_dir)
+    private, held_out = shards(48)
+    honest = honest_deltas(model_dir, sha, steps, private)
+    base_m = manifest(sha, steps)
+    ev = Evaluator(model_dir, base_m, held_out)
+    ids = [NodeIdentity.generate() for _ in range(N)]
+    order = sorted(range(N), key=lambda i: ids[i].node_id)
+    base_ppl = ev.perplexity(None)
+    own_ppl = [ev.perplexity(complete_adapter(h, base_m, shapes)) for h in honest]
+    manifests = {name: manifest(sha, steps, r, p) for name, (r, p) in RULES.items()}
+    cells: list[dict[str, Any]] = []
+    rng = torch.Generator().manual_seed(5)
+    for f in FS:
+        for kind in ("none",) if f == 0 else ATTACKS:
+            bad = attack(kind, f, honest, rng) if f else []
+            deltas = bad + honest[f:]
+            byzantine_ids = {ids[j].node_id for j in range(f)}
+            for name, m in manifests.items():
+                start = time.perf_counter()
+                # participants in NodeID order, as a coordinator takes them
+                adapter, dropped, refused = aggregate(
+                    m, [deltas[i] for i in order], shapes, [ids[i] for i in order]
+                )
+                agg_s = time.perf_counter() - start
+                ppl = None if adapter is None else ev.perplexity(adapter)
+                cell = {
+                    "rule": name,
+                    "attack": kind,
+                    "f": f,
+                    "perplexity": None if ppl is None else round(ppl, 4),
+                    "refused": refused,
+                    "byzantine_excluded": len(byzantine_ids & set(dropped)),
+                    "honest_excluded": len(set(dropped) - byzantine_ids),
+                    "aggregate_s": round(agg_s, 3),
+                }
+                cells.append(cell)
+                print(json.dumps(cell), file=sys.stderr)
+    return {
+        "n": N,
+        "steps": steps,
+        "base_perplexity": round(base_ppl, 4),
+        "own_adapter_perplexity": [round(p, 4) for p in own_ppl],
+        "cells": cells,
+    }
+
+
+def summarise(result: dict[str, Any]) -> dict[str, Any]:
+    cells = result["cells"]
+    clean = next(c["perplexity"] for c in cells if c["rule"] == "fedavg" and c["f"] == 0)
+    worst: dict[str, dict[int, float | None]] = {}
+    for name in RULES:
+        worst[name] = {}
+        for f in FS:
+            vals = [c["perplexity"] for c in cells if c["rule"] == name and c["f"] == f]
+            got = [v for v in vals if v is not None]
+            worst[name][f] = max(got) if got else None
+    robust = {k: v[3] for k, v in worst.items() if k != "fedavg" and v[3] is not None}
+    best_rule = min(robust, key=lambda k: robust[k])
+    return {
+        "clean_fedavg_perplexity": clean,
+        "worst_case_perplexity": worst,
+        "best_robust_rule_at_f3": best_rule,
+        "best_robust_worst_at_f3": robust[best_rule],
+        "best_within_10pct_of_clean": robust[best_rule] <= 1.10 * clean,
+        "fedavg_worst_at_f3": worst["fedavg"][3],
+        "fedavg_worst_ge_2x_clean": (worst["fedavg"][3] or 0.0) >= 2.0 * clean,
+        "nonfinite_rejected_as_delta_invalid": all(
+            c["byzantine_excluded"] == c["f"] for c in cells if c["attack"] == "nonfinite"
+        ),
+    }
+
+
+def markdown(result: dict[str, Any], summary: dict[str, Any]) -> str:
+    lines = [
+        f"# Robust rules under attack (n = {N}, SmolLM2-135M 4-bit, {result['steps']} steps)",
+        "",
+        f"Base model perplexity {result['base_perplexity']:.2f}; clean FedAvg "
+        f"{summary['clean_fedavg_perplexity']:.2f}. Cells: held-out perplexity "
+        "(— = the rule refused: beyond its tolerance bound).",
+        "",
+    ]
+    for f in FS[1:]:
+        lines += [f"## f = {f}", "", "| rule | " + " | ".join(ATTACKS) + " | worst |"]
+        lines.append("|---" * (len(ATTACKS) + 2) + "|")
+        for name in RULES:
+            row = []
+            for kind in ATTACKS:
+                c = next(
+                    x
+                    for x in result["cells"]
+                    if x["rule"] == name and x["f"] == f and x["attack"] == kind
+                )
+                row.append("—" if c["perplexity"] is None else f"{c['perplexity']:.2f}")
+            w = summary["worst_case_perplexity"][name][f]
+            lines.append(
+                f"| {name} | " + " | ".join(row) + f" | {'—' if w is None else f'{w:.2f}'} |"
+            )
+        lines.append("")
+    lines.append(
+        f"Best robust rule at f = 3: {summary['best_robust_rule_at_f3']} "
+        f"(worst {summary['best_robust_worst_at_f3']:.2f}); undefended FedAvg worst "
+        f"{summary['fedavg_worst_at_f3']:.2f}."
+    )
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, by_f in summary["worst_case_perplexity"].items():
+        xs = [f for f in FS if by_f[f] is not None]
+        ax.plot(xs, [by_f[f] for f in xs], marker="o", label=name)
+    ax.axhline(
+        summary["clean_fedavg_perplexity"], color="grey", linestyle="--", label="clean FedAvg"
+    )
+    ax.set_yscale("log")
+    ax.set_xticks(list(FS))
+    ax.set_xlabel("Byzantine participants f (of 10)")
+    ax.set_ylabel("worst-case held-out perplexity")
+    ax.set_title("Worst case over attacks, per rule")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    result = run(args.steps)
+    summary = summarise(result)
+    out = args.out or RESULTS_DIR / "robustness.json"
+    md_path = out.with_suffix(".md")
+    png_path = out.with_suffix(".png")
+    md_path.parent.mkdir(parents=True, exist_ok=True)
+    md_path.write_text(markdown(result, summary))
+    plot(summary, png_path)
+    write_result("robustness", {**result, "summary": summary}, out)
+    print(f"wrote {md_path} and {png_path}")
+
+
+if __name__ == "__main__":
+    main()
