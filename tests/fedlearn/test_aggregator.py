@@ -324,3 +324,136 @@ def test_any_non_finite_value_in_any_key_fails(bad, where):
     assert exc.value.code is ErrorCode.FEDLEARN_AGGREGATION_FAILED
     columns[where][where][4999 - where] = 3.0e38  # the largest finite values still aggregate
     assert all(bool(torch.isfinite(t).all()) for t in exact_weighted_means(columns, [1, 2, 3]))
+
+
+# --- robust rules over whole LoRA deltas (issue 7) ---------------------------------------------
+
+
+def _robust_entries(signed, scale_attacker=50.0, n=5):
+    entries = []
+    for i, ident in enumerate(PARTICIPANTS[:n]):
+        delta = random_delta(signed, 100 + i)
+        if i == 0:
+            delta = {k: v * scale_attacker for k, v in delta.items()}
+        entries.append((_submission(signed, ident, delta, 10), delta))
+    return entries
+
+
+@pytest.mark.parametrize("mode", ["frozen_a", "fedavg_ab", "product_svd"])
+@pytest.mark.parametrize(
+    ("rule", "params"),
+    [
+        ("median", {}),
+        ("trimmed_mean", {"beta": 0.2}),
+        ("krum", {"f": 1}),
+        ("multi_krum", {"f": 1, "m": 3}),
+        ("geometric_median", {"f": 1}),
+        ("fedavg", {"norm_bound": 2.0, "norm_action": "drop"}),
+    ],
+)
+def test_robust_rules_exclude_a_scaled_delta_in_every_lora_mode(make_manifest, mode, rule, params):
+    from hearthnet.fedlearn.manifest import AggregationSpec
+
+    signed = make_manifest(
+        lora_aggregation=mode,
+        aggregation=AggregationSpec(rule=rule, params=params),
+        min_participants=5,
+    )
+    entries = _robust_entries(signed)
+    agg = FedAvgAggregator(signed.manifest, MODEL_SHAPES)
+    for sub, delta in entries:
+        agg.add(sub, delta)
+    out, verdicts = agg.aggregate_audited()
+    attacker = PARTICIPANTS[0].node_id
+    assert verdicts[attacker].action == "excluded", verdicts[attacker]
+    assert verdicts[attacker].deviation > 3.0
+    assert all(v.action != "excluded" for p, v in verdicts.items() if p != attacker) or rule in (
+        "krum",
+        "multi_krum",
+    )
+    honest = [delta for sub, delta in entries[1:]]
+    if mode == "product_svd" or rule == "geometric_median":  # not coordinate-wise
+        # the output is B'·A' of rank r; compare products with the honest ones' range
+        for path in {k.rsplit(".", 1)[0] for k in out}:
+            prod = out[path + ".lora_B"].double() @ out[path + ".lora_A"].double()
+            honest_prods = [
+                d[path + ".lora_B"].double() @ _a(signed, d, path).double() for d in honest
+            ]
+            scale = max(float(p.norm()) for p in honest_prods)
+            assert float(prod.norm()) <= 1.5 * scale
+    else:
+        for key in honest[0]:
+            stack = torch.stack([d[key] for d in honest])
+            lo, hi = stack.min(0).values, stack.max(0).values
+            assert bool((out[key] >= lo - 1e-6).all()) and bool((out[key] <= hi + 1e-6).all()), key
+
+
+def test_robust_aggregation_does_not_depend_on_submission_order(make_manifest):
+    from hearthnet.fedlearn.manifest import AggregationSpec
+
+    for rule, params in [("trimmed_mean", {"beta": 0.2}), ("geometric_median", {"f": 1})]:
+        signed = make_manifest(
+            aggregation=AggregationSpec(rule=rule, params=params), min_participants=5
+        )
+        entries = _robust_entries(signed)
+        results = []
+        for order in (entries, entries[::-1], entries[2:] + entries[:2]):
+            agg = FedAvgAggregator(signed.manifest, MODEL_SHAPES)
+            for sub, delta in order:
+                agg.add(sub, delta)
+            out, verdicts = agg.aggregate_audited()
+            results.append((_digest(out), verdicts))
+        assert results[0] == results[1] == results[2]
+
+
+def test_a_rule_left_with_too_few_updates_is_refused(make_manifest):
+    from hearthnet.fedlearn.manifest import AggregationSpec
+
+    # Krum f = 1 needs 5; the norm filter drops the scaled update and leaves 4
+    spec = AggregationSpec(rule="krum", params={"f": 1, "norm_bound": 2.0, "norm_action": "drop"})
+    signed = make_manifest(aggregation=spec, min_participants=5)
+    agg = FedAvgAggregator(signed.manifest, MODEL_SHAPES)
+    for sub, delta in _robust_entries(signed, n=5):
+        agg.add(sub, delta)
+    with pytest.raises(HearthnetError) as exc:
+        agg.aggregate()
+    assert exc.value.code is ErrorCode.FEDLEARN_TOLERANCE_EXCEEDED
+
+
+def _a(signed, delta, path):
+    if path + ".lora_A" in delta:
+        return delta[path + ".lora_A"]
+    m = signed.manifest
+    return derive_lora_a(m.seed, path, m.lora_rank, MODEL_SHAPES[path][1])
+
+
+def _digest(tensors):
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        h.update(k.encode() + tensors[k].numpy().tobytes())
+    return h.hexdigest()
+
+
+def test_reputation_weighting_scales_each_claim_by_its_influence(make_manifest):
+    from hearthnet.fedlearn.aggregator import influenced_weights
+    from hearthnet.fedlearn.manifest import AggregationSpec
+
+    signed = make_manifest(
+        aggregation=AggregationSpec(rule="fedavg", params={"reputation_weighted": True})
+    )
+    entries = _robust_entries(signed, scale_attacker=1.0, n=3)
+    influence = {PARTICIPANTS[0].node_id: 0.8, PARTICIPANTS[1].node_id: 0.2}  # third: neutral
+    agg = FedAvgAggregator(signed.manifest, MODEL_SHAPES, influence)
+    for sub, delta in entries:
+        agg.add(sub, delta)
+    weights = agg.weights()
+    order = sorted(weights)
+    expected = influenced_weights([10, 10, 10], [influence.get(p, 0.125) for p in order])
+    assert [weights[p] for p in order] == expected
+    assert weights[PARTICIPANTS[0].node_id] == round(10 * 0.8 * 2**16)
+    out = agg.aggregate()
+    by_id = {sub.participant: delta for sub, delta in entries}
+    for key in [k for k in out if k.endswith("lora_B")]:
+        ref = sum(by_id[p][key].double() * weights[p] for p in order) / sum(weights.values())
+        assert torch.allclose(out[key].double(), ref, atol=1e-6)
+    assert influenced_weights([2**20, 1], [0.8, 0.8]) == [round(2**20 * 0.8), 1]
