@@ -258,6 +258,7 @@ class Demo:
         if status["phase"] != "completed":
             raise SystemExit(f"the round did not complete: {status['abort']}")
         sha = json.loads(status["result"]["body"])["aggregated_delta_sha"]
+        self.run("alice", "fedlearn", "reputation")  # what alice learnt of bob and carol
         self.run("alice", "fedlearn", "apply", sha, "--scope", "node")
         tuned_ppl = self.perplexity(sha)
         after = self.run_json("alice", "llm", "generate", PROMPT, "--max-new-tokens", "48")["text"]
