@@ -47,6 +47,7 @@ from hearthnet.fedlearn.aggregator import FedAvgAggregator
 from hearthnet.fedlearn.delta import ParticipantSubmission, serialize_delta, validate_delta
 from hearthnet.fedlearn.lora import A_SUFFIX, complete_adapter
 from hearthnet.fedlearn.manifest import AggregationSpec, RoundManifest, RoundManifestDraft
+from hearthnet.fedlearn.robust import RuleSpec
 from hearthnet.fedlearn.trainer import QLoRATrainer
 from hearthnet.identity import NodeIdentity
 from hearthnet.llm import model as M
@@ -62,6 +63,10 @@ RULES: dict[str, tuple[str, dict[str, Any]]] = {
     "multi_krum": ("multi_krum", {"f": 3}),
     "geometric_median": ("geometric_median", {"f": 3}),
     "fedavg+norm_bound": ("fedavg", {"norm_bound": 2.0}),
+    "multi_krum(cosine)+norm_bound": (
+        "multi_krum",
+        {"f": 3, "metric": "cosine", "norm_bound": 2.0},
+    ),
 }
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 CACHE = RESULTS_DIR / "robustness_cache"
@@ -96,7 +101,7 @@ def manifest(
         learning_rate=3e-3,
         batch_size=4,
         seed=11,
-        min_participants=1,
+        min_participants=RuleSpec.parse(rule, params).minimum_n(),
         max_participants=N,
         topic="hearthdale",
         consent_text="bench",
@@ -247,8 +252,13 @@ def aggregate(
     try:
         tensors, verdicts = agg.aggregate_audited()
     except HearthnetError as err:
-        if err.code is ErrorCode.FEDLEARN_TOLERANCE_EXCEEDED:
-            return None, rejected, err.message
+        # too few valid updates for the rule: the manifest's min_participants (set to the
+        # rule's minimum) or the rule's own bound
+        if err.code in (
+            ErrorCode.FEDLEARN_TOLERANCE_EXCEEDED,
+            ErrorCode.FEDLEARN_AGGREGATION_FAILED,
+        ):
+            return None, rejected, f"{err.code}: {err.message}"
         raise
     excluded = [p for p, v in verdicts.items() if v.action == "excluded"]
     return complete_adapter(tensors, m, shapes), rejected + excluded, None

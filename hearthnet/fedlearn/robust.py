@@ -13,7 +13,7 @@ Rules and what they tolerate (the README's table; `RuleSpec.check` refuses input
 | fedavg            | 0                                      | —                             |
 | trimmed_mean β    | ⌊β·n⌋ per tail                         | ⌊β·n⌋ ≥ 1 (0 < β < ½)         |
 | median            | f < n/2                                | n ≥ 2f + 1, n ≥ 3             |
-| krum f            | f                                      | n ≥ 2f + 3                    |
+| krum f (metric)   | f                                      | n ≥ 2f + 3                    |
 | multi_krum f, m   | f                                      | n ≥ 2f + 3, 1 ≤ m ≤ n − f     |
 | geometric_median f| f, by count and by weight              | n ≥ 2f + 1, f heaviest < ½ Σw |
 | norm_bound (pre-filter, any rule) | updates > bound × median norm | n ≥ 3            |
@@ -60,6 +60,7 @@ from hearthnet.fedlearn.robust_ops import (
 
 RULES = ("fedavg", "trimmed_mean", "median", "krum", "multi_krum", "geometric_median")
 NormAction = Literal["clip", "drop"]
+Metric = Literal["euclidean", "cosine"]
 Action = Literal["kept", "down_weighted", "excluded"]
 
 _COMMON = frozenset({"norm_bound", "norm_action", "reputation_weighted"})
@@ -67,8 +68,8 @@ _PARAMS: dict[str, frozenset[str]] = {
     "fedavg": frozenset(),
     "trimmed_mean": frozenset({"beta"}),
     "median": frozenset({"f"}),
-    "krum": frozenset({"f"}),
-    "multi_krum": frozenset({"f", "m"}),
+    "krum": frozenset({"f", "metric"}),
+    "multi_krum": frozenset({"f", "m", "metric"}),
     "geometric_median": frozenset({"f", "max_iter", "tol"}),
 }
 MAX_UPDATES = 255  # the trimmed-mean kernel tags each entry with an 8-bit participant index
@@ -118,6 +119,7 @@ class RuleSpec:
     norm_bound: float | None = None
     norm_action: NormAction = "clip"
     reputation_weighted: bool = False
+    metric: Metric = "euclidean"
 
     @classmethod
     def parse(cls, rule: str, params: Mapping[str, object] | None = None) -> RuleSpec:
@@ -154,7 +156,10 @@ class RuleSpec:
         weighted = params.get("reputation_weighted", False)
         if not isinstance(weighted, bool):
             raise _invalid("reputation_weighted must be true or false")
-        return cls(rule, beta, f, m, max_iter, tol, bound, action, weighted)
+        metric = params.get("metric", "euclidean")
+        if metric not in ("euclidean", "cosine"):
+            raise _invalid("metric must be 'euclidean' or 'cosine'")
+        return cls(rule, beta, f, m, max_iter, tol, bound, action, weighted, metric)
 
     @property
     def robust(self) -> bool:
@@ -275,6 +280,26 @@ def _norm_filter(spec: RuleSpec, updates: Updates) -> tuple[Updates, list[int], 
     return Subset(updates, tuple(members), scales), members, verdicts
 
 
+def _krum_distances(updates: Updates, metric: Metric) -> np.ndarray:
+    """Squared Euclidean distances, or cosine distances 1 − cos(x_i, x_j) (from the same
+    float64 sums: cos = (|x|² + |y|² − |x − y|²) / 2|x||y|; a zero update is orthogonal to all).
+    Cosine ignores length — pair it with `norm_bound` — and sees an update that points against
+    the others (sign flips, inner-product manipulation) as far even when it is short."""
+    sq = pair_sq_distances(updates)
+    if metric == "euclidean":
+        return sq
+    norms = sq_distances_to(updates, None)
+    n = updates.n
+    out = np.ones((n, n))
+    for i in range(n):
+        out[i, i] = 0.0
+        for j in range(n):
+            if i != j and norms[i] > 0.0 and norms[j] > 0.0:
+                cos = (norms[i] + norms[j] - sq[i, j]) / (2.0 * math.sqrt(norms[i] * norms[j]))
+                out[i, j] = 1.0 - min(1.0, max(-1.0, cos))
+    return out
+
+
 def run_rule(
     spec: RuleSpec, updates: Updates, weights: Sequence[int], audit: bool = True
 ) -> Outcome:
@@ -313,7 +338,7 @@ def run_rule(
         notes["trimmed_per_tail"] = trim
     elif spec.rule in ("krum", "multi_krum"):
         assert spec.f is not None
-        scores = krum_scores(pair_sq_distances(view), spec.f)
+        scores = krum_scores(_krum_distances(view, spec.metric), spec.f)
         ranked = sorted(range(view.n), key=lambda i: (scores[i], i))
         m = 1 if spec.rule == "krum" else (spec.m or view.n - spec.f)
         chosen = sorted(ranked[:m])
@@ -327,7 +352,8 @@ def run_rule(
         position = {i: r + 1 for r, i in enumerate(ranked)}
         reasons = [
             f"krum score rank {position[i]} of {view.n}; "
-            f"{'selected' if i in chosen else 'not selected'} ({m} kept, f={spec.f})"
+            f"{'selected' if i in chosen else 'not selected'} ({m} kept, f={spec.f}, "
+            f"{spec.metric})"
             for i in range(view.n)
         ]
         notes["selected"] = m

@@ -316,3 +316,25 @@ def test_audit_names_what_each_rule_did() -> None:
     assert nb.verdicts[5].action == "excluded" and "norm" in nb.verdicts[5].reason
     gm = run_rule(RuleSpec.parse("geometric_median", {"f": 2}), u, [1] * 8)
     assert gm.verdicts[5].action == "excluded"
+
+
+def test_cosine_krum_selects_as_the_reference_and_sees_ipm_attackers() -> None:
+    g = torch.Generator().manual_seed(3)
+    common = torch.randn(200, generator=g)
+    honest = [common + 0.8 * torch.randn(200, generator=g) for _ in range(7)]
+    mu = torch.stack(honest).mean(0)
+    ipm = [-0.1 * mu for _ in range(3)]  # short, pointing against the honest mean
+    xs = honest + ipm
+    flat = torch.stack([x.double() for x in xs])
+    unit = flat / flat.norm(dim=1, keepdim=True)
+    dist = 1.0 - unit @ unit.T
+    n, f = 10, 3
+    scores = [sorted(dist[i, j].item() for j in range(n) if j != i)[: n - f - 2] for i in range(n)]
+    ref = sorted(sorted(range(n), key=lambda i: (sum(scores[i]), i))[:7])
+    assert ref == list(range(7))  # the reference sees them too
+    out = aggregate("multi_krum", xs, f=f, metric="cosine")
+    expected = torch.stack([x.double() for x in honest]).mean(0).float()
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    # Euclidean Krum prefers the short colluding updates: they are the most central
+    euclid = aggregate("multi_krum", xs, f=f)
+    assert float((euclid - expected).norm()) > 0.2 * float(expected.norm())
