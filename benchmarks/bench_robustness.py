@@ -63,9 +63,11 @@ RULES: dict[str, tuple[str, dict[str, Any]]] = {
     "multi_krum": ("multi_krum", {"f": 3}),
     "geometric_median": ("geometric_median", {"f": 3}),
     "fedavg+norm_bound": ("fedavg", {"norm_bound": 2.0}),
+    # cosine ignores length; clipping every update to the median norm (as FLAME does) makes a
+    # scaled update no longer than a typical one
     "multi_krum(cosine)+norm_bound": (
         "multi_krum",
-        {"f": 3, "metric": "cosine", "norm_bound": 2.0},
+        {"f": 3, "metric": "cosine", "norm_bound": 1.0},
     ),
 }
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -335,6 +337,10 @@ def summarise(result: dict[str, Any]) -> dict[str, Any]:
         "best_within_10pct_of_clean": robust[best_rule] <= 1.10 * clean,
         "fedavg_worst_at_f3": worst["fedavg"][3],
         "fedavg_worst_ge_2x_clean": (worst["fedavg"][3] or 0.0) >= 2.0 * clean,
+        "refused_cells_at_f3": {
+            name: sum(1 for c in cells if c["rule"] == name and c["f"] == 3 and c["refused"])
+            for name in RULES
+        },
         "nonfinite_rejected_as_delta_invalid": all(
             c["byzantine_excluded"] == c["f"] for c in cells if c["attack"] == "nonfinite"
         ),
@@ -347,7 +353,8 @@ def markdown(result: dict[str, Any], summary: dict[str, Any]) -> str:
         "",
         f"Base model perplexity {result['base_perplexity']:.2f}; clean FedAvg "
         f"{summary['clean_fedavg_perplexity']:.2f}. Cells: held-out perplexity "
-        "(— = the rule refused: beyond its tolerance bound).",
+        "(— = the rule refused: too few valid updates for its bound, no adapter). "
+        "worst = the highest perplexity among the attacks where the rule produced an adapter.",
         "",
     ]
     for f in FS[1:]:

@@ -7,9 +7,10 @@ count.
 
 Reproducibility (DESIGN.md §4): no kernel uses fast-math, so the compiler may neither reorder
 nor fuse floating-point operations; every sum runs in a fixed order (participants by index,
-coordinates by position, four interleaved lanes, chunks in table order), and IEEE-754 gives
-the same bits for the same sequence of operations on every machine. Coordinate-wise results do
-not depend on participant order at all: values are sorted first, ties by participant index.
+coordinates by position in a fixed number of interleaved lanes, chunks in table order), and
+IEEE-754 gives the same bits for the same sequence of operations on every machine.
+Coordinate-wise results do not depend on participant order at all: each coordinate's values
+are sorted first (by value, then weight).
 """
 
 from __future__ import annotations
