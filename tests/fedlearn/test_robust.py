@@ -8,7 +8,7 @@ import random
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from hearthnet.errors import ErrorCode, HearthnetError
@@ -18,6 +18,12 @@ from hearthnet.fedlearn.robust import RuleSpec, TensorUpdates, aggregate, krum_s
 def _updates(seed: int, n: int, shape: tuple[int, ...] = (7, 11)) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(shape, generator=g) * (1 + i % 3) for i in range(n)]
+
+
+def _grid(xs: list[torch.Tensor]) -> float:
+    """The exact mean's documented error bound (`exact.py`): values are rounded onto a 2^-22 grid
+    below the largest |value|, so a mean may differ from float64 by up to that much."""
+    return 2.0**-22 * max(float(x.abs().max()) for x in xs)
 
 
 # --- references: the textbook definitions, in float64 -----------------------------------------
@@ -95,7 +101,7 @@ def test_krum_and_multi_krum_select_as_the_reference(seed: int, n: int, f: int) 
     picked = ref_krum(xs, f, m)
     expected = torch.stack([xs[i].double() for i in picked]).mean(0).float()
     torch.testing.assert_close(
-        aggregate("multi_krum", xs, f=f, m=m), expected, rtol=1e-5, atol=1e-6
+        aggregate("multi_krum", xs, f=f, m=m), expected, rtol=1e-5, atol=_grid(xs)
     )
 
 
@@ -118,7 +124,9 @@ def test_fedavg_is_the_weighted_mean() -> None:
     xs = _updates(3, 6)
     w = [1, 2, 3, 4, 5, 6]
     expected = sum(x.double() * wi for x, wi in zip(xs, w, strict=True)) / sum(w)
-    torch.testing.assert_close(aggregate("fedavg", xs, w), expected.float(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        aggregate("fedavg", xs, w), expected.float(), rtol=1e-5, atol=_grid(xs)
+    )
 
 
 def test_norm_bound_clips_or_drops_long_updates() -> None:
@@ -129,10 +137,11 @@ def test_norm_bound_clips_or_drops_long_updates() -> None:
     clipped = [x * (bound / nx) if nx > bound else x for x, nx in zip(xs, norms, strict=True)]
     expected = torch.stack([x.double() for x in clipped]).mean(0).float()
     out = aggregate("fedavg", xs, norm_bound=2.0)
-    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=_grid(clipped))
     dropped = aggregate("fedavg", xs, norm_bound=2.0, norm_action="drop")
-    expected = torch.stack([x.double() for i, x in enumerate(xs) if i != 2]).mean(0).float()
-    torch.testing.assert_close(dropped, expected, rtol=1e-5, atol=1e-6)
+    kept = [x for i, x in enumerate(xs) if i != 2]
+    expected = torch.stack([x.double() for x in kept]).mean(0).float()
+    torch.testing.assert_close(dropped, expected, rtol=1e-5, atol=_grid(kept))
 
 
 # --- attackers within the bound stay within the honest range ----------------------------------
@@ -173,6 +182,7 @@ def test_coordinatewise_rules_stay_in_the_honest_range(seed: int, honest: int, a
 
 @settings(max_examples=20, deadline=None)
 @given(seed=st.integers(0, 2**31), f=st.integers(1, 3), scale=st.sampled_from([-20.0, 20.0, 1e6]))
+@example(seed=629133, f=3, scale=-20.0)  # once failed a tolerance tighter than the grid bound
 def test_krum_picks_an_honest_update_against_far_attackers(seed: int, f: int, scale: float) -> None:
     honest = _updates(seed, f + 3, (64,))  # n = 2f + 3
     attackers = [h * scale for h in honest[:f]]
@@ -181,7 +191,7 @@ def test_krum_picks_an_honest_update_against_far_attackers(seed: int, f: int, sc
     assert any(torch.equal(out, h) for h in honest)
     multi = aggregate("multi_krum", xs, f=f, m=len(honest))
     expected = torch.stack([h.double() for h in honest]).mean(0).float()
-    torch.testing.assert_close(multi, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(multi, expected, rtol=1e-5, atol=_grid(honest))
 
 
 # --- refusals beyond the bound ----------------------------------------------------------------
@@ -334,7 +344,7 @@ def test_cosine_krum_selects_as_the_reference_and_sees_ipm_attackers() -> None:
     assert ref == list(range(7))  # the reference sees them too
     out = aggregate("multi_krum", xs, f=f, metric="cosine")
     expected = torch.stack([x.double() for x in honest]).mean(0).float()
-    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=_grid(xs))
     # Euclidean Krum prefers the short colluding updates: they are the most central
     euclid = aggregate("multi_krum", xs, f=f)
     assert float((euclid - expected).norm()) > 0.2 * float(expected.norm())
