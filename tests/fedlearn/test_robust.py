@@ -348,3 +348,24 @@ def test_cosine_krum_selects_as_the_reference_and_sees_ipm_attackers() -> None:
     # Euclidean Krum prefers the short colluding updates: they are the most central
     euclid = aggregate("multi_krum", xs, f=f)
     assert float((euclid - expected).norm()) > 0.2 * float(expected.norm())
+
+
+def test_thread_count_does_not_change_a_bit() -> None:
+    import numba
+
+    xs = _updates(21, 9, (300, 50))  # several chunks, so threads split the work
+    rules = [
+        ("trimmed_mean", {"beta": 0.2}),
+        ("median", {}),
+        ("multi_krum", {"f": 2, "metric": "cosine"}),
+        ("geometric_median", {"f": 1}),
+    ]
+    before = numba.get_num_threads()
+    results = []
+    try:
+        for threads in (1, before):
+            numba.set_num_threads(threads)
+            results.append([aggregate(r, xs, **p).numpy().tobytes() for r, p in rules])
+    finally:
+        numba.set_num_threads(before)
+    assert results[0] == results[1]
