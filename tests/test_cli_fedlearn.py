@@ -99,3 +99,64 @@ def test_rule_and_rule_params_from_flags_and_file(tmp_path):
             )
         )
     assert exc.value.code is ErrorCode.MANIFEST_INVALID
+
+
+def test_reputation_and_audit_are_printed(monkeypatch, capsys):
+    import json
+
+    from hearthnet import cli_fedlearn
+
+    result = {
+        "aggregated_delta_sha": "ab" * 32,
+        "takeover": False,
+        "aggregator": "hn" + "a" * 40,
+        "n_participants": 2,
+        "total_samples": 80,
+        "rule": "median",
+        "excluded": [],
+        "audit": [
+            {
+                "participant": "hn" + "d" * 40,
+                "action": "excluded",
+                "influence": 0.02,
+                "deviation": 17.5,
+                "reason": "value kept at 0.7% of coordinates (median)",
+            }
+        ],
+    }
+    replies = {
+        "experimental.fedlearn.reputation": {
+            "ban_threshold": 0.2,
+            "participants": [
+                {
+                    "participant": "hn" + "d" * 40,
+                    "score": 0.35,
+                    "influence": 0.043,
+                    "banned": False,
+                    "rounds": 1,
+                    "last_round": "R1",
+                }
+            ],
+        },
+        "experimental.fedlearn.round.status": {
+            "round_id": "R1",
+            "phase": "completed",
+            "role": "coordinator",
+            "stage": None,
+            "coordinator": "hn" + "a" * 40,
+            "deadline": "2026-01-01T00:00:00Z",
+            "joined": ["x", "y"],
+            "submitted": ["x", "y"],
+            "rejected": [],
+            "abort": None,
+            "result": {"body": json.dumps(result), "signature": "00" * 64},
+        },
+    }
+    monkeypatch.setattr(cli_fedlearn, "_call", lambda _args, name, _body, **_kw: replies[name])
+    parser = build_parser()
+    for argv in (["reputation"], ["status", "R1"]):
+        args = parser.parse_args(["fedlearn", *argv, "--config", "x"])
+        assert args.handler(args) == 0
+    out = capsys.readouterr().out
+    assert "0.350" in out and "joins refused below 0.2" in out
+    assert "excluded, influence 0.02, deviation 17.50 (value kept at 0.7%" in out

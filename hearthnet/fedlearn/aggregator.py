@@ -51,14 +51,14 @@ from hearthnet.fedlearn.robust import RuleSpec, Verdict, fedavg_verdicts, run_ru
 AdapterTensors = dict[str, torch.Tensor]
 
 
-def influenced_weights(capped: Sequence[int], influence: Sequence[float]) -> list[int]:
+def influenced_weights(capped: Sequence[int], factors: Sequence[float]) -> list[int]:
     """capped_i × influence_i as integers for the exact kernels: scaled by one power of two so
     the largest capped claim maps to 2^20 (weights stay ≤ 2^20), rounded, at least 1."""
     top = max(capped)
     scale = 2.0 ** (20 - max(0, (top - 1).bit_length()))
     return [
         max(1, round(c * min(max(f, 0.0), 1.0) * scale))
-        for c, f in zip(capped, influence, strict=True)
+        for c, f in zip(capped, factors, strict=True)
     ]
 
 
@@ -114,11 +114,14 @@ class _Aggregator:
         """Capped num_samples; times the receipt's reputation influence when the manifest's
         rule asks for `reputation_weighted` (a participant without one counts as neutral)."""
         order = self.participants
-        capped = capped_weights([self._entries[p].submission.num_samples for p in order])
+        capped = self._capped(order)
         if self.spec.reputation_weighted:
             factors = [self.influence.get(p, influence(NEUTRAL)) for p in order]
             capped = influenced_weights(capped, factors)
         return dict(zip(order, capped, strict=True))
+
+    def _capped(self, order: Sequence[str]) -> list[int]:
+        return capped_weights([self._entries[p].submission.num_samples for p in order])
 
     def _check_count(self) -> None:
         if len(self._entries) < max(1, self.manifest.min_participants):
@@ -181,7 +184,7 @@ class FedAvgAggregator(_Aggregator):
             out = self._fedavg(order, weights)
             verdicts = fedavg_verdicts(updates, updates.outputs(out), weights)
         claimed = [self._entries[p].submission.num_samples for p in order]
-        capped = capped_weights(claimed)
+        capped = self._capped(order)
         verdicts = [_note_cap(v, c, k) for v, c, k in zip(verdicts, claimed, capped, strict=True)]
         return self._check_finite(out), dict(zip(order, verdicts, strict=True))
 

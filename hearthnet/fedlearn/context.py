@@ -31,16 +31,20 @@ class FedContext:
     # One condition for every round state change on this node (coordinator and participant),
     # so a waiter (`status --wait`, the participant driver) needs only one.
     changed: asyncio.Condition = field(default_factory=asyncio.Condition)
-    reputation: ReputationTable = field(default_factory=lambda: ReputationTable(0.9, 0.2))
+    reputation: ReputationTable = field(init=False)
+
+    def __post_init__(self) -> None:
+        fed = self.config.fedlearn
+        self.reputation = ReputationTable(fed.reputation_decay, fed.reputation_ban_threshold)
 
     async def load_reputation(self) -> None:
         """Rebuild the reputation table from this node's log."""
-        fed = self.config.fedlearn
         events = await self.eventlog.read_all(REPUTATION_EVENT)
+        table = self.reputation
         self.reputation = fold_reputation(
             (e.payload for e in events if e.actor == self.node_id),  # only our own findings
-            fed.reputation_decay,
-            fed.reputation_ban_threshold,
+            table.decay,
+            table.ban_below,
         )
 
     async def record_reputation(self, round_id: str, observed: list[Observation]) -> None:

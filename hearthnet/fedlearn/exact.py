@@ -133,7 +133,7 @@ def all_finite(t: torch.Tensor) -> bool:
     """No NaN or ±Inf: an integer max over the float32 bits (no temporary the size of t)."""
     if t.numel() == 0:
         return True
-    return int(_abs_bits_max(_as_f32(t).view(np.uint32))) < _EXPONENT_BITS
+    return int(_abs_bits_max(as_f32(t).view(np.uint32))) < _EXPONENT_BITS
 
 
 def grid_shift(largest: float, bits: int = C.FEDLEARN_AGG_GRID_BITS) -> int | None:
@@ -153,7 +153,7 @@ def _check(column: Sequence[torch.Tensor], weights: Sequence[int]) -> None:
         raise _failed("weights must be positive integers")
 
 
-def _as_f32(t: torch.Tensor) -> np.ndarray:
+def as_f32(t: torch.Tensor) -> np.ndarray:
     """Flat contiguous float32 (a view when it already is); float64/16 → float32 conversion is
     correctly rounded, hence deterministic."""
     flat = t.detach().reshape(-1)
@@ -192,7 +192,7 @@ def exact_weighted_means(
         raise ValueError("the mean is written as float32 or float64")
     n = len(weights)
     sizes = [col[0].numel() for col in columns]
-    arrays = [_as_f32(t) for col in columns for t in col]  # keeps the views alive
+    arrays = [as_f32(t) for col in columns for t in col]  # keeps the views alive
     parts = TypedList(arrays)
     offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
     out_np = np.empty(

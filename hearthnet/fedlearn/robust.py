@@ -37,7 +37,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -237,7 +237,6 @@ class Verdict:
 class Outcome:
     tensors: list[torch.Tensor]  # per key, the key's shape, float32
     verdicts: list[Verdict]
-    notes: dict[str, float | int] = field(default_factory=dict)
 
 
 def _action(influence: float) -> Action:
@@ -316,7 +315,6 @@ def run_rule(
     spec.check(view.n, w)
     share: list[float]  # per member, its share of the output (sums to 1)
     reasons: list[str]
-    notes: dict[str, float | int] = {}
     if spec.rule == "fedavg":
         tensors = exact_mean(view, range(view.n), w)
         share = [x / sum(w) for x in w]
@@ -335,7 +333,6 @@ def run_rule(
             f" ({spec.rule}{'' if spec.rule == 'median' else f', {trim} trimmed per tail'})"
             for u in used
         ]
-        notes["trimmed_per_tail"] = trim
     elif spec.rule in ("krum", "multi_krum"):
         assert spec.f is not None
         scores = krum_scores(_krum_distances(view, spec.metric), spec.f)
@@ -356,7 +353,6 @@ def run_rule(
             f"{spec.metric})"
             for i in range(view.n)
         ]
-        notes["selected"] = m
     else:  # geometric_median
         z, coef, steps = weiszfeld(view, w, spec.max_iter, spec.tol)
         shapes = view.shapes()
@@ -365,11 +361,10 @@ def run_rule(
         ]
         share = [float(c) for c in coef]
         reasons = [f"Weiszfeld weight {float(c):.3g} after {steps} steps" for c in coef]
-        notes["weiszfeld_steps"] = steps
     verdicts = _verdicts(n, members, share, reasons, filtered)
     if audit:
         verdicts = _with_deviation(updates, tensors, verdicts)
-    return Outcome(tensors, verdicts, notes)
+    return Outcome(tensors, verdicts)
 
 
 def _verdicts(

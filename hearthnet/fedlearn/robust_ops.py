@@ -19,7 +19,7 @@ import torch
 from numba.typed import List as TypedList
 
 from hearthnet.fedlearn import robust_kernels as K
-from hearthnet.fedlearn.exact import chunk_table, exact_weighted_means, plan_groups
+from hearthnet.fedlearn.exact import as_f32, chunk_table, exact_weighted_means, plan_groups
 
 # --- inputs -----------------------------------------------------------------------------------
 
@@ -83,7 +83,6 @@ class Subset:
 @dataclass
 class _Block:
     keys: list[int]
-    sizes: list[int]
     arrays: list[np.ndarray]  # keeps the views alive while the kernels read them
     chunks: np.ndarray
     offsets: np.ndarray
@@ -92,22 +91,15 @@ class _Block:
         return TypedList([a.view(np.int32) for a in self.arrays] if as_int32 else self.arrays)
 
 
-def _f32(t: torch.Tensor) -> np.ndarray:
-    flat = t.detach().reshape(-1)
-    if flat.dtype != torch.float32:
-        flat = flat.to(torch.float32)
-    return flat.contiguous().numpy()
-
-
 def _blocks(updates: Updates) -> Iterator[_Block]:
     """One block of keys at a time; a block's tensors are released before the next loads, so
     memory holds participants × one block (DESIGN.md §4 streaming)."""
     sizes = [math.prod(s) for s in updates.shapes()]
     for group in plan_groups(sizes):
-        arrays = [_f32(t) for column in updates.load(group) for t in column]
+        arrays = [as_f32(t) for column in updates.load(group) for t in column]
         group_sizes = [sizes[k] for k in group]
         offsets = np.concatenate([[0], np.cumsum(group_sizes)]).astype(np.int64)
-        block = _Block(group, group_sizes, arrays, chunk_table(group_sizes), offsets)
+        block = _Block(group, arrays, chunk_table(group_sizes), offsets)
         del arrays
         yield block
         block.arrays.clear()  # the caller still holds `block` while the next one loads
