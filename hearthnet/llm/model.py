@@ -10,6 +10,7 @@ beside the converted model.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -24,6 +25,7 @@ import torch
 from hearthnet import constants as C
 from hearthnet.canonical import canonical_sha256, sha256_hex
 from hearthnet.errors import ErrorCode, HearthnetError
+from hearthnet.llm.quant import guard_cpu_packing
 from hearthnet.logs import get_logger
 
 log = get_logger("hearthnet.llm")
@@ -136,7 +138,10 @@ def compute_device(preference: str) -> str:
 
 
 def load_4bit(directory: Path, device: str) -> Any:
-    """The model in 4-bit NF4 through bitsandbytes: fp32 compute on the CPU, bf16 on CUDA."""
+    """The model in 4-bit NF4 through bitsandbytes: fp32 compute on the CPU, bf16 on CUDA.
+
+    Guarded against bitsandbytes' lossy un-packing of CPU weights (quant.py): every model that
+    hearthnet loads, for serving, training or benchmarks, comes through here."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     compute = torch.bfloat16 if device == "cuda" else torch.float32
@@ -146,6 +151,7 @@ def load_4bit(directory: Path, device: str) -> Any:
     model = AutoModelForCausalLM.from_pretrained(
         str(directory), quantization_config=quant, dtype=compute, device_map=device
     )
+    guard_cpu_packing(model)  # before the first forward: see quant.py
     model.eval()
     return model
 
@@ -159,10 +165,37 @@ def load_tokenizer(directory: Path) -> Any:
     return tokenizer
 
 
+def base_config(source: ModelSource, cache_root: Path, sha: str) -> dict[str, Any]:
+    """The model's config.json as a dict, without converting a GGUF: from the converted cache
+    when it exists, else from the GGUF's metadata (no tensors read; ~3 s for SmolLM2, then
+    remembered beside the cache). A node that only coordinates, or has [llm] off, never needs
+    the ~25 s conversion at start."""
+    if source.kind == "hf":
+        return dict(json.loads((source.path / "config.json").read_text()))
+    for path in (cache_root / sha / "config.json", cache_root / f"config-{sha}.json"):
+        with contextlib.suppress(OSError, ValueError):
+            return dict(json.loads(path.read_text()))
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(source.path.parent), gguf_file=source.path.name)
+    data = config.to_dict()
+    data.pop("quantization_config", None)  # the GGUF marker, as the converted cache drops it
+    cache_root.mkdir(parents=True, exist_ok=True)
+    memo = cache_root / f"config-{sha}.json"
+    tmp = memo.with_name(memo.name + f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, memo)
+    return dict(data)
+
+
 def linear_shapes(directory: Path) -> dict[str, tuple[int, int]]:
     """(out, in) of every linear layer in the decoder, from config.json alone (no weights):
     what a coordinator needs to validate deltas without loading the model."""
-    cfg = json.loads((directory / "config.json").read_text())
+    return config_linear_shapes(json.loads((directory / "config.json").read_text()))
+
+
+def config_linear_shapes(cfg: dict[str, Any]) -> dict[str, tuple[int, int]]:
+    """`linear_shapes` from a config dict (`base_config`)."""
     if cfg.get("model_type") not in ("llama", "mistral", "qwen2"):
         raise HearthnetError(
             ErrorCode.MODEL_UNAVAILABLE, f"unsupported model type {cfg.get('model_type')!r}"
