@@ -12,6 +12,8 @@ from typing import Any
 
 import psutil
 
+from hearthnet.llm.quant import cpu_features
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
@@ -21,6 +23,7 @@ def machine() -> dict[str, Any]:
         "machine": platform.machine(),
         "cpus": os.cpu_count(),
         "system": platform.system(),
+        "cpu_features": cpu_features(),
     }
 
 

@@ -8,6 +8,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+def pytest_report_header(config):
+    """Which CPU paths of the dependencies this run takes (bitsandbytes packs 4-bit weights
+    only on AVX512-BF16 CPUs; tests/llm/test_quant.py drives that path on every CPU)."""
+    from hearthnet.llm.quant import cpu_features
+
+    f = cpu_features()
+    return (
+        f"cpu: torch {f['torch_cpu_capability']}, flags {' '.join(f['flags']) or '-'}, "
+        f"bitsandbytes CPU packing {'on' if f['bitsandbytes_cpu_packing'] else 'off'}"
+    )
+
+
 @pytest.fixture
 def identity() -> NodeIdentity:
     return NodeIdentity.generate()

@@ -81,6 +81,26 @@ def cpu_packing_supported() -> bool:
     return bool(has_avx512bf16())
 
 
+def cpu_features() -> dict[str, Any]:
+    """The CPU facts that pick dependencies' code paths: torch's kernel level, whether
+    bitsandbytes packs 4-bit weights here, and the relevant /proc/cpuinfo flags (Linux)."""
+    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
+    flags: set[str] = set()
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    return {
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "bitsandbytes_cpu_packing": cpu_packing_supported(),
+        "flags": [f for f in wanted if f in flags],
+    }
+
+
 def packed_layers(model: Any) -> int:
     """How many 4-bit layers are in the packed CPU layout right now."""
     return sum(_packed(m) for m in _linear4bit_modules(model))

@@ -8,6 +8,7 @@ from hearthnet.errors import ErrorCode, HearthnetError
 from hearthnet.fedlearn.lora import complete_adapter
 from hearthnet.fedlearn.trainer import QLoRATrainer
 from hearthnet.llm.adapters import write_peft_adapter
+from hearthnet.llm.quant import pack_as_inference
 from hearthnet.llm.service import LLMService
 
 STREETS = [
@@ -79,19 +80,24 @@ def test_train_apply_and_evaluate(smollm, make_manifest, tmp_path):
     directory = write_peft_adapter(adapter, manifest, smollm.base_model_id, tmp_path / sha)
     smollm.register_adapter(sha, directory)
 
-    base_in, tuned_in = smollm.perplexity(HELD_OUT), smollm.perplexity(HELD_OUT, sha)
+    base_in = smollm.perplexity(HELD_OUT)  # the base runs first, as in the demo
+    # After inference an AVX512-BF16 CPU holds the layers packed; put them so on any CPU, so the
+    # adapter below is loaded into a used model wherever this runs (tests/llm/test_quant.py).
+    pack_as_inference(smollm._model)
+    tuned_in = smollm.perplexity(HELD_OUT, sha)
     base_out, tuned_out = (
         smollm.perplexity(GENERIC_HELD_OUT),
         smollm.perplexity(GENERIC_HELD_OUT, sha),
     )
-    assert tuned_in < base_in  # in-domain held-out perplexity improves
+    assert tuned_in < 0.5 * base_in  # in-domain held-out perplexity improves, by far
     assert tuned_out <= 2 * base_out  # spec §8.3: no blow-up elsewhere
+    assert smollm.perplexity(HELD_OUT) == base_in  # applying an adapter left the base alone
 
     # Stock peft loads the stored directory and agrees with the service.
     ref = PeftModel.from_pretrained(load_4bit(smollm.model_dir, "cpu"), str(directory))
     ids = smollm.tokenizer(HELD_OUT[0], return_tensors="pt")["input_ids"]
     with torch.inference_mode():
-        torch.testing.assert_close(
+        assert torch.equal(
             smollm._run(sha, lambda m: m(input_ids=ids).logits), ref(input_ids=ids).logits
         )
 
