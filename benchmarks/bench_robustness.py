@@ -40,6 +40,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from benchmarks._common import RESULTS_DIR, write_result
+from hearthnet import constants as C
 from hearthnet.config import FedLearnConfig
 from hearthnet.demo import _ASKS, _DAYS, _PLACES, _THINGS, _TIMES
 from hearthnet.errors import ErrorCode, HearthnetError
@@ -118,9 +119,10 @@ def honest_deltas(
     model_dir: Path, sha: str, steps: int, private: list[list[str]]
 ) -> list[dict[str, torch.Tensor]]:
     """Train each participant once; later runs read the cache (keyed by everything that
-    changes the result)."""
+    changes the result, the trainer's early-stop rule included)."""
+    stop_rule = {k: v for k, v in vars(C).items() if k.startswith("TRAIN_PLATEAU_")}
     key = hashlib.sha256(
-        json.dumps([sha, steps, private, MODULES], sort_keys=True).encode()
+        json.dumps([sha, steps, private, MODULES, stop_rule], sort_keys=True).encode()
     ).hexdigest()[:16]
     folder = CACHE / key
     folder.mkdir(parents=True, exist_ok=True)
@@ -133,8 +135,8 @@ def honest_deltas(
             result = QLoRATrainer(model_dir).train(m, texts)
             save_file({k: v.contiguous() for k, v in result.delta.items()}, str(path))
             print(
-                f"trained participant {i}: loss {result.train_loss:.3f} "
-                f"in {time.perf_counter() - start:.0f} s",
+                f"trained participant {i}: loss {result.train_loss:.3f}, "
+                f"{result.steps} of {steps} steps, in {time.perf_counter() - start:.0f} s",
                 file=sys.stderr,
             )
         out.append(load_file(str(path)))
@@ -235,8 +237,9 @@ def aggregate(
     deltas: list[dict[str, torch.Tensor]],
     shapes: dict[str, tuple[int, int]],
     ids: list[NodeIdentity],
-) -> tuple[dict[str, torch.Tensor] | None, list[str], str | None]:
-    """The coordinator's path: validate each submission, aggregate the valid ones."""
+) -> tuple[dict[str, torch.Tensor] | None, list[str], list[str], str | None]:
+    """The coordinator's path: validate each submission, aggregate the valid ones. Returns
+    the adapter, who was dropped (rejected or excluded), who was clipped, and any refusal."""
     agg = FedAvgAggregator(m, shapes)
     rejected = []
     for ident, delta in zip(ids, deltas, strict=True):
@@ -260,10 +263,11 @@ def aggregate(
             ErrorCode.FEDLEARN_TOLERANCE_EXCEEDED,
             ErrorCode.FEDLEARN_AGGREGATION_FAILED,
         ):
-            return None, rejected, f"{err.code}: {err.message}"
+            return None, rejected, [], f"{err.code}: {err.message}"
         raise
     excluded = [p for p, v in verdicts.items() if v.action == "excluded"]
-    return complete_adapter(tensors, m, shapes), rejected + excluded, None
+    clipped = [p for p, v in verdicts.items() if v.action == "clipped"]
+    return complete_adapter(tensors, m, shapes), rejected + excluded, clipped, None
 
 
 def run(steps: int) -> dict[str, Any]:
@@ -291,7 +295,7 @@ def run(steps: int) -> dict[str, Any]:
             for name, m in manifests.items():
                 start = time.perf_counter()
                 # participants in NodeID order, as a coordinator takes them
-                adapter, dropped, refused = aggregate(
+                adapter, dropped, clipped, refused = aggregate(
                     m, [deltas[i] for i in order], shapes, [ids[i] for i in order]
                 )
                 agg_s = time.perf_counter() - start
@@ -304,6 +308,8 @@ def run(steps: int) -> dict[str, Any]:
                     "refused": refused,
                     "byzantine_excluded": len(byzantine_ids & set(dropped)),
                     "honest_excluded": len(set(dropped) - byzantine_ids),
+                    "byzantine_clipped": len(byzantine_ids & set(clipped)),
+                    "honest_clipped": len(set(clipped) - byzantine_ids),
                     "aggregate_s": round(agg_s, 3),
                 }
                 cells.append(cell)
@@ -340,6 +346,16 @@ def summarise(result: dict[str, Any]) -> dict[str, Any]:
         "refused_cells_at_f3": {
             name: sum(1 for c in cells if c["rule"] == name and c["f"] == 3 and c["refused"])
             for name in RULES
+        },
+        # what the norm bound did with the attackers: clipped (clip mode) or excluded
+        "byzantine_clipped_or_excluded": {
+            name: {
+                "byzantine": sum(c["f"] for c in cells if c["rule"] == name),
+                "clipped": sum(c.get("byzantine_clipped", 0) for c in cells if c["rule"] == name),
+                "excluded": sum(c["byzantine_excluded"] for c in cells if c["rule"] == name),
+            }
+            for name in RULES
+            if "norm_bound" in name
         },
         "nonfinite_rejected_as_delta_invalid": all(
             c["byzantine_excluded"] == c["f"] for c in cells if c["attack"] == "nonfinite"

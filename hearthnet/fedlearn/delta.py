@@ -217,8 +217,10 @@ def validate_delta(
 class ParticipantSubmission(BaseModel):
     """A participant's signed claim about its delta (spec §4.1); the bytes travel as a blob.
 
-    The signature covers the JCS of (purpose, round_id, participant, delta_sha, num_samples);
-    `train_loss` and `submitted_at` are telemetry and are not signed.
+    The signature covers the JCS of (purpose, round_id, participant, delta_sha, num_samples)
+    plus `steps` (training steps run, of the manifest's `train_steps`) when present — absent
+    only in submissions from before it was added, which still verify; `train_loss` and
+    `submitted_at` are telemetry and are not signed.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
@@ -230,18 +232,22 @@ class ParticipantSubmission(BaseModel):
     train_loss: Annotated[float, Field(allow_inf_nan=False)]
     submitted_at: str
     signature: Annotated[str, Field(pattern=r"^[0-9a-f]{128}$")]
+    steps: Annotated[int, Field(ge=1, le=C.FEDLEARN_MAX_TRAIN_STEPS)] | None = None
 
     @staticmethod
-    def signing_bytes(round_id: str, participant: str, delta_sha: str, num_samples: int) -> bytes:
-        return canonical_bytes(
-            {
-                "purpose": C.FEDLEARN_SUBMISSION_PURPOSE,
-                "round_id": round_id,
-                "participant": participant,
-                "delta_sha": delta_sha,
-                "num_samples": num_samples,
-            }
-        )
+    def signing_bytes(
+        round_id: str, participant: str, delta_sha: str, num_samples: int, steps: int | None
+    ) -> bytes:
+        signed: dict[str, str | int] = {
+            "purpose": C.FEDLEARN_SUBMISSION_PURPOSE,
+            "round_id": round_id,
+            "participant": participant,
+            "delta_sha": delta_sha,
+            "num_samples": num_samples,
+        }
+        if steps is not None:
+            signed["steps"] = steps
+        return canonical_bytes(signed)
 
     @classmethod
     def create(
@@ -252,9 +258,10 @@ class ParticipantSubmission(BaseModel):
         num_samples: int,
         train_loss: float,
         now: datetime | None = None,
+        steps: int | None = None,
     ) -> ParticipantSubmission:
         delta_sha = sha256_hex(delta_bytes)
-        sig = identity.sign(cls.signing_bytes(round_id, identity.node_id, delta_sha, num_samples))
+        data = cls.signing_bytes(round_id, identity.node_id, delta_sha, num_samples, steps)
         return cls(
             round_id=round_id,
             participant=identity.node_id,
@@ -262,12 +269,15 @@ class ParticipantSubmission(BaseModel):
             num_samples=num_samples,
             train_loss=float(train_loss),
             submitted_at=format_ts(now or datetime.now(UTC)),
-            signature=sig.hex(),
+            signature=identity.sign(data).hex(),
+            steps=steps,
         )
 
     def verify(self, delta_bytes: bytes | None = None) -> None:
         """`signature_invalid` unless the participant signed this; with bytes, check their SHA."""
-        data = self.signing_bytes(self.round_id, self.participant, self.delta_sha, self.num_samples)
+        data = self.signing_bytes(
+            self.round_id, self.participant, self.delta_sha, self.num_samples, self.steps
+        )
         if not verify(NodeID(self.participant), data, bytes.fromhex(self.signature)):
             raise HearthnetError(ErrorCode.SIGNATURE_INVALID, "submission signature is invalid")
         if delta_bytes is not None and sha256_hex(delta_bytes) != self.delta_sha:

@@ -11,7 +11,11 @@ behaviour fades, a ban is served, not eternal), then moves:
 - a rejected submission (`delta_invalid`, bad signature, ...)  −REJECTED_PENALTY
 - excluded by the rule, or deviation > DEVIATION_LIMIT          −PENALTY
 - kept with deviation ≤ DEVIATION_LIMIT                         +REWARD
-- down-weighted (clipped, partly trimmed) within the limit       no change
+- down-weighted (partly trimmed, capped) or clipped, in the limit no change
+A clipped update (outside `norm_bound`) is never rewarded, but not penalised for the clip
+alone: a bound may be as low as the median norm (1×), where half of the honest updates are
+clipped. Its deviation is that of the unclipped update, so an attacker clipped from many times
+the median is penalised through the deviation limit.
 Deviation is the participant's distance to the aggregate over the median participant's
 distance (`robust.Verdict.deviation`), so honest spread sits near 1 at any scale.
 

@@ -61,7 +61,9 @@ from hearthnet.fedlearn.robust_ops import (
 RULES = ("fedavg", "trimmed_mean", "median", "krum", "multi_krum", "geometric_median")
 NormAction = Literal["clip", "drop"]
 Metric = Literal["euclidean", "cosine"]
-Action = Literal["kept", "down_weighted", "excluded"]
+# `clipped`: outside the norm bound, scaled down to it, then aggregated (clip mode; drop mode
+# reports `excluded`) — said apart from `down_weighted`, which is the rule's own doing
+Action = Literal["kept", "down_weighted", "clipped", "excluded"]
 
 _COMMON = frozenset({"norm_bound", "norm_action", "reputation_weighted"})
 _PARAMS: dict[str, frozenset[str]] = {
@@ -271,7 +273,7 @@ def _norm_filter(spec: RuleSpec, updates: Updates) -> tuple[Updates, list[int], 
             verdicts[i] = Verdict("excluded", 0.0, why)
         else:
             why = f"norm {ratio:.3g}× the median norm clipped to {spec.norm_bound:g}×"
-            verdicts[i] = Verdict("down_weighted", 1.0, why)
+            verdicts[i] = Verdict("clipped", 1.0, why)
     if spec.norm_action == "drop":
         members = [i for i in range(n) if i not in verdicts]
         return Subset(updates, tuple(members), (1.0,) * len(members)), members, verdicts
@@ -360,7 +362,13 @@ def run_rule(
             torch.from_numpy(zk).to(torch.float32).reshape(shapes[k]) for k, zk in enumerate(z)
         ]
         share = [float(c) for c in coef]
-        reasons = [f"Weiszfeld weight {float(c):.3g} after {steps} steps" for c in coef]
+        if steps == 0:  # the median is a data point (Vardi–Zhang test, `robust_ops.weiszfeld`)
+            reasons = [
+                "the median is this update" if c > 0 else "the median is another's update"
+                for c in coef
+            ]
+        else:
+            reasons = [f"Weiszfeld weight {float(c):.3g} after {steps} steps" for c in coef]
     verdicts = _verdicts(n, members, share, reasons, filtered)
     if audit:
         verdicts = _with_deviation(updates, tensors, verdicts)
@@ -383,9 +391,9 @@ def _verdicts(
         influence = share[where[i]] * n
         reason = reasons[where[i]]
         action = _action(influence)
-        if i in filtered:  # clipped, then aggregated
+        if i in filtered:  # clipped, then aggregated: excluded only if the rule excluded it too
             reason = f"{filtered[i].reason}; {reason}"
-            action = "excluded" if action == "excluded" else "down_weighted"
+            action = "excluded" if action == "excluded" else "clipped"
         out.append(Verdict(action, round(influence, 6), reason[:256]))
     return out
 

@@ -146,6 +146,7 @@ class Membership:
     trained_sha: str | None = None
     num_samples: int | None = None
     train_loss: float | None = None
+    steps: int | None = None  # training steps run (of the manifest's train_steps)
     submission: ParticipantSubmission | None = None
     submitted_sha: str | None = None
     result: SignedDoc | None = None
@@ -178,6 +179,7 @@ class Membership:
             self.trained_sha = payload["blob_sha"]
             self.num_samples = int(payload["num_samples"])
             self.train_loss = float(payload["train_loss"])
+            self.steps = int(payload["steps"]) if "steps" in payload else None
             self.stage = Stage.TRAINED
         elif suffix == "submitted":
             self.submission = ParticipantSubmission.model_validate(payload["submission"])

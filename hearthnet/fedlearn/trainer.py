@@ -3,7 +3,8 @@
 A is initialised from the manifest seed exactly as the aggregator derives it (`frozen_a` freezes
 it; the other modes train it from that start); B starts at zero. Batches are drawn with a
 generator seeded from the manifest, so a rerun on the same data repeats itself. Training stops
-after `train_steps` or on a loss plateau, is cancellable between steps, and reports progress.
+after `train_steps` or on a loss plateau (`plateaued`: a confident flat trend, never noise), is
+cancellable between steps, and reports progress; the result says how many steps ran.
 The delta is clipped to `clip_norm` when the manifest sets one and gets DP noise when it asks,
 drawn from a secret generator (never the public manifest seed). This is blocking work: the node
 runs it in a worker thread so its event loop keeps answering.
@@ -12,11 +13,12 @@ runs it in a worker thread so its event loop keeps answering.
 from __future__ import annotations
 
 import gc
+import math
 import secrets
 import statistics
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,13 +49,53 @@ class TrainResult:
     tokens: int = 0
 
 
-def plateaued(losses: list[float], window: int = C.TRAIN_PLATEAU_WINDOW) -> bool:
-    """The last `window` steps improved on the `window` before by less than the threshold."""
-    if len(losses) < 2 * window:
+def _share(train_steps: int, fraction: float) -> int:
+    return math.ceil(round(fraction * train_steps, 9))
+
+
+def plateau_window(train_steps: int) -> int:
+    """How many recent batch losses the plateau test fits a line to."""
+    return max(C.TRAIN_PLATEAU_MIN_WINDOW, _share(train_steps, C.TRAIN_PLATEAU_WINDOW_SHARE))
+
+
+def improvement_bound(window: Sequence[float]) -> float:
+    """An upper bound on how much the loss falls across `window`: the least-squares fall per
+    step plus TRAIN_PLATEAU_Z standard errors of the slope, times the window's span. Batch
+    noise widens the standard error, so noise makes the bound larger (train on), not smaller."""
+    n = len(window)
+    mid = (n - 1) / 2
+    sxx = sum((i - mid) ** 2 for i in range(n))
+    mean = statistics.fmean(window)
+    slope = sum((i - mid) * (y - mean) for i, y in enumerate(window)) / sxx
+    residual = sum((y - mean - slope * (i - mid)) ** 2 for i, y in enumerate(window))
+    se = math.sqrt(residual / (n - 2) / sxx)
+    return (-slope + C.TRAIN_PLATEAU_Z * se) * (n - 1)
+
+
+def plateaued(losses: Sequence[float], *, train_steps: int) -> bool:
+    """Whether training should stop after `len(losses)` of `train_steps` steps.
+
+    Batch losses of a few uneven texts are noisy (one participant's step-10 loss sat above its
+    first batch while it was still learning), so the rule asks for evidence of a flat loss:
+    a least-squares line through the last `plateau_window` losses (40% of train_steps, at
+    least 10), made 2 standard errors steeper, still falls less than 1% of the window's mean
+    loss across the window, on 3 consecutive steps; never before 60% of train_steps, never on
+    the last step (nothing to save). A noisy but falling loss trains on; a flat, quiet one
+    stops. (Constants: TRAIN_PLATEAU_* in constants.py; docs/decisions.md has the numbers.)
+    """
+    step = len(losses)
+    if step >= train_steps or step < _share(train_steps, C.TRAIN_PLATEAU_MIN_SHARE):
         return False
-    before = statistics.fmean(losses[-2 * window : -window])
-    recent = statistics.fmean(losses[-window:])
-    return before - recent < C.TRAIN_PLATEAU_MIN_IMPROVEMENT * abs(before)
+    width = plateau_window(train_steps)
+    if step < width + C.TRAIN_PLATEAU_PATIENCE - 1:
+        return False
+    for end in range(step - C.TRAIN_PLATEAU_PATIENCE + 1, step + 1):
+        window = losses[end - width : end]
+        bound = improvement_bound(window)
+        # `not <`: a non-finite loss never counts as a plateau
+        if not bound < C.TRAIN_PLATEAU_MIN_IMPROVEMENT * abs(statistics.fmean(window)):
+            return False
+    return True
 
 
 def default_progress(total: int) -> Progress:
@@ -196,9 +238,9 @@ class QLoRATrainer:
                 losses.append(float(out.loss.detach()))
                 tokens += int(mask.sum())
                 report(step, manifest.train_steps, losses[-1])
-                if step < manifest.train_steps and plateaued(losses):
+                if plateaued(losses, train_steps=manifest.train_steps):
                     stopped_early = True
-                    log.info("loss plateau: stopping early", step=step)
+                    log.info("loss plateau: stopping early", step=step, of=manifest.train_steps)
                     break
             delta = self._extract(layers, manifest)
             if not all(bool(torch.isfinite(t).all()) for t in delta.values()):
@@ -214,7 +256,7 @@ class QLoRATrainer:
         if manifest.dp_noise_scale > 0:
             rng = noise_rng or torch.Generator().manual_seed(secrets.randbits(63))
             delta = add_dp_noise(delta, manifest.dp_noise_scale, rng)
-        window = losses[-C.TRAIN_PLATEAU_WINDOW :]
+        window = losses[-C.TRAIN_LOSS_MEAN_STEPS :]
         return TrainResult(
             delta=delta,
             num_samples=len(samples),

@@ -46,12 +46,16 @@ def write_peft_adapter(
     base_model: str,
     target: Path,
 ) -> Path:
-    """Write `tensors` (A and B of every layer) as a PEFT adapter directory, atomically."""
+    """Write `tensors` (A and B of every layer) as a PEFT adapter directory, atomically (a
+    reader finds a complete directory or, for an instant while one is replaced, none; never a
+    mix of two).
+
+    An existing `target` is kept only when it holds byte for byte what would be written (the
+    canonical safetensors and the config); anything else there — another adapter written to a
+    reused path, a damaged file — is replaced, so the directory always serves `tensors`."""
     from peft import LoraConfig
     from safetensors.torch import save
 
-    if target.is_dir() and (target / "adapter_config.json").is_file():
-        return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".adapter-"))
     try:
@@ -67,8 +71,42 @@ def write_peft_adapter(
             to_peft_key(k): v.detach().contiguous().to(torch.float32) for k, v in tensors.items()
         }
         (tmp / "adapter_model.safetensors").write_bytes(canonical_safetensors(save(data)))
-        os.replace(tmp, target)
+        if _same_files(tmp, target):
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            _swap_in(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def _same_files(fresh: Path, existing: Path) -> bool:
+    """`existing` is a directory with exactly `fresh`'s files, byte for byte."""
+    if not existing.is_dir():
+        return False
+    names = sorted(p.name for p in fresh.iterdir())
+    if sorted(p.name for p in existing.iterdir()) != names:
+        return False
+    return all(
+        (existing / n).is_file() and (existing / n).read_bytes() == (fresh / n).read_bytes()
+        for n in names
+    )
+
+
+def _swap_in(tmp: Path, target: Path) -> None:
+    """Move `tmp` to `target`; an old `target` is renamed aside first (a directory cannot be
+    renamed over a non-empty one) and removed after, or put back if the move fails."""
+    if not target.exists() and not target.is_symlink():
+        os.replace(tmp, target)
+        return
+    old = Path(tempfile.mkdtemp(dir=target.parent, prefix=".adapter-old-"))
+    aside = old / "previous"
+    os.replace(target, aside)
+    try:
+        os.replace(tmp, target)
+    except BaseException:
+        os.replace(aside, target)
+        raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)  # with the old target in it, on success

@@ -14,6 +14,7 @@ from hearthnet.fedlearn.delta import (
 )
 from hearthnet.fedlearn.lora import expected_shapes
 from hearthnet.identity import NodeIdentity
+from tests.helpers import raises_code
 
 from .conftest import MODEL_SHAPES, random_delta
 
@@ -102,7 +103,7 @@ def test_size_limit(make_manifest):
             max_bytes=len(data) - 1,
         )
     assert exc.value.code is ErrorCode.DELTA_INVALID
-    with pytest.raises(HearthnetError):
+    with raises_code(ErrorCode.DELTA_INVALID):
         deserialize_delta(data, max_bytes=len(data) - 1)
 
 
@@ -158,6 +159,44 @@ def test_submission_signature(make_manifest):
         ParticipantSubmission.create(participant, signed.round_id, data, 1, float("nan"))
 
 
+def test_submission_signs_the_steps_run(make_manifest):
+    from hearthnet import constants as C
+    from hearthnet.canonical import canonical_bytes, sha256_hex
+
+    signed = make_manifest()
+    participant = NodeIdentity.generate()
+    data = _ser(random_delta(signed, 7), signed, participant.node_id)
+    sub = ParticipantSubmission.create(participant, signed.round_id, data, 42, 1.5, steps=18)
+    wire = ParticipantSubmission.model_validate(sub.model_dump())
+    wire.verify(data)
+    assert wire.steps == 18
+    for steps in (30, None):  # claiming more steps, or hiding how many ran, breaks it
+        with pytest.raises(HearthnetError) as exc:
+            sub.model_copy(update={"steps": steps}).verify(data)
+        assert exc.value.code is ErrorCode.SIGNATURE_INVALID
+    # a submission signed before steps were reported (no `steps` in the signed bytes) verifies
+    old_bytes = canonical_bytes(
+        {
+            "purpose": C.FEDLEARN_SUBMISSION_PURPOSE,
+            "round_id": signed.round_id,
+            "participant": participant.node_id,
+            "delta_sha": sha256_hex(data),
+            "num_samples": 42,
+        }
+    )
+    old = sub.model_dump()
+    del old["steps"]
+    old["signature"] = participant.sign(old_bytes).hex()
+    legacy = ParticipantSubmission.model_validate(old)
+    legacy.verify(data)
+    assert legacy.steps is None
+    with pytest.raises(HearthnetError) as exc:  # ... but not with a steps claim added later
+        legacy.model_copy(update={"steps": 30}).verify(data)
+    assert exc.value.code is ErrorCode.SIGNATURE_INVALID
+    with pytest.raises(ValueError):
+        ParticipantSubmission.model_validate(sub.model_dump() | {"steps": 0})
+
+
 def test_lazy_delta_reads_tensors_on_demand(make_manifest, tmp_path):
     from hearthnet.fedlearn.delta import LazyDelta
 
@@ -174,9 +213,9 @@ def test_lazy_delta_reads_tensors_on_demand(make_manifest, tmp_path):
         lazy["nope"]
     bad = tmp_path / "bad"
     bad.write_bytes(b"\xff" * 16)
-    with pytest.raises(HearthnetError):
+    with raises_code(ErrorCode.DELTA_INVALID):
         LazyDelta(bad)
-    with pytest.raises(HearthnetError):
+    with raises_code(ErrorCode.DELTA_INVALID):
         LazyDelta(path, max_bytes=10)
 
 

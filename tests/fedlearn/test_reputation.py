@@ -37,13 +37,18 @@ def test_signals_move_the_score() -> None:
         kept("honest"),
         Observation("excluded", "excluded", 9.0, "trimmed"),
         Observation("far", "kept", 4.0, "kept but far"),  # deviation beyond the limit
-        Observation("clipped", "down_weighted", 1.2, "clipped"),
+        Observation("trimmed", "down_weighted", 1.2, "value kept at 40% of coordinates"),
+        Observation("clipped", "clipped", 1.2, "norm 1.1× the median norm clipped to 1×"),
+        Observation("scaled", "clipped", 19.0, "norm 20× the median norm clipped to 2×"),
         Observation("garbage", "rejected", 0.0, "delta_invalid"),
     )
     assert t.score("honest") == pytest.approx(NEUTRAL + REWARD)
     assert t.score("excluded") == pytest.approx(NEUTRAL - PENALTY)
     assert t.score("far") == pytest.approx(NEUTRAL - PENALTY)
+    assert t.score("trimmed") == pytest.approx(NEUTRAL)
+    # clipped: never rewarded; penalised when the unclipped update deviated beyond the limit
     assert t.score("clipped") == pytest.approx(NEUTRAL)
+    assert t.score("scaled") == pytest.approx(NEUTRAL - PENALTY)
     assert t.score("garbage") == pytest.approx(NEUTRAL - REJECTED_PENALTY)
     assert t.score("never-seen") == NEUTRAL
 

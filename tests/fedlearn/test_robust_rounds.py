@@ -113,3 +113,33 @@ async def test_a_scaled_delta_is_excluded_audited_and_costs_reputation(
         assert rebuilt.banned(ids["dave"])
     finally:
         await stop_cluster(c)
+
+
+async def test_a_clipped_delta_is_audited_clipped_and_costs_reputation(
+    tmp_path, tiny_model_dir, dave_scales_his_delta
+):
+    names = ["alice", "bob", "carol", "dave"]
+    c = await start_cluster(tmp_path, names, tiny_model_dir)
+    try:
+        ann = await _announce(
+            c,
+            aggregation={"rule": "fedavg", "params": {"norm_bound": 2.0}},  # clip mode
+            min_participants=3,
+            max_participants=3,
+            deadline_in_s=90,
+            clip_norm=0.0,
+        )
+        await _join(c, ["bob", "carol", "dave"], ann.round_id)
+        status = await wait_status(c, "alice", ann.round_id, 120)
+        assert status.phase == "completed", status.abort
+        result = _result(status)
+        ids = {name: c[name].node_id for name in names}
+        audit = {a.participant: a for a in result.audit}
+        assert audit[ids["dave"]].action == "clipped"
+        assert "clipped to 2×" in audit[ids["dave"]].reason
+        assert audit[ids["dave"]].deviation > 3.0  # measured on his unclipped update
+        assert [audit[ids[n]].action for n in ("bob", "carol")] == ["kept", "kept"]
+        table = c["alice"].fedlearn.ctx.reputation  # penalised through his deviation
+        assert table.score(ids["dave"]) < NEUTRAL < table.score(ids["bob"])
+    finally:
+        await stop_cluster(c)

@@ -1,3 +1,6 @@
+import math
+import random
+import statistics
 import threading
 
 import pytest
@@ -18,11 +21,69 @@ TEXTS = [
 ] * 3
 
 
-def test_plateau_rule():
-    assert not plateaued([5.0, 4.0, 3.0])
-    assert not plateaued([10, 9, 8, 7, 6, 5, 4, 3, 2, 1], window=5)
-    assert plateaued([2.0] * 10, window=5)
-    assert plateaued([2.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0, 1.999], window=5)
+def first_stop(losses: list[float], train_steps: int) -> int | None:
+    """The step at which the trainer would stop early on these batch losses, if any."""
+    for step in range(1, len(losses) + 1):
+        if plateaued(losses[:step], train_steps=train_steps):
+            return step
+    return None
+
+
+def old_rule_fires(losses: list[float]) -> bool:
+    return any(
+        statistics.fmean(losses[t - 10 : t - 5]) - statistics.fmean(losses[t - 5 : t])
+        < 0.002 * statistics.fmean(losses[t - 10 : t - 5])
+        for t in range(10, len(losses))
+    )
+
+
+def noisy_falling(seed: int, steps: int, sigma: float) -> list[float]:
+    """Batch losses still falling (by ~3% over the last 40% of the run) under batch noise."""
+    rng = random.Random(seed)
+    return [2.2 + 0.5 * math.exp(-2 * t / steps) + rng.gauss(0, sigma) for t in range(1, steps + 1)]
+
+
+def falls_then_flat(seed: int, steps: int, sigma: float, flat_from: int = 10) -> list[float]:
+    rng = random.Random(seed)
+    return [2.2 + 0.05 * max(flat_from - t, 0) + rng.gauss(0, sigma) for t in range(1, steps + 1)]
+
+
+@pytest.mark.parametrize(
+    ("steps", "sigma"), [(30, 0.1), (30, 0.25), (100, 0.1), (100, 0.25), (300, 0.1)]
+)
+def test_plateau_rule_trains_on_through_noise_while_the_loss_falls(steps, sigma):
+    runs = {seed: noisy_falling(seed, steps, sigma) for seed in range(40)}
+    # the old rule (mean of the last 5 losses improved < 0.2% on the 5 before) fired on these
+    assert sum(map(old_rule_fires, runs.values())) >= 36
+    stops = {seed: first_stop(losses, steps) for seed, losses in runs.items()}
+    assert all(at is None for at in stops.values()), {s: a for s, a in stops.items() if a}
+
+
+def test_plateau_rule_ignores_a_first_batch_below_the_recent_ones():
+    # the round that prompted the rule: stopped at step 10 with recent losses above the first
+    losses = [2.31, 2.9, 2.55, 2.8, 2.4, 2.75, 2.5, 2.62, 2.7, 2.65]
+    losses += [2.6 - 0.01 * t + 0.15 * (-1) ** t for t in range(20)]
+    assert first_stop(losses, 30) is None
+
+
+@pytest.mark.parametrize(("steps", "expected"), [(30, 23), (100, 60), (300, 180)])
+def test_plateau_rule_stops_on_a_flat_quiet_loss(steps, expected):
+    # window 12 / 40 / 120, patience 3, earliest 18 / 60 / 180; flat from step 10
+    for seed in range(5):
+        assert first_stop(falls_then_flat(seed, steps, 0.002), steps) == expected
+
+
+def test_plateau_rule_never_stops_before_the_minimum_share_or_on_the_last_step():
+    assert first_stop([2.0] * 30, 30) == 18  # 60% of 30; the old rule said 10
+    assert first_stop([2.0] * 10, 10) is None  # the window needs 10 losses and 3 checks
+    assert plateaued([2.0] * 29, train_steps=30)
+    assert not plateaued([2.0] * 30, train_steps=30)  # the last step: nothing left to save
+    assert not plateaued([2.0] * 17, train_steps=30)
+
+
+def test_plateau_rule_counts_no_non_finite_loss_as_flat():
+    assert not plateaued([2.0] * 20 + [math.nan], train_steps=30)
+    assert not plateaued([2.0] * 20 + [math.inf], train_steps=30)
 
 
 def test_trains_lowers_loss_and_extracts_a_valid_delta(make_manifest, tiny_model_dir):
@@ -46,6 +107,15 @@ def test_trains_lowers_loss_and_extracts_a_valid_delta(make_manifest, tiny_model
     validate_delta(result.delta, signed.manifest, shapes)
     assert all(k.endswith(".lora_B") for k in result.delta)  # frozen_a sends B only
     assert any(float(t.abs().max()) > 0 for t in result.delta.values())  # B moved from zero
+
+
+def test_training_stops_early_on_a_flat_loss_and_reports_its_steps(make_manifest, tiny_model_dir):
+    # full batches and a learning rate too small to move anything: the loss is flat
+    signed = make_manifest(
+        lora_rank=4, train_steps=30, learning_rate=1e-9, batch_size=len(TEXTS), clip_norm=0.0
+    )
+    result = QLoRATrainer(tiny_model_dir).train(signed.manifest, TEXTS, progress=lambda *a: None)
+    assert result.stopped_early and result.steps == 18 == len(result.losses)  # 60% of 30
 
 
 def test_a_starts_from_the_seed_and_frozen_a_keeps_it(make_manifest, tiny_model_dir):

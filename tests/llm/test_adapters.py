@@ -1,0 +1,68 @@
+"""PEFT adapter directories on disk (llm/adapters.py): what is at the path is what was written."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hearthnet.fedlearn.lora import A_SUFFIX, B_SUFFIX, target_layers
+from hearthnet.llm.adapters import from_peft_key, write_peft_adapter
+from hearthnet.llm.model import linear_shapes
+
+
+def adapter(manifest, shapes, seed: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for path, (fan_out, fan_in) in target_layers(manifest, shapes).items():
+        out[path + A_SUFFIX] = torch.randn(manifest.lora_rank, fan_in, generator=gen)
+        out[path + B_SUFFIX] = torch.randn(fan_out, manifest.lora_rank, generator=gen)
+    return out
+
+
+def stored(directory) -> dict[str, torch.Tensor]:
+    tensors = load_file(str(directory / "adapter_model.safetensors"))
+    return {from_peft_key(k): v for k, v in tensors.items()}
+
+
+@pytest.fixture
+def shapes(tiny_model_dir):
+    return linear_shapes(tiny_model_dir)
+
+
+def test_a_reused_path_serves_the_adapter_written_last(make_manifest, shapes, tmp_path):
+    from peft import PeftConfig
+
+    x_manifest = make_manifest(lora_rank=4, lora_target_modules=("q_proj", "v_proj")).manifest
+    y_manifest = make_manifest(lora_rank=8, lora_target_modules=("q_proj",)).manifest
+    x, y = adapter(x_manifest, shapes, 1), adapter(y_manifest, shapes, 2)
+    target = tmp_path / "adapter"
+    assert write_peft_adapter(x, x_manifest, "tiny", target) == target
+    assert stored(target).keys() == x.keys()
+    write_peft_adapter(y, y_manifest, "tiny", target)
+    got = stored(target)
+    assert got.keys() == y.keys() and all(torch.equal(got[k], y[k]) for k in y)
+    config = PeftConfig.from_pretrained(str(target))
+    assert config.r == 8 and set(config.target_modules) == {"q_proj"}
+    # same manifest, other tensors: also replaced
+    y2 = adapter(y_manifest, shapes, 3)
+    write_peft_adapter(y2, y_manifest, "tiny", target)
+    assert all(torch.equal(stored(target)[k], y2[k]) for k in y2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # nothing left behind
+
+
+def test_an_identical_directory_is_kept_and_a_damaged_one_rewritten(
+    make_manifest, shapes, tmp_path
+):
+    manifest = make_manifest(lora_rank=4).manifest
+    x = adapter(manifest, shapes, 1)
+    target = write_peft_adapter(x, manifest, "tiny", tmp_path / "adapter")
+    weights = target / "adapter_model.safetensors"
+    before = weights.stat()
+    write_peft_adapter(x, manifest, "tiny", target)
+    after = weights.stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)  # untouched
+    good = weights.read_bytes()
+    weights.write_bytes(good[:-8] + b"\0" * 8)  # one tensor's last values zeroed
+    (target / "stray.bin").write_bytes(b"x")
+    write_peft_adapter(x, manifest, "tiny", target)
+    assert weights.read_bytes() == good and not (target / "stray.bin").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
