@@ -5,6 +5,7 @@ import pytest
 
 from hearthnet.blobs import BlobStore
 from hearthnet.errors import ErrorCode, HearthnetError
+from tests.helpers import raises_code
 
 
 def test_put_get_has_path(tmp_path):
@@ -25,7 +26,7 @@ def test_missing_and_invalid_shas(tmp_path):
     assert exc.value.code is ErrorCode.BLOB_NOT_FOUND
     for bad in ["../../etc/passwd", "A" * 64, "0" * 63, "", "g" * 64]:
         assert not store.has(bad)
-        with pytest.raises(HearthnetError):
+        with raises_code(ErrorCode.BLOB_NOT_FOUND):
             store.get(bad)
 
 

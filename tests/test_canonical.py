@@ -13,6 +13,7 @@ from hearthnet.canonical import (
 )
 from hearthnet.constants import JSON_MAX_DEPTH
 from hearthnet.errors import ErrorCode, HearthnetError
+from tests.helpers import raises_code
 
 json_scalars = (
     st.none()
@@ -83,18 +84,18 @@ def test_parser_bounds_size_and_depth():
         parse_json(b"[" + b"1," * 100 + b"1]", max_bytes=50)
     assert exc.value.code is ErrorCode.PAYLOAD_TOO_LARGE
     deep = "[" * (JSON_MAX_DEPTH + 1) + "]" * (JSON_MAX_DEPTH + 1)
-    with pytest.raises(HearthnetError):
+    with raises_code(ErrorCode.CANONICAL_INVALID):
         parse_json(deep)
     very_deep = "[" * 100_000 + "]" * 100_000
-    with pytest.raises(HearthnetError):
+    with raises_code(ErrorCode.CANONICAL_INVALID):
         parse_json(very_deep)
 
 
 def test_parse_canonical_rejects_non_canonical_bytes():
     assert parse_canonical(b'{"a":1,"b":2}') == {"a": 1, "b": 2}
-    with pytest.raises(HearthnetError):
+    with raises_code(ErrorCode.CANONICAL_INVALID):
         parse_canonical(b'{"b":2,"a":1}')
-    with pytest.raises(HearthnetError):
+    with raises_code(ErrorCode.CANONICAL_INVALID):
         parse_canonical(json.dumps({"a": 1}).encode())  # has a space
 
 
@@ -102,5 +103,5 @@ def test_large_integral_floats_roundtrip_and_non_canonical_integers_are_refused(
     for value in (2.0**53, 1e16, -1e20, 3.761041973423607e16):
         data = canonical_bytes(value)
         assert canonical_bytes(parse_json(data)) == data
-    with pytest.raises(HearthnetError):
+    with raises_code(ErrorCode.CANONICAL_INVALID):
         parse_canonical(b"9007199254740993")  # 2^53 + 1 re-encodes as ...992

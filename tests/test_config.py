@@ -6,6 +6,7 @@ import pytest
 from hearthnet import constants as C
 from hearthnet.config import FedLearnConfig, load_config
 from hearthnet.errors import ErrorCode, HearthnetError
+from tests.helpers import raises_code
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -122,22 +123,22 @@ def test_min_above_max_participants_is_refused(tmp_path):
         '[node]\nname="a"\ndata_dir="d"\n[fedlearn]\nmin_round_participants=9\n'
         "max_round_participants=4\n"
     )
-    with pytest.raises(HearthnetError) as exc:
+    with raises_code(ErrorCode.CONFIG_INVALID) as exc:
         load_config(write(tmp_path, text))
     assert "min_round_participants" in exc.value.message
 
 
 def test_malformed_toml_missing_and_oversized_files(tmp_path):
-    with pytest.raises(HearthnetError) as exc:
+    with raises_code(ErrorCode.CONFIG_INVALID) as exc:
         load_config(write(tmp_path, "[node\nname="))
     assert "not valid TOML" in exc.value.message
-    with pytest.raises(HearthnetError) as exc:
+    with raises_code(ErrorCode.CONFIG_INVALID) as exc:
         load_config(tmp_path / "nope.toml")
     assert "not found" in exc.value.message
     big = tmp_path / "big.toml"
     with open(big, "wb") as fh:
         fh.truncate(C.CONFIG_FILE_MAX_BYTES + 1)
-    with pytest.raises(HearthnetError) as exc:
+    with raises_code(ErrorCode.CONFIG_INVALID) as exc:
         load_config(big)
     assert "too large" in exc.value.message
 

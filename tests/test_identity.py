@@ -12,6 +12,7 @@ from hearthnet.identity import (
     public_key_from_node_id,
     verify,
 )
+from tests.helpers import raises_code
 
 
 def test_sign_verify_roundtrip(identity):
@@ -70,7 +71,7 @@ def test_save_refuses_to_overwrite(tmp_path, identity):
     path = tmp_path / "node.key"
     identity.save(path)
     before = path.read_bytes()
-    with pytest.raises(HearthnetError):
+    with raises_code(ErrorCode.IDENTITY_INVALID):
         NodeIdentity.generate().save(path)
     assert path.read_bytes() == before
 
@@ -88,7 +89,7 @@ def test_load_refuses_key_readable_by_others(tmp_path, identity, mode):
 
 
 def test_load_rejects_missing_garbage_and_non_ed25519(tmp_path):
-    with pytest.raises(HearthnetError):
+    with raises_code(ErrorCode.IDENTITY_INVALID):
         NodeIdentity.load(tmp_path / "missing")
     junk = tmp_path / "junk.key"
     junk.write_bytes(b"not a key")
@@ -107,7 +108,7 @@ def test_load_rejects_missing_garbage_and_non_ed25519(tmp_path):
     other = tmp_path / "ec.key"
     other.write_bytes(pem)
     os.chmod(other, 0o600)
-    with pytest.raises(HearthnetError) as exc:
+    with raises_code(ErrorCode.IDENTITY_INVALID) as exc:
         NodeIdentity.load(other)
     assert "Ed25519" in exc.value.message
 

@@ -234,26 +234,78 @@ def krum_scores(sq: np.ndarray, f: int) -> list[float]:
     return scores
 
 
+def _resultant(apex_sq: np.ndarray, sq: np.ndarray, w: np.ndarray, away: np.ndarray) -> float:
+    """|Σ_{i away} w_i·(x_i − a)/|x_i − a||: the other points' pull on an apex a, from squared
+    distances alone — (x_i − a)·(x_j − a) = (|x_i − a|² + |x_j − a|² − |x_i − x_j|²) / 2. Every
+    term is symmetric in (i, j) and `math.fsum` rounds the exact sum once, so the value does not
+    depend on participant order."""
+    idx = np.flatnonzero(away)
+    if idx.size == 0:
+        return 0.0
+    d2 = apex_sq[idx]
+    a = w[idx] / np.sqrt(d2)
+    dot = (d2[:, None] + d2[None, :] - sq[np.ix_(idx, idx)]) * 0.5
+    return math.sqrt(max(math.fsum((np.outer(a, a) * dot).ravel().tolist()), 0.0))
+
+
+def median_vertex(sq: np.ndarray, w: np.ndarray) -> np.ndarray | None:
+    """The participants at the data point that is the weighted geometric median, if one is
+    (None otherwise). Vardi & Zhang's test: x_k minimises Σ w_i|x_i − z| exactly when the pull
+    of the others |R_k| is at most the weight sitting at x_k; strictly less makes it the unique
+    minimum, so no two points pass and the answer cannot depend on order. Weiszfeld nears such
+    a point only linearly, at ratio |R_k|/w_k, and with rounded coefficients stalls short of it.
+    Only the data points of least objective (necessary for a minimum) are tested."""
+    objective = [math.fsum((w * np.sqrt(sq[:, k])).tolist()) for k in range(len(w))]
+    best = min(objective)
+    found: np.ndarray | None = None
+    for k, value in enumerate(objective):
+        if value > best * (1.0 + 1e-9):
+            continue
+        here = sq[:, k] == 0.0  # the participants whose update is this same point
+        if _resultant(sq[:, k], sq, w, ~here) < float(w[here].sum()):
+            if found is not None and not bool((found == here).all()):
+                return None  # two points pass: a rounding tie; let the iteration decide
+            found = here
+    return found
+
+
 def weiszfeld(
     updates: Updates, weights: Sequence[int], max_iter: int, tol: float
 ) -> tuple[list[np.ndarray], np.ndarray, int]:
-    """Weighted geometric median by Weiszfeld's iteration from the weighted mean; stops when a
-    step moves less than tol × the median distance to z (the data's own scale) or after
-    max_iter steps. Returns z (flat float64 per key), the final coefficients
-    (w_i / |x_i − z|, normalised) and the steps taken.
+    """Weighted geometric median: a data point when Vardi & Zhang's test says the median is
+    one (`median_vertex`: then that update itself, 0 steps), else Weiszfeld's iteration from
+    the weighted mean, with their modified step should an iterate land on a data point (plain
+    Weiszfeld would stay there). Stops when a step moves less than tol × the median distance
+    to z (the data's own scale) or after max_iter steps. Returns z (flat float64 per key), the
+    final coefficients (each participant's share of the last step) and the steps taken.
 
     Each step's coefficients are rounded to integers (the largest to 2^20) and the step is the
     exact weighted mean of `exact.py`: every quantity is then independent of participant
     order, and the rounding is far below the stopping tolerance."""
     everyone = range(updates.n)
     w = np.array([float(x) for x in weights])
+    sq = pair_sq_distances(updates)
+    vertex = median_vertex(sq, w)
+    if vertex is not None:
+        k = int(np.flatnonzero(vertex)[0])  # all of them hold these same values
+        # + 0.0 makes −0.0 into 0.0: coinciding updates that differ only in signed zeros agree
+        z = [t.reshape(-1).numpy().astype(np.float64) + 0.0 for t in copy_update(updates, k)]
+        return z, np.where(vertex, w, 0.0) / float(w[vertex].sum()), 0
     z = [t.reshape(-1).numpy() for t in exact_mean(updates, everyone, weights, torch.float64)]
     coef = w / w.sum()
     steps = 0
     for steps in range(1, max_iter + 1):  # noqa: B007 - the count is returned
-        dist = np.sqrt(sq_distances_to(updates, z))
-        floor = 1e-12 * max(float(dist.max()), 1e-30)
-        c = w / np.maximum(dist, floor)
+        dist_sq = sq_distances_to(updates, z)
+        dist = np.sqrt(dist_sq)
+        here = dist <= 1e-12 * max(float(dist.max()), 1e-30)  # z is (at) these data points
+        c = w / np.where(here, 1.0, dist)
+        if here.any():  # Vardi & Zhang: weigh the point z sits on against the others' pull
+            eta = float(w[here].sum())
+            pull = _resultant(dist_sq, sq, w, ~here)
+            if pull <= eta:
+                break  # z is the median
+            away = np.where(here, 0.0, c)
+            c = np.where(here, w / pull, (1.0 - eta / pull) * away / away.sum())
         coef = c / c.sum()
         top = float(c.max())
         step_w = [max(1, round(float(x) / top * 2**20)) for x in c]

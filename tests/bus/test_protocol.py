@@ -5,6 +5,7 @@ from hearthnet.bus.handshake import check_hello, make_hello, sign_auth, transcri
 from hearthnet.bus.protocol import Request, Response, decode, encode
 from hearthnet.errors import ErrorCode, HearthnetError
 from hearthnet.identity import NodeIdentity
+from tests.helpers import raises_code
 
 
 def test_roundtrip_of_every_message_kind():
@@ -64,12 +65,12 @@ def test_handshake_transcript_binds_everything():
     verify_auth(ha, data, auth)
     # The same signature does not verify under another listener nonce (replay) ...
     hb2 = make_hello(b, "net", "listener")
-    with pytest.raises(HearthnetError):
+    with raises_code(ErrorCode.HANDSHAKE_FAILED):
         verify_auth(ha, transcript(ha, hb2), auth)
     # ... nor reflected as the other role, nor for another network.
-    with pytest.raises(HearthnetError):
+    with raises_code(ErrorCode.HANDSHAKE_FAILED):
         verify_auth(hb.model_copy(update={"node": a.node_id}), data, auth)
-    with pytest.raises(HearthnetError):
+    with raises_code(ErrorCode.HANDSHAKE_FAILED):
         verify_auth(ha, transcript(ha.model_copy(update={"net": "other"}), hb), auth)
     for bad, role in [
         (ha.model_copy(update={"net": "x"}), "dialer"),
@@ -80,5 +81,5 @@ def test_handshake_transcript_binds_everything():
         with pytest.raises(HearthnetError) as exc:
             check_hello(bad, "net", role)
         assert exc.value.code is ErrorCode.HANDSHAKE_FAILED
-    with pytest.raises(HearthnetError):
+    with raises_code(ErrorCode.HANDSHAKE_FAILED):
         transcript(ha, ha.model_copy(update={"role": "listener"}))  # nonce reuse

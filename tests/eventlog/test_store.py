@@ -12,6 +12,7 @@ from hearthnet.constants import EVENTLOG_SUBSCRIBER_QUEUE_MAX, GENESIS_HASH
 from hearthnet.errors import ErrorCode, HearthnetError
 from hearthnet.eventlog import EventLog
 from hearthnet.identity import NodeIdentity
+from tests.helpers import raises_code
 
 
 @pytest.fixture
@@ -45,19 +46,19 @@ async def test_read_filters(log):
 
 
 @pytest.mark.parametrize(
-    ("etype", "payload"),
+    ("etype", "payload", "code"),
     [
-        ("Bad Type", {}),
-        ("a..b", {}),
-        ("", {}),
-        ("ok", []),
-        ("ok", {"x": float("nan")}),
-        ("ok", {"x": "y" * 300_000}),
+        ("Bad Type", {}, ErrorCode.EVENTLOG_INVALID),
+        ("a..b", {}, ErrorCode.EVENTLOG_INVALID),
+        ("", {}, ErrorCode.EVENTLOG_INVALID),
+        ("ok", [], ErrorCode.EVENTLOG_INVALID),
+        ("ok", {"x": float("nan")}, ErrorCode.CANONICAL_INVALID),
+        ("ok", {"x": "y" * 300_000}, ErrorCode.PAYLOAD_TOO_LARGE),
     ],
 )
-async def test_bad_appends_change_nothing(log, etype, payload):
+async def test_bad_appends_change_nothing(log, etype, payload, code):
     await log.append("ok", {})
-    with pytest.raises(HearthnetError):
+    with raises_code(code):
         await log.append(etype, payload)
     assert log.head_seq == 1
     assert (await log.verify()).ok
@@ -127,7 +128,7 @@ async def test_one_writer_per_file(tmp_path, identity):
     reader = EventLog.open_readonly(tmp_path / "e.db", identity.node_id)
     await log.append("a", {})
     assert len(await reader.read()) == 1
-    with pytest.raises(HearthnetError):
+    with raises_code(ErrorCode.EVENTLOG_INVALID):
         await reader.append("a", {})
     await reader.close()
     await log.close()

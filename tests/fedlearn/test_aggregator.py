@@ -13,6 +13,7 @@ from hearthnet.fedlearn.delta import ParticipantSubmission, serialize_delta
 from hearthnet.fedlearn.exact import exact_weighted_mean
 from hearthnet.fedlearn.lora import derive_lora_a
 from hearthnet.identity import NodeIdentity
+from tests.helpers import raises_code
 
 from .conftest import MODEL_SHAPES, random_delta
 
@@ -186,7 +187,7 @@ def test_weight_cap():
     assert capped_weights([10, 10, 10]) == [10, 10, 10]
     assert capped_weights([10, 12, 1_000_000]) == [10, 12, 48]  # 4 x lower median (12)
     assert capped_weights([2**30, 2**30, 2**30]) == [C.FEDLEARN_MAX_NUM_SAMPLES] * 3
-    with pytest.raises(HearthnetError):
+    with raises_code(ErrorCode.FEDLEARN_AGGREGATION_FAILED):
         capped_weights([0, 1, 2])
 
 
@@ -214,7 +215,7 @@ def test_refusals(make_manifest):
     assert exc.value.code is ErrorCode.DELTA_INVALID
     other = make_manifest()
     sub = _submission(other, PARTICIPANTS[5], random_delta(other, 1), 5)
-    with pytest.raises(HearthnetError):
+    with raises_code(ErrorCode.DELTA_INVALID):
         agg.add(sub, random_delta(other, 1))
     with pytest.raises(HearthnetError) as exc:
         exact_weighted_mean([torch.tensor([1.0, float("nan")])], [1])

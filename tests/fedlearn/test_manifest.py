@@ -13,6 +13,7 @@ from hearthnet.fedlearn.manifest import (
     SignedManifest,
 )
 from hearthnet.identity import NodeIdentity
+from tests.helpers import raises_code
 
 from .conftest import DRAFT
 
@@ -58,7 +59,7 @@ def test_untrusted_signer_is_signature_invalid(make_manifest, coordinator):
     # A member re-signing someone else's manifest body is still rejected: coordinator != signer.
     member = NodeIdentity.generate()
     resigned = {"body": signed.to_wire()["body"], "signature": member.sign(signed.body).hex()}
-    with pytest.raises(HearthnetError):
+    with raises_code(ErrorCode.SIGNATURE_INVALID):
         SignedManifest.from_wire(resigned, roster=[member.node_id, coordinator.node_id])
 
 
@@ -145,6 +146,35 @@ def test_draft_validation(make_manifest, overrides, config, fragment):
     assert exc.value.code is ErrorCode.MANIFEST_INVALID
     assert fragment in exc.value.message
     assert fragment in exc.value.message
+
+
+@pytest.mark.parametrize(
+    ("overrides", "config", "key", "flag"),
+    [
+        ({"lora_rank": 32}, FedLearnConfig(max_lora_rank=16), "max_lora_rank", "--rank"),
+        (
+            {"lora_target_modules": ("q_proj", "v_proj", "k_proj")},
+            FedLearnConfig(max_lora_target_modules=2),
+            "max_lora_target_modules",
+            "--modules",
+        ),
+        ({"train_steps": 500}, FedLearnConfig(max_train_steps=100), "max_train_steps", "--steps"),
+        (
+            {"max_participants": 20},
+            FedLearnConfig(max_round_participants=10),
+            "max_round_participants",
+            "--max-participants",
+        ),
+        ({"min_participants": 2}, FedLearnConfig(), "min_round_participants", "--min-participants"),
+    ],
+)
+def test_node_limit_refusals_say_how_to_fix_them(make_manifest, overrides, config, key, flag):
+    """Issue 12: a two-node round refused by `min_round_participants 3` must name the key to
+    change and the announce flag, on whichever node refuses."""
+    with pytest.raises(HearthnetError) as exc:
+        make_manifest(config, **overrides)
+    assert exc.value.code is ErrorCode.MANIFEST_INVALID
+    assert f"[fedlearn] {key}" in exc.value.message and flag in exc.value.message
 
 
 @pytest.mark.parametrize(

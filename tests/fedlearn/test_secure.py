@@ -16,6 +16,7 @@ from hearthnet.fedlearn.secure import (
     serialize_masked,
 )
 from hearthnet.identity import NodeIdentity
+from tests.helpers import raises_code
 
 from .conftest import MODEL_SHAPES, random_delta
 
@@ -149,7 +150,7 @@ def test_refusals(make_manifest):
         SecureFedAvgAggregator(signed.manifest, MODEL_SHAPES, forged, signed.manifest_sha)
     assert exc.value.code is ErrorCode.SIGNATURE_INVALID
     plain_manifest = make_manifest()
-    with pytest.raises(HearthnetError):
+    with raises_code(ErrorCode.MANIFEST_INVALID):
         SecureFedAvgAggregator(plain_manifest.manifest, MODEL_SHAPES, anns, signed.manifest_sha)
 
     agg = SecureFedAvgAggregator(signed.manifest, MODEL_SHAPES, anns, signed.manifest_sha)
@@ -158,10 +159,10 @@ def test_refusals(make_manifest):
     with pytest.raises(HearthnetError) as exc:
         agg.add(submission(signed, parties[0], b"x", samples[0]), vecs[0][:-1])
     assert exc.value.code is ErrorCode.DELTA_INVALID
-    with pytest.raises(HearthnetError):  # num_samples differs from the announcement
+    with raises_code(ErrorCode.DELTA_INVALID):  # num_samples differs from the announcement
         agg.add(submission(signed, parties[0], b"x", samples[0] + 1), vecs[0])
     stranger = Party()
-    with pytest.raises(HearthnetError):
+    with raises_code(ErrorCode.DELTA_INVALID):
         agg.add(submission(signed, stranger, b"x", 10), vecs[0])
     agg.add(submission(signed, parties[0], b"x", samples[0]), vecs[0])
     agg.add(submission(signed, parties[1], b"x", samples[1]), vecs[1])
@@ -180,7 +181,7 @@ def test_lying_about_weight_is_detected(make_manifest):
         if i == 0:
             vec[-1] += np.uint64(1000)  # claims a bigger weight inside the masked vector
         agg.add(submission(signed, p, b"x", samples[i]), vec)
-    with pytest.raises(HearthnetError) as exc:
+    with raises_code(ErrorCode.FEDLEARN_AGGREGATION_FAILED) as exc:
         agg.aggregate()
     assert "weight" in exc.value.message
 
@@ -197,8 +198,8 @@ def test_masked_serialisation_rejects_garbage(make_manifest):
         )
         == data
     )
-    with pytest.raises(HearthnetError):
+    with raises_code(ErrorCode.DELTA_INVALID):
         deserialize_masked(data, vec.size + 1)
-    with pytest.raises(HearthnetError):
+    with raises_code(ErrorCode.DELTA_INVALID):
         deserialize_masked(b"junk", vec.size)
     assert repr(parties[0].key) == "MaskingKey(<secret>)"

@@ -9,6 +9,7 @@ from hearthnet.errors import ErrorCode, HearthnetError
 from hearthnet.fedlearn.lora import A_SUFFIX, B_SUFFIX, target_layers
 from hearthnet.llm.adapters import from_peft_key, to_peft_key, write_peft_adapter
 from hearthnet.llm.service import LLMService
+from tests.helpers import raises_code
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +38,7 @@ def test_peft_key_mapping():
     assert from_peft_key(to_peft_key(key)) == key
     live = "base_model.model.model.layers.3.self_attn.q_proj.lora_A.default.weight"
     assert from_peft_key(live) == "model.layers.3.self_attn.q_proj.lora_A"
-    with pytest.raises(HearthnetError):
+    with raises_code(ErrorCode.DELTA_INVALID):
         to_peft_key("model.layers.0.weight")
 
 
@@ -91,7 +92,7 @@ def test_perplexity_and_adapter_effect(service):
     ppl = service.perplexity(texts)
     assert 1.0 < ppl < 1e6
     assert service.perplexity(texts) == ppl
-    with pytest.raises(HearthnetError):
+    with raises_code(ErrorCode.BAD_REQUEST):
         service.perplexity([])
 
 
