@@ -59,6 +59,31 @@ _FLAG_FIELDS = {
 }
 
 
+# draft field -> the announce flag that sets it, so the daemon's refusal names the flag
+_FIELD_FLAGS = {
+    **{key: "--" + flag.replace("_", "-") for flag, key in _FLAG_FIELDS.items()},
+    "lora_target_modules": "--modules",
+    "aggregation": "--rule",
+    "secure": "--secure",
+    "deadline_in_s": "--deadline-in",
+}
+_DRAFT_FIELD = re.compile(r"^draft field '([a-z_]+)[^']*': (.*)$", re.DOTALL)
+
+
+def name_the_flag(err: HearthnetError) -> HearthnetError:
+    """`draft field 'consent_text': Field required` -> `--consent-text is required (...)`: the
+    daemon speaks in draft fields, the operator typed flags."""
+    match = _DRAFT_FIELD.match(err.message)
+    flag = _FIELD_FLAGS.get(match.group(1)) if match else None
+    if match is None or flag is None:
+        return err
+    field, reason = match.groups()
+    what = "is required" if reason == "Field required" else f"is not valid: {reason}"
+    return HearthnetError(
+        err.code, f"{flag} {what} (draft field '{field}'; or set it in --draft FILE)", err.detail
+    )
+
+
 def draft_fields(args: argparse.Namespace) -> dict[str, Any]:
     """The draft from `--draft FILE.toml` (if given) overridden by flags."""
     fields: dict[str, Any] = {}
@@ -110,7 +135,10 @@ def rule_params(items: list[str]) -> dict[str, Any]:
 
 
 def cmd_announce(args: argparse.Namespace) -> int:
-    res = _call(args, CAP + "round.announce", {"draft": draft_fields(args)})
+    try:
+        res = _call(args, CAP + "round.announce", {"draft": draft_fields(args)})
+    except HearthnetError as err:
+        raise name_the_flag(err) from None
     peers = ", ".join(p[:12] + "…" for p in res["offered_to"]) or "no peer"
     return _out(args, res, f"announced round {res['round_id']}\noffered to {peers}")
 
@@ -150,6 +178,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         f"deadline    {res['deadline']}",
         f"joined      {len(res['joined'])}   submitted {len(res['submitted'])}",
     ]
+    requested = res.get("train_steps", 0)
+    for who, ran in res.get("steps", {}).items():
+        done = "not reported" if ran is None else f"{ran} of {requested}"
+        early = " (stopped early: loss plateau)" if ran is not None and ran < requested else ""
+        lines.append(f"steps       {who[:16]}…: {done}{early}")
     for rej in res["rejected"]:
         who = rej.get("participant", "?")[:16]
         lines.append(f"rejected    {who}…: {rej.get('code')}: {rej.get('reason')}")
@@ -165,9 +198,16 @@ def cmd_status(args: argparse.Namespace) -> int:
         )
         for ex in result["excluded"]:
             lines.append(f"excluded    {ex['participant'][:16]}…: {ex['reason']}")
-        for a in result.get("audit", []):
+        audit = result.get("audit", [])
+        if audit:
+            counts = [
+                f"{sum(a['action'] == action for a in audit)} {action}"
+                for action in ("kept", "down_weighted", "clipped", "excluded")
+            ]
+            lines.append(f"audit       {', '.join(counts)} (of {len(audit)} included)")
+        for a in audit:
             lines.append(
-                f"rule        {a['participant'][:16]}…: {a['action']}, influence "
+                f"audit       {a['participant'][:16]}…: {a['action']}, influence "
                 f"{a['influence']:.2f}, deviation {a['deviation']:.2f} ({a['reason']})"
             )
     return _out(args, res, "\n".join(lines))
@@ -234,10 +274,32 @@ def cmd_takeover(args: argparse.Namespace) -> int:
     return _out(args, res, _result_text(res) + " (takeover)")
 
 
+def _judgement_text(ev: dict[str, Any]) -> str:
+    verdict = "passes" if ev["passes"] else "FAILS"
+    return (
+        f"held-out perplexity on this node's {ev['texts']} texts of topic {ev['topic']!r}: "
+        f"base {ev['perplexity_base']:.2f} -> with adapter {ev['perplexity_adapter']:.2f} "
+        f"(ratio {ev['ratio']:.3f}, allowed {ev['max_ratio']}: {verdict}; event "
+        f"#{ev['event_seq']})"
+    )
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    res = _call(args, CAP + "adapter.evaluate", {"sha": args.sha}, 600.0)
+    return _out(args, res, _judgement_text(res))
+
+
 def cmd_apply(args: argparse.Namespace) -> int:
-    res = _call(args, CAP + "adapter.apply", {"sha": args.sha, "scope": args.scope}, 120.0)
+    body = {"sha": args.sha, "scope": args.scope, "force": args.force}
+    res = _call(args, CAP + "adapter.apply", body, 600.0)
     where = f"session {res['session_id']}" if res["scope"] == "session" else "the node default"
-    return _out(args, res, f"adapter {args.sha[:16]}… applied to {where}")
+    lines = []
+    if res.get("evaluation"):
+        lines.append(_judgement_text(res["evaluation"]))
+    elif res["scope"] == "node":
+        lines.append("applied unjudged (--force): see the log's fedlearn.adapter.evaluated event")
+    lines.append(f"adapter {args.sha[:16]}… applied to {where}")
+    return _out(args, res, "\n".join(lines))
 
 
 def cmd_adapters(args: argparse.Namespace) -> int:
@@ -341,7 +403,20 @@ def add_commands(sub: Any) -> None:
     common(p)
     p.add_argument("sha")
     p.add_argument("--scope", choices=["session", "node"], default="session")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="node scope: apply even when the held-out check fails or cannot run",
+    )
     p.set_defaults(handler=cmd_apply)
+
+    p = fs.add_parser(
+        "evaluate",
+        help="held-out perplexity of this node's own text with and without an adapter",
+    )
+    common(p)
+    p.add_argument("sha")
+    p.set_defaults(handler=cmd_evaluate)
 
     p = fs.add_parser("reputation", help="participants' reputation as this node sees it")
     common(p)

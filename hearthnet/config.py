@@ -79,6 +79,15 @@ class FedLearnConfig(_Section):
     # Where this node's private training text lives (`<topic>.txt|.jsonl` or `<topic>/`); unset
     # means `<data_dir>/training`. Relative paths are taken from the config file's folder.
     training_data: PathField | None = None
+    # The share of this node's texts per topic held out of training to judge adapters on.
+    held_out_fraction: Annotated[
+        float, Field(ge=0.0, le=C.FEDLEARN_HELD_OUT_MAX_FRACTION, allow_inf_nan=False)
+    ] = C.FEDLEARN_HELD_OUT_FRACTION_DEFAULT
+    # `fedlearn apply --scope node` refuses an adapter whose held-out perplexity is above this
+    # multiple of the base model's (1.0: it must not make this node's own text worse).
+    apply_max_perplexity_ratio: Annotated[
+        float, Field(gt=0.0, le=C.FEDLEARN_APPLY_MAX_PPL_RATIO_CEILING, allow_inf_nan=False)
+    ] = C.FEDLEARN_APPLY_MAX_PPL_RATIO_DEFAULT
 
     def model_post_init(self, _context: Any) -> None:
         if self.min_round_participants > self.max_round_participants:

@@ -166,12 +166,31 @@ LLM_EVAL_MAX_TEXTS: Final = 1000
 LLM_HASH_CHUNK_BYTES: Final = 4 * MIB
 # Training
 TRAIN_MAX_SEQ_TOKENS: Final = 256
-TRAIN_PLATEAU_WINDOW: Final = 5
-# Stop early when the mean loss of the last window improved by less than this fraction.
-TRAIN_PLATEAU_MIN_IMPROVEMENT: Final = 0.002
+# `train_loss` reported for a participant: the mean of its last this-many batch losses
+TRAIN_LOSS_MEAN_STEPS: Final = 5
+# Loss-plateau stop (fedlearn/trainer.py `plateaued`): never before this share of train_steps;
+# a least-squares line over the last max(MIN_WINDOW, WINDOW_SHARE × train_steps) batch losses;
+# it stops when even slope + Z standard errors projects less than MIN_IMPROVEMENT (a fraction
+# of the window's mean loss) across the window, on PATIENCE consecutive steps.
+TRAIN_PLATEAU_MIN_SHARE: Final = 0.6
+TRAIN_PLATEAU_WINDOW_SHARE: Final = 0.4
+TRAIN_PLATEAU_MIN_WINDOW: Final = 10
+TRAIN_PLATEAU_Z: Final = 2.0
+TRAIN_PLATEAU_MIN_IMPROVEMENT: Final = 0.01
+TRAIN_PLATEAU_PATIENCE: Final = 3
 DATA_MAX_FILE_BYTES: Final = 64 * MIB
 DATA_MAX_SAMPLES: Final = 100_000
 DATA_MAX_SAMPLE_CHARS: Final = 8_000
+# Held-out text (fedlearn/data.py): a node keeps this share of its own texts per topic out of
+# training, chosen by keyed content hash, to judge adapters on (`fedlearn evaluate`, `apply
+# --scope node`); topics with fewer texts than the minimum keep none back.
+FEDLEARN_HELD_OUT_FRACTION_DEFAULT: Final = 0.1
+FEDLEARN_HELD_OUT_MAX_FRACTION: Final = 0.5
+FEDLEARN_HELD_OUT_MIN_SAMPLES: Final = 4
+FEDLEARN_EVAL_MAX_TEXTS: Final = 64
+# `apply --scope node` refuses an adapter whose held-out perplexity exceeds this × the base's
+FEDLEARN_APPLY_MAX_PPL_RATIO_DEFAULT: Final = 1.0
+FEDLEARN_APPLY_MAX_PPL_RATIO_CEILING: Final = 100.0
 # Resource estimate: bytes per LoRA parameter while training (fp32 weight, grad, 2 Adam moments)
 TRAIN_BYTES_PER_LORA_PARAM: Final = 16
 # Activations: bytes per token per hidden unit per layer (forward + backward, fp32, rough)

@@ -118,7 +118,9 @@ def control_call(
             sock.connect(str(path))
         except (FileNotFoundError, ConnectionRefusedError):
             raise HearthnetError(
-                ErrorCode.PEER_NOT_CONNECTED, f"no node is running (no control socket at {path})"
+                ErrorCode.PEER_NOT_CONNECTED,
+                f"no node is running (no control socket at {path}); start it with "
+                "`hearthnet node start --config FILE`",
             ) from None
         sock.sendall(json.dumps(request).encode() + b"\n")
         chunks, size = [], 0

@@ -5,15 +5,23 @@ directory, identity and small private corpus of village notices. Alice announces
 and carol see it with `fedlearn pending` and consent through the CLI; each trains a 4-bit LoRA
 adapter on SmolLM2-135M on its own text; alice aggregates, publishes and applies the adapter,
 and the demo prints held-out perplexity and a sample generation before and after. Every step is
-a `hearthnet` command, printed as it runs. The nodes are stopped at the end, whatever happens.
+a `hearthnet` command, printed as it runs (paste it in the demo directory to run it again). The
+nodes are stopped at the end, whatever happens.
+
+The demo checks its own outcome: it fails (exit 1, never "done") when the community adapter does
+not lower held-out perplexity, a generation is empty, or a node does not exit cleanly. Its
+directory (~550 MB, mostly the converted model) is removed afterwards unless `--keep` or
+`--workdir DIR` is given; after a failure only the model cache is removed, so the node logs stay.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
+import shlex
 import shutil
 import signal
 import socket
@@ -91,6 +99,40 @@ def _toml(value: Any) -> str:
     return json.dumps(value)
 
 
+def check_outcome(base_ppl: float, tuned_ppl: float, before: str, after: str) -> None:
+    """The demo's verdict: a community adapter that does not lower held-out perplexity, or a
+    model that says nothing, is a failure however cleanly every step ran."""
+    if not (math.isfinite(base_ppl) and math.isfinite(tuned_ppl)):
+        raise SystemExit(
+            f"demo FAILED: held-out perplexity is not finite ({base_ppl}, {tuned_ppl})"
+        )
+    if tuned_ppl >= base_ppl:
+        raise SystemExit(
+            f"demo FAILED: the community adapter did not lower held-out perplexity (base "
+            f"{base_ppl:.2f} -> with the adapter {tuned_ppl:.2f}); the adapter or the model it "
+            "was applied to is broken"
+        )
+    for label, text in (("without", before), ("with", after)):
+        if not text.strip():
+            raise SystemExit(f"demo FAILED: the generation {label} the adapter is empty")
+
+
+def _size_mb(path: Path) -> float:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1e6
+
+
+def clean_up(workdir: Path, own: bool, keep: bool, ok: bool) -> str:
+    """What is left of the demo directory, and a line that says so. A directory the demo made
+    itself goes unless --keep; after a failure only the model cache goes (the logs explain)."""
+    if keep or not own:
+        return f"kept {workdir} ({_size_mb(workdir):.0f} MB); remove it with: rm -rf {workdir}"
+    if ok:
+        shutil.rmtree(workdir, ignore_errors=True)
+        return f"removed {workdir} (pass --keep or --workdir DIR to keep it)"
+    shutil.rmtree(workdir / "models", ignore_errors=True)
+    return f"node logs and data kept in {workdir} (the model cache was removed)"
+
+
 class Demo:
     def __init__(self, workdir: Path, steps: int):
         self.workdir = workdir
@@ -101,10 +143,19 @@ class Demo:
     def config(self, name: str) -> str:
         return str(self.workdir / name / CONFIG_FILE_NAME)
 
-    def run(self, name: str, *args: str, show: bool = True, check: bool = True) -> str:
-        cmd = ["hearthnet", *args, "--config", f"{name}/{CONFIG_FILE_NAME}"]
+    def run(
+        self,
+        name: str,
+        *args: str,
+        show: bool = True,
+        check: bool = True,
+        shown: str | None = None,
+    ) -> str:
+        """Run one `hearthnet` command; print it first (as pasted in the demo directory, or as
+        `shown`) and its output, unless `show` is off (status polls)."""
         if show:
-            print(f"\n$ {' '.join(cmd)}")
+            cmd = ["hearthnet", *args, "--config", f"{name}/{CONFIG_FILE_NAME}"]
+            print(f"\n$ {shown or shlex.join(cmd)}")
         proc = subprocess.run(
             [*self.hearthnet, *args, "--config", self.config(name)],
             capture_output=True,
@@ -114,10 +165,13 @@ class Demo:
         if show and proc.stdout.strip():
             print(proc.stdout.rstrip())
         if check and proc.returncode != 0:
-            raise SystemExit(f"command failed ({proc.returncode}): {proc.stderr.strip()}")
+            raise SystemExit(f"demo FAILED: exit {proc.returncode}: {proc.stderr.strip()}")
         return proc.stdout
 
     def run_json(self, name: str, *args: str) -> Any:
+        """A command whose JSON output the demo reads: the command is printed, not the JSON."""
+        cmd = shlex.join(["hearthnet", *args, "--json", "--config", f"{name}/{CONFIG_FILE_NAME}"])
+        print(f"\n$ {cmd}")
         return json.loads(self.run(name, *args, "--json", show=False))
 
     # --- setup ------------------------------------------------------------------------------------
@@ -155,6 +209,8 @@ class Demo:
 
     def start(self) -> None:
         for name in NAMES:
+            cmd = ["hearthnet", "node", "start", "--config", f"{name}/{CONFIG_FILE_NAME}"]
+            print(f"$ {shlex.join(cmd)} > {name}.log 2>&1 &")
             log = open(self.workdir / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
             # Three daemons share this machine's cores: one compute thread each, or their
             # thread pools spin against each other (a real node has the machine to itself).
@@ -170,7 +226,7 @@ class Demo:
         for name in NAMES:
             while True:
                 if self.procs[name].poll() is not None:
-                    raise SystemExit(f"{name} exited; see {self.workdir / (name + '.log')}")
+                    raise SystemExit(f"demo FAILED: {name} exited; see {name}.log")
                 if (self.workdir / name / CONTROL_SOCKET_NAME).exists():
                     status = subprocess.run(
                         [
@@ -188,11 +244,13 @@ class Demo:
                     if status.returncode == 0 and len(json.loads(status.stdout)["peers"]) == 2:
                         break
                 if time.monotonic() > deadline:
-                    raise SystemExit(f"{name} did not connect to its peers in time")
+                    raise SystemExit(f"demo FAILED: {name} did not connect to its peers in time")
                 time.sleep(0.5)
         print("three nodes are up and connected (alice, bob, carol)")
 
-    def stop(self) -> None:
+    def stop(self) -> dict[str, int]:
+        """Stop every node; their exit codes."""
+        codes: dict[str, int] = {}
         for proc in self.procs.values():
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
@@ -202,15 +260,23 @@ class Demo:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 code = proc.wait()
+            codes[name] = code
             print(f"{name} stopped (exit {code})")
+        return codes
 
     # --- the round --------------------------------------------------------------------------------
 
     def perplexity(self, adapter: str | None) -> float:
         held_out = json.loads((self.workdir / "held-out.json").read_text())
         body = json.dumps({"texts": held_out, "adapter_sha": adapter})
+        request = f"perplexity-{'base' if adapter is None else 'adapter'}.json"
+        (self.workdir / request).write_text(body)  # printed as $(cat FILE): 12 texts are long
+        shown = (
+            f'hearthnet call llm.perplexity --json "$(cat {request})" --timeout 600 '
+            f"--config alice/{CONFIG_FILE_NAME}"
+        )
         out = self.run(
-            "alice", "call", "llm.perplexity", "--json", body, "--timeout", "600", show=False
+            "alice", "call", "llm.perplexity", "--json", body, "--timeout", "600", shown=shown
         )
         return float(json.loads(out)["perplexity"])
 
@@ -256,7 +322,7 @@ class Demo:
         self.run("alice", "fedlearn", "status", round_id, "--wait", "--timeout", "480")
         status = self.run_json("alice", "fedlearn", "status", round_id)
         if status["phase"] != "completed":
-            raise SystemExit(f"the round did not complete: {status['abort']}")
+            raise SystemExit(f"demo FAILED: the round did not complete: {status['abort']}")
         sha = json.loads(status["result"]["body"])["aggregated_delta_sha"]
         self.run("alice", "fedlearn", "reputation")  # what alice learnt of bob and carol
         self.run("alice", "fedlearn", "apply", sha, "--scope", "node")
@@ -270,32 +336,45 @@ class Demo:
         print(f"prompt: {PROMPT}")
         print(f"  without adapter: {before.strip()}")
         print(f"  with adapter:    {after.strip()}")
+        check_outcome(base_ppl, tuned_ppl, before, after)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", help="where to put the nodes (default: a new temp dir)")
+    parser.add_argument(
+        "--workdir", help="where to put the nodes; kept, and its model cache reused next time"
+    )
     parser.add_argument("--steps", type=int, default=30, help="training steps per participant")
-    parser.add_argument("--keep", action="store_true", help="keep the work directory")
-    args = parser.parse_args()
-    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="hearthnet-demo-"))
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the demo's temp directory and say where"
+    )
+    args = parser.parse_args(argv)
+    own = args.workdir is None
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="hearthnet-demo-")).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     if any(workdir.iterdir()) and not (workdir / "models").exists():
         raise SystemExit(f"{workdir} is not empty")
-    print(f"demo directory: {workdir}")
+    print(f"demo directory: {workdir} (the commands below run there)")
     started = time.monotonic()
     demo = Demo(workdir, args.steps)
+    ok = False
     try:
         for name in NAMES:
             shutil.rmtree(workdir / name, ignore_errors=True)
         demo.setup()
         demo.start()
         demo.round()
+        ok = True
     finally:
-        demo.stop()
-    print(f"done in {time.monotonic() - started:.0f} s; node logs and data are in {workdir}")
-    if not args.keep and not args.workdir:
-        print("(pass --keep or --workdir DIR to keep them next time)")
+        codes = demo.stop()
+        bad = {n: c for n, c in codes.items() if c != 0}
+        if ok and bad:
+            ok = False
+            print(f"demo FAILED: nodes did not exit cleanly: {bad}", file=sys.stderr)
+        print(clean_up(workdir, own, args.keep, ok))
+    if not ok:
+        return 1
+    print(f"done in {time.monotonic() - started:.0f} s")
     return 0
 
 

@@ -28,6 +28,8 @@ class ErrorCode(StrEnum):
     FEDLEARN_MIN_PARTICIPANTS_UNMET = "fedlearn_min_participants_unmet"
     FEDLEARN_AGGREGATOR_UNREACHABLE = "fedlearn_aggregator_unreachable"
     ADAPTER_NOT_FOUND = "adapter_not_found"
+    # an adapter that makes this node's own held-out text worse (issue 12)
+    ADAPTER_REJECTED = "adapter_rejected"
     # foundation
     CONFIG_INVALID = "config_invalid"
     IDENTITY_INVALID = "identity_invalid"
@@ -53,6 +55,8 @@ class ErrorCode(StrEnum):
     OVERLOADED = "overloaded"
     INTERNAL_ERROR = "internal_error"
     HANDSHAKE_FAILED = "handshake_failed"
+    # the listen address is taken by another process (issue 12)
+    ADDRESS_IN_USE = "address_in_use"
     # LLM and trainer
     MODEL_UNAVAILABLE = "model_unavailable"
     DATA_INVALID = "data_invalid"

@@ -21,9 +21,10 @@ from hearthnet import constants as C
 from hearthnet.blobs import BlobStore
 from hearthnet.bus.bus import CallContext, CapabilityBus
 from hearthnet.bus.peer import RemoteSubscription
-from hearthnet.bus.transport import Transport
+from hearthnet.bus.transport import Transport, check_listen
 from hearthnet.config import NodeConfig
 from hearthnet.control import ControlServer
+from hearthnet.errors import ErrorCode, HearthnetError
 from hearthnet.eventlog import Event, EventLog
 from hearthnet.identity import NodeID, NodeIdentity
 from hearthnet.llm.capabilities import register_llm
@@ -93,7 +94,17 @@ class Node:
         self.fedlearn: FedLearnService | None = None  # when [experimental] fedlearn is on
         self._control: ControlServer | None = None
         self._started = 0.0
+        self._running = False  # between "node started" and "node stopped"
         self._register_builtins()
+        if not config.llm.enabled:  # say how to turn it on, not `unknown_capability`
+            self.bus.explain_missing(
+                "llm.",
+                HearthnetError(
+                    ErrorCode.MODEL_UNAVAILABLE,
+                    "the language model is off on this node: set [llm] enabled = true in its "
+                    "config and restart it",
+                ),
+            )
 
     # --- event visibility ---------------------------------------------------------------------
 
@@ -107,6 +118,7 @@ class Node:
     # --- lifecycle ----------------------------------------------------------------------------
 
     async def start(self) -> None:
+        await check_listen(self.config.listen.host, self.config.listen.port)
         data = self.config.data_dir
         data.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.eventlog = EventLog(data / C.EVENTLOG_FILE_NAME, self.identity)
@@ -134,6 +146,7 @@ class Node:
             await self.stop()
             raise
         self._started = time.monotonic()
+        self._running = True
         host, port = self.transport.listen_address
         await self.eventlog.append("node.started", {"listen": f"{host}:{port}"})
         log.info(
@@ -165,6 +178,8 @@ class Node:
         else:  # restarted in-process: fresh log, blobs and transport
             ctx = self.fedlearn.ctx
             ctx.eventlog, ctx.blobs, ctx.transport = self.eventlog, self.blobs, self.transport
+        assert self.transport is not None
+        self.transport.on_peer(self.fedlearn.peer_connected)
 
     async def stop(self) -> None:
         if self.fedlearn is not None:
@@ -176,11 +191,14 @@ class Node:
             await self.transport.stop()
             self.transport = None
         if self.eventlog is not None:
-            with contextlib.suppress(Exception):
-                await self.eventlog.append("node.stopped", {})
+            if self._running:
+                with contextlib.suppress(Exception):
+                    await self.eventlog.append("node.stopped", {})
             await self.eventlog.close()
             self.eventlog = None
-        log.info("node stopped", node_id=self.node_id)
+        if self._running:  # a start that failed logs nothing here: the error says why
+            self._running = False
+            log.info("node stopped", node_id=self.node_id)
 
     async def run_until_signal(self) -> None:
         """Run in the foreground until SIGINT or SIGTERM, then shut down cleanly."""

@@ -121,9 +121,33 @@ def test_reputation_and_audit_are_printed(monkeypatch, capsys):
                 "influence": 0.02,
                 "deviation": 17.5,
                 "reason": "value kept at 0.7% of coordinates (median)",
-            }
+            },
+            {
+                "participant": "hn" + "e" * 40,
+                "action": "clipped",
+                "influence": 1.0,
+                "deviation": 2.5,
+                "reason": "norm 19.6× the median norm clipped to 2×; value kept at 30%",
+            },
         ],
     }
+    from hearthnet.fedlearn.protocol import RoundStatus
+
+    status = RoundStatus(
+        round_id="R1",
+        phase="completed",
+        role="coordinator",
+        stage=None,
+        coordinator="hn" + "a" * 40,
+        deadline="2026-01-01T00:00:00Z",
+        joined=["x", "y"],
+        submitted=["x", "y"],
+        rejected=[],
+        abort=None,
+        result={"body": json.dumps(result), "signature": "00" * 64},
+        train_steps=30,
+        steps={"hn" + "x" * 40: 30, "hn" + "y" * 40: 18, "hn" + "z" * 40: None},
+    )
     replies = {
         "experimental.fedlearn.reputation": {
             "ban_threshold": 0.2,
@@ -138,19 +162,7 @@ def test_reputation_and_audit_are_printed(monkeypatch, capsys):
                 }
             ],
         },
-        "experimental.fedlearn.round.status": {
-            "round_id": "R1",
-            "phase": "completed",
-            "role": "coordinator",
-            "stage": None,
-            "coordinator": "hn" + "a" * 40,
-            "deadline": "2026-01-01T00:00:00Z",
-            "joined": ["x", "y"],
-            "submitted": ["x", "y"],
-            "rejected": [],
-            "abort": None,
-            "result": {"body": json.dumps(result), "signature": "00" * 64},
-        },
+        "experimental.fedlearn.round.status": status.model_dump(mode="json"),
     }
     monkeypatch.setattr(cli_fedlearn, "_call", lambda _args, name, _body, **_kw: replies[name])
     parser = build_parser()
@@ -160,3 +172,50 @@ def test_reputation_and_audit_are_printed(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "0.350" in out and "joins refused below 0.2" in out
     assert "excluded, influence 0.02, deviation 17.50 (value kept at 0.7%" in out
+    assert f"audit       {'hn' + 'd' * 14}…: excluded" in out  # labelled, not "rule"
+    assert "clipped, influence 1.00, deviation 2.50 (norm 19.6×" in out
+    assert "audit       0 kept, 0 down_weighted, 1 clipped, 1 excluded (of 2 included)" in out
+    assert f"steps       hn{'x' * 14}…: 30 of 30\n" in out
+    assert f"steps       hn{'y' * 14}…: 18 of 30 (stopped early: loss plateau)" in out
+    assert f"steps       hn{'z' * 14}…: not reported" in out
+
+
+async def test_announce_refusals_name_the_flag_and_the_key(tmp_path, tiny_model_dir, capsys):
+    """Through the real CLI and a running node: a missing consent text names --consent-text
+    (not `draft field 'consent_text'`), and a node limit names its [fedlearn] key."""
+    import asyncio
+
+    from hearthnet.cli import main
+    from hearthnet.identity import NodeIdentity
+    from hearthnet.node import Node
+
+    from .fedlearn.rounds import node_config_for
+
+    ids = {"alice": NodeIdentity.generate()}
+    config = node_config_for(
+        tmp_path, "alice", tiny_model_dir, ids, [], fedlearn={"min_round_participants": 2}
+    )
+    node = Node(config, ids["alice"])
+    await node.start()
+    toml = tmp_path / "alice.toml"
+    toml.write_text(f'[node]\nname = "alice"\ndata_dir = "{config.data_dir}"\n')
+    base = ["fedlearn", "announce", "--config", str(toml), "--topic", "village"]
+    try:
+        cases = [
+            ([], "--consent-text is required"),
+            (["--consent-text", "ok", "--rank", "3"], "--rank is not valid"),
+            (
+                ["--consent-text", "ok", "--min-participants", "1"],
+                "below this node's [fedlearn] min_round_participants 2 (announce with "
+                "--min-participants 2 or more, or lower that key)",
+            ),
+        ]
+        for extra, fragment in cases:
+            code = await asyncio.to_thread(main, [*base, *extra])
+            err = capsys.readouterr().err
+            assert code == 2 and err.startswith("error [manifest_invalid]: "), err
+            assert fragment in err, err
+        assert await asyncio.to_thread(main, [*base, "--consent-text", "I share it."]) == 0
+        assert "announced round" in capsys.readouterr().out
+    finally:
+        await node.stop()

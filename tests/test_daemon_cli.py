@@ -72,8 +72,15 @@ def test_two_daemons_cli_call_and_sigterm(tmp_path):
         )
         assert result.returncode == 2
         assert f"error [{ErrorCode.EXPERIMENTAL_DISABLED.value}]" in result.stderr
+        assert "set [experimental] fedlearn = true" in result.stderr  # says how
+        result = run("llm", "generate", "hello", "--config", str(cfg_a))
+        assert result.returncode == 2
+        assert f"error [{ErrorCode.MODEL_UNAVAILABLE.value}]" in result.stderr
+        assert "[llm] enabled = true" in result.stderr
         status = run("node", "status", "--config", str(cfg_b))
         assert id_b in status.stdout and "peers:     1" in status.stdout
+        peer_line = next(line for line in status.stdout.splitlines() if id_a in line)
+        assert peer_line.split()[-1].startswith("127.0.0.1:") and "(" not in peer_line
     finally:
         for proc in procs:
             proc.send_signal(signal.SIGTERM)
@@ -89,3 +96,37 @@ def test_two_daemons_cli_call_and_sigterm(tmp_path):
     assert result.returncode == 2 and "no node is running" in result.stderr
     result = run("events", "--config", str(cfg_a), "--verify")
     assert result.returncode == 0
+
+
+def test_a_taken_port_is_a_clear_error_exit_2(tmp_path):
+    """A second daemon on a port in use: `error [address_in_use]` naming the key to change,
+    exit 2, no traceback, and no "node stopped" for a node that never started."""
+    port = free_port()
+    cfg_a, cfg_b = tmp_path / "a" / "node.toml", tmp_path / "b" / "node.toml"
+    for d in ("a", "b"):
+        assert run("init", "--data-dir", str(tmp_path / d), "--port", str(port)).returncode == 0
+    first = subprocess.Popen(
+        [HEARTHNET, "node", "start", "--config", str(cfg_a)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_until(lambda: run("node", "status", "--config", str(cfg_a)).returncode == 0)
+        second = subprocess.run(
+            [HEARTHNET, "node", "start", "--config", str(cfg_b), "--log-format", "json"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=30)
+    assert second.returncode == 2, second.stderr
+    assert f"error [{ErrorCode.ADDRESS_IN_USE.value}]" in second.stderr
+    assert f"127.0.0.1:{port}" in second.stderr and "[listen] port" in second.stderr
+    assert "Traceback" not in second.stderr
+    events = [json.loads(line)["event"] for line in second.stderr.splitlines() if line[:1] == "{"]
+    assert "node started" not in events and "node stopped" not in events
+    assert run("events", "--config", str(cfg_b)).stderr.startswith("no events yet")
+    assert first.returncode == 0  # the node that holds the port is untouched

@@ -1,6 +1,17 @@
 import json
 
+import pytest
+import structlog
+
 from hearthnet.logs import configure_logging, get_logger
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    """These tests point structlog at pytest's captured stderr, which closes after each test:
+    put the defaults back, or every later test that logs fails writing to a closed file."""
+    yield
+    structlog.reset_defaults()
 
 
 def test_json_lines_and_secret_redaction(capsys):

@@ -61,6 +61,7 @@ class CapabilityBus:
     features: Mapping[str, bool] = field(default_factory=dict)
     remote: RemoteCaller | None = None
     _caps: dict[str, Capability] = field(default_factory=dict)
+    _missing: dict[str, HearthnetError] = field(default_factory=dict)
 
     def disabled_namespace(self, name: str) -> str | None:
         for flag, prefix in FEATURE_NAMESPACES.items():
@@ -71,9 +72,18 @@ class CapabilityBus:
     def _gate(self, name: str) -> None:
         prefix = self.disabled_namespace(name)
         if prefix is not None:
+            flag = next(f for f, p in FEATURE_NAMESPACES.items() if p == prefix)
+            section, key = flag.split(".", 1)
             raise HearthnetError(
-                ErrorCode.EXPERIMENTAL_DISABLED, f"{prefix}* is disabled on this node"
+                ErrorCode.EXPERIMENTAL_DISABLED,
+                f"{prefix}* is disabled on this node: set [{section}] {key} = true in its "
+                "config and restart it",
             )
+
+    def explain_missing(self, prefix: str, error: HearthnetError) -> None:
+        """Answer `error` instead of `unknown_capability` for names under `prefix` that are not
+        registered: a module this node has switched off, with how to switch it on."""
+        self._missing[prefix] = error
 
     def register(
         self,
@@ -112,6 +122,10 @@ class CapabilityBus:
         """Run a capability for a caller (local or an authenticated peer)."""
         self._gate(name)
         cap = self._caps.get(name)
+        if cap is None:
+            for prefix, why in self._missing.items():
+                if name.startswith(prefix):
+                    raise HearthnetError(why.code, why.message)
         if cap is None or (cap.local_only and not ctx.local):
             raise HearthnetError(ErrorCode.UNKNOWN_CAPABILITY, f"no capability {name!r}")
         try:

@@ -33,7 +33,9 @@ def check_hello(hello: Hello, network_id: str, expected_role: str) -> None:
     if hello.v != C.PROTOCOL_VERSION:
         raise HearthnetError(ErrorCode.HANDSHAKE_FAILED, f"unsupported protocol {hello.v[:32]!r}")
     if hello.net != network_id:
-        raise HearthnetError(ErrorCode.HANDSHAKE_FAILED, "different network id")
+        raise HearthnetError(
+            ErrorCode.HANDSHAKE_FAILED, "different network id (peers must share [node] network_id)"
+        )
     if hello.role != expected_role:
         raise HearthnetError(ErrorCode.HANDSHAKE_FAILED, "unexpected handshake role")
     if not is_node_id(hello.node):

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import random
 import time
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 from websockets.asyncio.client import connect
@@ -44,6 +46,36 @@ _WS_OPTIONS: dict[str, Any] = {
     "open_timeout": C.HANDSHAKE_TIMEOUT_S,
 }
 
+PeerHook = Callable[[NodeID], None]
+
+
+def listen_error(host: str, port: int, exc: OSError) -> HearthnetError:
+    """What an operator can do about a listen address that cannot be bound."""
+    where = f"{host}:{port}"
+    if exc.errno == errno.EADDRINUSE:
+        return HearthnetError(
+            ErrorCode.ADDRESS_IN_USE,
+            f"cannot listen on {where}: the port is in use (another node running?); choose a "
+            "free one in the config's [listen] port (or `hearthnet init --port`)",
+        )
+    return HearthnetError(
+        ErrorCode.CONFIG_INVALID,
+        f"cannot listen on {where}: {exc.strerror or exc}; check [listen] host and port",
+    )
+
+
+async def check_listen(host: str, port: int) -> None:
+    """Bind and release the listen address, so a taken port fails a start before anything slow
+    (loading a model) runs. Port 0 always binds."""
+    if port == 0:
+        return
+    try:
+        server = await asyncio.get_running_loop().create_server(asyncio.Protocol, host, port)
+    except OSError as exc:
+        raise listen_error(host, port, exc) from None
+    server.close()
+    await server.wait_closed()
+
 
 class Transport:
     def __init__(
@@ -65,14 +97,23 @@ class Transport:
         self._tasks: set[asyncio.Task[None]] = set()
         self._url_node: dict[str, NodeID] = {}
         self._changed = asyncio.Condition()
+        self._peer_hooks: list[PeerHook] = []
         bus.remote = self
+
+    def on_peer(self, hook: PeerHook) -> None:
+        """Call `hook(node)` each time a session with a peer is established. It runs on the
+        event loop before the session reads its first frame, so it must not block: start a task
+        to talk to the peer."""
+        self._peer_hooks.append(hook)
 
     # --- lifecycle ----------------------------------------------------------------------------
 
     async def start(self) -> None:
-        self._server = await serve(
-            self._accept, self.config.listen.host, self.config.listen.port, **_WS_OPTIONS
-        )
+        host, port = self.config.listen.host, self.config.listen.port
+        try:
+            self._server = await serve(self._accept, host, port, **_WS_OPTIONS)
+        except OSError as exc:
+            raise listen_error(host, port, exc) from None
         for peer in self.config.peers:
             self._spawn(self._dial_loop(peer))
 
@@ -112,9 +153,13 @@ class Transport:
         if node == self.identity.node_id:
             raise HearthnetError(ErrorCode.HANDSHAKE_FAILED, "connected to itself")
         if expected is not None and node != expected:
-            raise HearthnetError(ErrorCode.HANDSHAKE_FAILED, "peer is not the configured NodeID")
+            raise HearthnetError(
+                ErrorCode.HANDSHAKE_FAILED, "peer is not the NodeID its [[peers]] node_id names"
+            )
         if not self.config.trust.allows(node):
-            raise HearthnetError(ErrorCode.FORBIDDEN, "peer is not a member of this community")
+            raise HearthnetError(
+                ErrorCode.FORBIDDEN, "peer is not a member of this community ([trust] roster)"
+            )
 
     async def _handshake(self, ws: Connection, role: str, expected: str | None = None) -> NodeID:
         net = self.config.node.network_id
@@ -172,6 +217,11 @@ class Transport:
             await ws.close(1000, "duplicate connection")
             return
         log.info("peer connected", peer=node, inbound=dialer == node)
+        for hook in self._peer_hooks:
+            try:
+                hook(node)
+            except Exception:  # a module's hook must not take the session down
+                log.exception("peer hook failed", peer=node)
         try:
             await peer.run()
         finally:
@@ -250,8 +300,16 @@ class Transport:
         return [
             {
                 "node_id": p.node_id,
-                "remote": str(p.ws.remote_address),
+                "remote": _host_port(p.ws.remote_address),
                 "dialled_by_us": p.dialer == self.identity.node_id,
             }
             for p in sorted(self.peers.values(), key=lambda p: p.node_id)
         ]
+
+
+def _host_port(address: Any) -> str:
+    """`host:port` (`[host]:port` for IPv6) of a socket address tuple."""
+    if isinstance(address, tuple) and len(address) >= 2:
+        host = str(address[0])
+        return f"[{host}]:{address[1]}" if ":" in host else f"{host}:{address[1]}"
+    return str(address)

@@ -158,7 +158,9 @@ class EventLog:
         except BlockingIOError:
             os.close(fd)
             raise HearthnetError(
-                ErrorCode.EVENTLOG_LOCKED, f"event log {self.path} is open in another process"
+                ErrorCode.EVENTLOG_LOCKED,
+                f"event log {self.path} is open in another process (a node already running with "
+                "this data_dir?)",
             ) from None
         self._lock_fd = fd
 

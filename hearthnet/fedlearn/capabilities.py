@@ -19,10 +19,11 @@ from hearthnet import constants as C
 from hearthnet.bus.bus import CallContext, CapabilityBus
 from hearthnet.errors import ErrorCode, HearthnetError
 from hearthnet.eventlog import Event
+from hearthnet.fedlearn import evaluation
 from hearthnet.fedlearn.context import FedContext
 from hearthnet.fedlearn.coordinator import RoundCoordinator
 from hearthnet.fedlearn.data import CustomFileProvider, TrainingDataProvider
-from hearthnet.fedlearn.manifest import RoundManifestDraft
+from hearthnet.fedlearn.manifest import RoundManifestDraft, SignedManifest
 from hearthnet.fedlearn.participant import CAP, RoundParticipant
 from hearthnet.fedlearn.protocol import (
     AnnounceRequest,
@@ -32,6 +33,8 @@ from hearthnet.fedlearn.protocol import (
     Empty,
     EnrollRequest,
     EnrollResponse,
+    EvaluateRequest,
+    EvaluationReport,
     FetchRequest,
     FetchResponse,
     HandoverResponse,
@@ -88,13 +91,20 @@ class FedLearnService:
         root = ctx.config.fedlearn.training_data or ctx.config.data_dir / C.TRAINING_DIR_NAME
         self.coordinator = RoundCoordinator(ctx)
         self.participant = RoundParticipant(
-            ctx, self.coordinator, provider or CustomFileProvider(root, self._render_chat)
+            ctx,
+            self.coordinator,
+            provider
+            or CustomFileProvider(root, self._render_chat, ctx.config.fedlearn.held_out_fraction),
         )
 
     def _render_chat(self, messages: list[dict[str, str]]) -> str:
         tokenizer = self.ctx.llm.tokenizer
         if tokenizer is None:
-            raise HearthnetError(ErrorCode.MODEL_UNAVAILABLE, "chat data needs the model loaded")
+            raise HearthnetError(
+                ErrorCode.MODEL_UNAVAILABLE,
+                "chat data (messages lines) is rendered with the model's tokenizer: set "
+                "[llm] enabled = true, or give the topic's text as .txt or text lines",
+            )
         return str(tokenizer.apply_chat_template(messages, tokenize=False))
 
     async def start(self) -> None:
@@ -163,6 +173,8 @@ class FedLearnService:
                 rejected=record.rejected,
                 result=record.result,
                 abort=record.abort,
+                train_steps=record.signed.manifest.train_steps,
+                steps={p: s.submission.steps for p, s in sorted(record.submissions.items())},
             )
         assert member is not None
         phase = {Stage.COMPLETED: "completed", Stage.ABORTED: "aborted"}.get(
@@ -180,6 +192,8 @@ class FedLearnService:
             rejected=[],
             result=member.result,
             abort=member.abort,
+            train_steps=member.signed.manifest.train_steps,
+            steps={} if member.steps is None else {self.ctx.node_id: member.steps},
         )
 
     def _finished(self, round_id: str) -> bool:
@@ -317,6 +331,14 @@ class FedLearnService:
             "a published adapter by SHA (blob)",
         )
         reg(
+            "adapter.evaluate",
+            self._evaluate,
+            EvaluateRequest,
+            EvaluationReport,
+            True,
+            "operator: an adapter's held-out perplexity on this node's own text",
+        )
+        reg(
             "adapter.apply",
             self._apply,
             ApplyRequest,
@@ -345,26 +367,54 @@ class FedLearnService:
         seconds = fields.pop("deadline_in_s")
         if "deadline" not in fields:
             if not isinstance(seconds, int | float) or not 0 < seconds <= C.FEDLEARN_MAX_DEADLINE_S:
-                raise HearthnetError(ErrorCode.MANIFEST_INVALID, "deadline_in_s is out of range")
+                raise HearthnetError(
+                    ErrorCode.MANIFEST_INVALID,
+                    f"deadline_in_s is out of range: more than 0, at most "
+                    f"{C.FEDLEARN_MAX_DEADLINE_S // 86400} days (--deadline-in)",
+                )
             fields["deadline"] = datetime.now(UTC) + timedelta(seconds=float(seconds))
         draft = RoundManifestDraft.from_fields(fields)
         signed = await self.coordinator.announce_round(draft)
         await self.participant.offered(self.ctx.node_id, signed.to_wire())
-        offered: list[str] = []
-        for peer in self.ctx.connected_peers():
-            try:
-                await self.ctx.bus.call(
-                    CAP + "round.offer",
-                    {"manifest": signed.to_wire()},
-                    peer=peer,
-                    timeout=C.FEDLEARN_PEER_CALL_TIMEOUT_S,
-                )
-                offered.append(peer)
-            except HearthnetError as err:
-                log.info("offer not taken", peer=peer, code=str(err.code))
+        offered = [p for p in self.ctx.connected_peers() if await self._offer_to(p, signed)]
         return AnnounceResponse(
             round_id=signed.round_id, manifest_sha=signed.manifest_sha, offered_to=offered
         )
+
+    async def _offer_to(self, peer: str, signed: SignedManifest) -> bool:
+        try:
+            await self.ctx.bus.call(
+                CAP + "round.offer",
+                {"manifest": signed.to_wire()},
+                peer=peer,
+                timeout=C.FEDLEARN_PEER_CALL_TIMEOUT_S,
+            )
+        except HearthnetError as err:
+            log.info("offer not taken", peer=peer, round_id=signed.round_id, code=str(err.code))
+            return False
+        return True
+
+    def peer_connected(self, peer: str) -> None:
+        """A peer that connects while a round is open is offered it then (an announce reaches
+        only the peers connected at that moment). Only rounds a peer could still join: open,
+        before the deadline, not full, a secure round's mask roster not yet closed."""
+        now = datetime.now(UTC)
+        joinable = [
+            r.signed
+            for r in self.coordinator.rounds.values()
+            if r.phase is Phase.ANNOUNCED
+            and r.signed.manifest.deadline_at > now
+            and peer not in r.joined
+            and len(r.joined) < r.signed.manifest.max_participants
+            and r.roster is None
+        ]
+        if joinable:
+            self.ctx.spawn(self._offer_open(peer, joinable), f"offer-{peer[:12]}")
+
+    async def _offer_open(self, peer: str, rounds: list[SignedManifest]) -> None:
+        for signed in rounds:
+            if await self._offer_to(peer, signed):
+                log.info("open round offered to a peer that connected", round_id=signed.round_id)
 
     async def _offer(self, ctx: CallContext, req: OfferRequest) -> RoundRef:
         round_id = await self.participant.offered(ctx.caller, req.manifest.model_dump())
@@ -443,14 +493,80 @@ class FedLearnService:
         data = await asyncio.to_thread(self.ctx.blobs.get, req.sha)
         return FetchResponse(sha=req.sha, size=len(data)), data
 
+    async def _judge(self, sha: str, purpose: str, force: bool) -> EvaluationReport | None:
+        """Judge a published adapter on this node's held-out text and log the judgement; None
+        (also logged) when `force` lets an apply go ahead without one."""
+        if not self.published(sha):
+            raise HearthnetError(ErrorCode.ADAPTER_NOT_FOUND, f"no adapter {sha}")
+        signed = await self.participant.install_adapter(sha)
+        m = signed.manifest
+        fed = self.ctx.config.fedlearn
+        provider = self.participant.provider
+        try:
+            held = await asyncio.to_thread(provider.held_out, m.topic)
+            if not held:
+                where = str(getattr(provider, "root", "the training data folder"))
+                raise evaluation.no_held_out_text(m.topic, where, purpose == "apply")
+            verdict = await evaluation.judge(
+                self.ctx.llm, sha, m.round_id, m.topic, held, fed.apply_max_perplexity_ratio
+            )
+        except HearthnetError as err:
+            if not force:
+                raise
+            body = {"adapter_sha": sha, "round_id": m.round_id, "topic": m.topic}
+            await self.ctx.eventlog.append(
+                evaluation.EVENT,
+                {**body, "purpose": purpose, "forced": True, "unjudged": err.code.value},
+            )
+            log.warning("adapter applied unjudged", sha=sha, reason=err.message)
+            return None
+        event = await self.ctx.eventlog.append(evaluation.EVENT, verdict.payload(purpose, force))
+        report = EvaluationReport(
+            sha=sha,
+            round_id=m.round_id,
+            topic=m.topic,
+            texts=verdict.texts,
+            perplexity_base=verdict.perplexity_base,
+            perplexity_adapter=verdict.perplexity_adapter,
+            ratio=verdict.ratio,
+            max_ratio=verdict.max_ratio,
+            passes=verdict.passes,
+            event_seq=event.seq,
+        )
+        if not verdict.passes and not force:
+            raise HearthnetError(
+                ErrorCode.ADAPTER_REJECTED,
+                f"the adapter makes this node's held-out text worse: perplexity "
+                f"{verdict.perplexity_base:.2f} -> {verdict.perplexity_adapter:.2f} on "
+                f"{verdict.texts} texts of topic {m.topic!r} (ratio {verdict.ratio:.3f}, allowed "
+                f"{verdict.max_ratio}); raise [fedlearn] apply_max_perplexity_ratio or pass "
+                "--force to apply it anyway",
+                report.model_dump(),
+            )
+        return report
+
+    async def _evaluate(self, _ctx: CallContext, req: EvaluateRequest) -> EvaluationReport:
+        report = await self._judge(req.sha, "evaluate", force=False)
+        assert report is not None  # without force, a failure raises
+        return report
+
     async def _apply(self, _ctx: CallContext, req: ApplyRequest) -> ApplyReceipt:
         if not self.published(req.sha):
             raise HearthnetError(ErrorCode.ADAPTER_NOT_FOUND, f"no adapter {req.sha}")
-        await self.participant.install_adapter(req.sha)
         llm = self.ctx.llm
         if req.scope == "node":
+            report = await self._judge(req.sha, "apply", req.force)
             llm.set_node_adapter(req.sha)
-            return ApplyReceipt(sha=req.sha, scope="node", session_id=None, node_default=req.sha)
+            log.info("node adapter set", sha=req.sha, forced=req.force, judged=report is not None)
+            return ApplyReceipt(
+                sha=req.sha,
+                scope="node",
+                session_id=None,
+                node_default=req.sha,
+                evaluation=report,
+                forced=req.force,
+            )
+        await self.participant.install_adapter(req.sha)
         session = llm.open_session(req.sha)
         return ApplyReceipt(
             sha=req.sha, scope="session", session_id=session.id, node_default=llm.node_default

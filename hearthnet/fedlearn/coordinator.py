@@ -101,7 +101,11 @@ class RoundCoordinator:
             raise HearthnetError(ErrorCode.OVERLOADED, "too many rounds on this node")
         fed = self.ctx.config.fedlearn
         if fed.require_secure_aggregation and not draft.secure:
-            raise HearthnetError(ErrorCode.MANIFEST_INVALID, "this node requires secure rounds")
+            raise HearthnetError(
+                ErrorCode.MANIFEST_INVALID,
+                "this node requires secure rounds ([fedlearn] require_secure_aggregation): "
+                "announce with --secure",
+            )
         signed = draft.build(self.ctx.identity, fed)
         if signed.manifest.base_model_sha != self.ctx.llm.base_model_sha:
             raise HearthnetError(
@@ -234,6 +238,11 @@ class RoundCoordinator:
             raise HearthnetError(ErrorCode.ROUND_CLOSED, "submission after the deadline")
         if sub.participant in record.submissions:
             raise HearthnetError(ErrorCode.DELTA_INVALID, "participant already submitted")
+        if sub.steps is not None and sub.steps > m.train_steps:
+            raise HearthnetError(
+                ErrorCode.DELTA_INVALID,
+                f"{sub.steps} training steps claimed; the manifest asks for {m.train_steps}",
+            )
         limit = self.ctx.config.fedlearn.submission_max_bytes
         if len(data) > limit:
             raise HearthnetError(ErrorCode.DELTA_INVALID, f"submission exceeds {limit} bytes")

@@ -3,11 +3,17 @@
 `CustomFileProvider` reads operator-curated files for a topic: `<root>/<topic>.jsonl|.txt` and
 `<root>/<topic>/*.jsonl|*.txt`. JSON lines hold `{"text": ...}` or chat `{"messages": [...]}`
 (rendered with the model's chat template); plain text is split into paragraphs at blank lines.
-Every sample counts once: `num_samples` is what was really read.
+Every sample counts once: `num_samples` is what was really trained on.
+
+A share of each topic's texts (`[fedlearn] held_out_fraction`) is held out of training so that
+the node can judge an adapter on text no training here has seen (`fedlearn evaluate`, `apply
+--scope node`). The split is by a keyed SHA-256 of each text, not by position: it does not move
+when files are reordered or added to, and every copy of a held-out text is held out.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import Callable
@@ -22,7 +28,32 @@ _TOPIC_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 
 
 class TrainingDataProvider(Protocol):
-    def samples(self, topic: str) -> list[str]: ...
+    def samples(self, topic: str) -> list[str]:
+        """The topic's training texts (the held-out slice excluded)."""
+        ...
+
+    def held_out(self, topic: str) -> list[str]:
+        """The topic's held-out texts, never trained on; empty when there are too few."""
+        ...
+
+
+def _held_out_key(text: str) -> bytes:
+    return hashlib.sha256(b"hearthnet-held-out\0" + text.encode()).digest()
+
+
+def split_held_out(texts: list[str], fraction: float) -> tuple[list[str], list[str]]:
+    """(training, held out). A text is held out when its keyed hash, read as a number in [0, 1),
+    is below `fraction`: a text's side never changes when others are added or reordered. A topic
+    with at least FEDLEARN_HELD_OUT_MIN_SAMPLES distinct texts that none falls under holds out
+    the one of smallest hash. One copy of each held-out text is returned; all leave training."""
+    distinct = sorted(set(texts), key=_held_out_key)
+    if fraction <= 0 or len(distinct) < C.FEDLEARN_HELD_OUT_MIN_SAMPLES:
+        return list(texts), []
+    bound = int(fraction * 2**64)
+    held = [t for t in distinct if int.from_bytes(_held_out_key(t)[:8], "big") < bound]
+    held = held[: len(distinct) - 1] or distinct[:1]
+    kept = set(held)
+    return [t for t in texts if t not in kept], held
 
 
 def _invalid(message: str) -> HearthnetError:
@@ -30,9 +61,15 @@ def _invalid(message: str) -> HearthnetError:
 
 
 class CustomFileProvider:
-    def __init__(self, root: Path, render_chat: ChatRenderer | None = None):
+    def __init__(
+        self,
+        root: Path,
+        render_chat: ChatRenderer | None = None,
+        held_out_fraction: float = C.FEDLEARN_HELD_OUT_FRACTION_DEFAULT,
+    ):
         self.root = Path(root)
         self.render_chat = render_chat
+        self.held_out_fraction = held_out_fraction
 
     def files(self, topic: str) -> list[Path]:
         if not _TOPIC_RE.match(topic) or len(topic) > C.FEDLEARN_TOPIC_MAX_LEN:
@@ -44,6 +81,20 @@ class CustomFileProvider:
         return [p for p in found if p.is_file()]
 
     def samples(self, topic: str) -> list[str]:
+        train, _ = split_held_out(self.read(topic), self.held_out_fraction)
+        return train
+
+    def held_out(self, topic: str) -> list[str]:
+        try:
+            texts = self.read(topic)
+        except HearthnetError as err:
+            if err.code is ErrorCode.DATA_INVALID and not self.files(topic):
+                return []  # no text for the topic at all
+            raise
+        return split_held_out(texts, self.held_out_fraction)[1]
+
+    def read(self, topic: str) -> list[str]:
+        """Every text of the topic, in file order."""
         out: list[str] = []
         for path in self.files(topic):
             if path.stat().st_size > C.DATA_MAX_FILE_BYTES:

@@ -244,24 +244,44 @@ def structural_problems(m: RoundManifest) -> list[str]:
 
 def check_against_config(m: RoundManifest, config: FedLearnConfig, now: datetime) -> None:
     """The node-specific limits: a coordinator checks its draft, a participant what it joins."""
+    # Each problem names the node's [fedlearn] key and the announce flag: either side can fix it.
     problems = []
     if m.lora_rank > config.max_lora_rank:
-        problems.append(f"lora_rank {m.lora_rank} exceeds max_lora_rank {config.max_lora_rank}")
+        problems.append(
+            f"lora_rank {m.lora_rank} exceeds this node's [fedlearn] max_lora_rank "
+            f"{config.max_lora_rank} (announce with a lower --rank, or raise that key)"
+        )
     if len(m.lora_target_modules) > config.max_lora_target_modules:
-        problems.append("too many lora_target_modules")
+        problems.append(
+            f"too many lora_target_modules ({len(m.lora_target_modules)}): this node's "
+            f"[fedlearn] max_lora_target_modules is {config.max_lora_target_modules} "
+            "(announce with fewer --modules, or raise that key)"
+        )
     if m.train_steps > config.max_train_steps:
-        problems.append(f"train_steps exceeds max_train_steps {config.max_train_steps}")
+        problems.append(
+            f"train_steps {m.train_steps} exceeds this node's [fedlearn] max_train_steps "
+            f"{config.max_train_steps} (announce with fewer --steps, or raise that key)"
+        )
     if m.max_participants > config.max_round_participants:
-        problems.append("max_participants exceeds max_round_participants")
+        problems.append(
+            f"max_participants {m.max_participants} exceeds this node's [fedlearn] "
+            f"max_round_participants {config.max_round_participants} (announce with a lower "
+            "--max-participants, or raise that key)"
+        )
     if m.min_participants < config.min_round_participants:
         problems.append(
-            f"min_participants below min_round_participants {config.min_round_participants}"
+            f"min_participants {m.min_participants} is below this node's [fedlearn] "
+            f"min_round_participants {config.min_round_participants} (announce with "
+            f"--min-participants {config.min_round_participants} or more, or lower that key)"
         )
     deadline = m.deadline_at
     if deadline <= now:
-        problems.append("deadline is not in the future")
+        problems.append("deadline is not in the future (--deadline-in)")
     elif deadline - now > timedelta(seconds=C.FEDLEARN_MAX_DEADLINE_S):
-        problems.append("deadline is too far in the future")
+        problems.append(
+            f"deadline is too far in the future: at most {C.FEDLEARN_MAX_DEADLINE_S // 86400} "
+            "days (--deadline-in)"
+        )
     if problems:
         raise HearthnetError(
             ErrorCode.MANIFEST_INVALID, "; ".join(problems), {"problems": problems}

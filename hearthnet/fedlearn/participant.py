@@ -279,7 +279,9 @@ class RoundParticipant:
 
         async with self._train_lock:
             samples = await asyncio.to_thread(self.provider.samples, m.topic)
-            trainer = QLoRATrainer(self.ctx.llm.model_dir, self.ctx.llm.device)
+            # off the loop: on a node that never loaded the model this converts a GGUF (~25 s)
+            model_dir = await asyncio.to_thread(lambda: self.ctx.llm.model_dir)
+            trainer = QLoRATrainer(model_dir, self.ctx.llm.device)
             log.info(
                 "training", round_id=member.round_id, samples=len(samples), steps=m.train_steps
             )
@@ -299,6 +301,8 @@ class RoundParticipant:
                 "num_samples": result.num_samples,
                 "train_loss": result.train_loss,
                 "steps": result.steps,
+                "train_steps": m.train_steps,
+                "stopped_early": result.stopped_early,
             },
         )
         log.info(
@@ -306,6 +310,8 @@ class RoundParticipant:
             round_id=member.round_id,
             loss=round(result.train_loss, 4),
             steps=result.steps,
+            of=m.train_steps,
+            stopped_early=result.stopped_early,
         )
 
     async def _call_coordinator(
@@ -381,7 +387,12 @@ class RoundParticipant:
         data = await self._submission_bytes(member)
         sha = await asyncio.to_thread(self.ctx.blobs.put, data)
         sub = ParticipantSubmission.create(
-            self.ctx.identity, member.round_id, data, member.num_samples, member.train_loss or 0.0
+            self.ctx.identity,
+            member.round_id,
+            data,
+            member.num_samples,
+            member.train_loss or 0.0,
+            steps=member.steps,
         )
         raw, _ = await self._call_coordinator(
             member,
@@ -519,8 +530,9 @@ class RoundParticipant:
             self.ctx.llm.set_node_adapter(sha)
         return result
 
-    async def install_adapter(self, sha: str) -> None:
-        """Make a stored adapter blob usable by the LLM service (a PEFT directory)."""
+    async def install_adapter(self, sha: str) -> SignedManifest:
+        """Make a stored adapter blob usable by the LLM service (a PEFT directory); returns the
+        manifest of the round that made it."""
         from hearthnet.llm.adapters import write_peft_adapter
 
         if not self.ctx.blobs.has(sha):
@@ -532,6 +544,7 @@ class RoundParticipant:
             write_peft_adapter, tensors, signed.manifest, signed.manifest.base_model_id, target
         )
         self.ctx.llm.register_adapter(sha, target)
+        return signed
 
     # --- takeover ---------------------------------------------------------------------------------
 

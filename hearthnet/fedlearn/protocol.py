@@ -93,7 +93,7 @@ class AuditEntry(_Msg):
     """What the aggregation rule did with one included participant's update (`robust.Verdict`)."""
 
     participant: NodeIdField
-    action: Literal["kept", "down_weighted", "excluded"]
+    action: Literal["kept", "down_weighted", "clipped", "excluded"]
     influence: Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
     deviation: Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
     reason: Annotated[str, Field(max_length=256)]
@@ -228,6 +228,10 @@ class RoundStatus(_Msg):
     rejected: list[dict[str, str]]
     result: SignedDoc | None
     abort: dict[str, str] | None
+    train_steps: int = 0  # requested by the manifest
+    # training steps each participant ran, from its signed submission (the coordinator) or its
+    # own training (a participant); None for a submission made before steps were reported
+    steps: dict[str, int | None] = {}
 
 
 class ReputationRow(_Msg):
@@ -266,9 +270,29 @@ class FetchResponse(_Msg):
     size: int
 
 
+class EvaluateRequest(_Msg):
+    sha: Sha
+
+
+class EvaluationReport(_Msg):
+    """Held-out perplexity of this node's own text with and without an adapter."""
+
+    sha: str
+    round_id: str
+    topic: str
+    texts: int
+    perplexity_base: float
+    perplexity_adapter: float
+    ratio: float
+    max_ratio: float
+    passes: bool
+    event_seq: int
+
+
 class ApplyRequest(_Msg):
     sha: Sha
     scope: Scope = "session"
+    force: bool = False  # node scope: apply even if the held-out check fails or cannot run
 
 
 class ApplyReceipt(_Msg):
@@ -276,6 +300,8 @@ class ApplyReceipt(_Msg):
     scope: str
     session_id: str | None
     node_default: str | None
+    evaluation: EvaluationReport | None = None
+    forced: bool = False
 
 
 class PendingResponse(_Msg):

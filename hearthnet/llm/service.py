@@ -8,7 +8,7 @@ work is blocking: the node runs these methods in worker threads, never on its ev
 
 from __future__ import annotations
 
-import json
+import functools
 import math
 import secrets
 import threading
@@ -71,14 +71,14 @@ class LLMService:
     # --- loading ------------------------------------------------------------------------------
 
     def prepare(self) -> None:
-        """Resolve, hash and (once) convert the base model; no weights are loaded yet."""
+        """Resolve and hash the base model and read its shapes; nothing is converted or loaded
+        yet (a coordinator needs no more; `model_dir` converts a GGUF on first use)."""
         self.source = M.resolve_source(self.settings.base_model)
         self.base_model_sha = M.weights_sha(self.source, self.cache_root)
-        self.model_dir = M.model_dir(self.source, self.cache_root, self.base_model_sha)
         self.base_model_id = self.source.model_id
         self.device = M.compute_device(self.settings.device)
-        self.model_shapes = M.linear_shapes(self.model_dir)
-        config = json.loads((self.model_dir / "config.json").read_text())
+        config = M.base_config(self.source, self.cache_root, self.base_model_sha)
+        self.model_shapes = M.config_linear_shapes(config)
         self.hidden_size = int(config["hidden_size"])
         self.num_layers = int(config["num_hidden_layers"])
         for path in sorted(self.adapter_root.glob("*/adapter_config.json")):
@@ -87,6 +87,17 @@ class LLMService:
     @property
     def prepared(self) -> bool:
         return hasattr(self, "model_shapes")
+
+    @property
+    def loaded(self) -> bool:
+        """Whether the weights are in memory (`[llm] enabled = true`)."""
+        return self._model is not None
+
+    @functools.cached_property
+    def model_dir(self) -> Path:
+        """The Hugging Face directory to load or train from: a GGUF is converted here, once
+        (~25 s for SmolLM2), when the model is first needed rather than at every start."""
+        return M.model_dir(self.source, self.cache_root, self.base_model_sha)
 
     def load(self) -> None:
         self.prepare()
@@ -149,7 +160,10 @@ class LLMService:
 
     def _run(self, sha: str | None, fn: Any) -> Any:
         if self._model is None:
-            raise HearthnetError(ErrorCode.MODEL_UNAVAILABLE, "the base model is not loaded")
+            raise HearthnetError(
+                ErrorCode.MODEL_UNAVAILABLE,
+                "the base model is not loaded on this node: set [llm] enabled = true",
+            )
         with self._lock, torch.inference_mode():
             model = self._activate(sha)
             if model is None and self._peft is not None:
@@ -258,7 +272,8 @@ class LLMService:
                 ErrorCode.INSUFFICIENT_RESOURCES,
                 f"training needs ~{est.vram_mb} MB memory and {est.disk_mb} MB disk; the budget "
                 f"is {self.fedlearn.training_vram_budget_mb} MB and "
-                f"{self.fedlearn.training_disk_budget_mb} MB",
+                f"{self.fedlearn.training_disk_budget_mb} MB ([fedlearn] training_vram_budget_mb "
+                "and training_disk_budget_mb)",
                 {"vram_mb": est.vram_mb, "disk_mb": est.disk_mb},
             )
         return est

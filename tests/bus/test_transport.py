@@ -13,9 +13,11 @@ from websockets.exceptions import ConnectionClosed
 from hearthnet import constants as C
 from hearthnet.bus.bus import CallContext
 from hearthnet.bus.protocol import Auth, Hello, decode, encode
+from hearthnet.bus.transport import Transport
 from hearthnet.errors import ErrorCode, HearthnetError
 from hearthnet.identity import NodeIdentity
 from hearthnet.node import Empty, NodeInfo
+from tests.helpers import raises_code
 
 from .conftest import RawPeer
 
@@ -125,6 +127,7 @@ async def test_experimental_disabled_even_for_read_only_queries(make_node, tiny_
         with pytest.raises(HearthnetError) as exc:
             await off.bus.call(name)
         assert exc.value.code is ErrorCode.EXPERIMENTAL_DISABLED
+        assert "set [experimental] fedlearn = true" in exc.value.message  # says how
         with pytest.raises(HearthnetError) as exc:  # a flag-off node does not call out either
             await off.bus.call(name, peer=on.node_id)
         assert exc.value.code is ErrorCode.EXPERIMENTAL_DISABLED
@@ -133,6 +136,62 @@ async def test_experimental_disabled_even_for_read_only_queries(make_node, tiny_
     with pytest.raises(HearthnetError) as exc:
         off.bus.register("experimental.fedlearn.echo", _echo, Echo, EchoReply)
     assert exc.value.code is ErrorCode.EXPERIMENTAL_DISABLED
+
+
+async def test_llm_names_say_how_to_turn_the_model_on(trio):
+    """With [llm] off, an llm.* call is `model_unavailable` naming the key, locally and from a
+    peer — not `unknown_capability`, which would hide that the node could do it."""
+    a, b, _ = trio
+    for peer in (None, b.node_id):
+        for name in ("llm.generate", "llm.perplexity", "llm.adapter.list"):
+            with pytest.raises(HearthnetError) as exc:
+                await a.bus.call(name, {"prompt": "hi"}, peer=peer)
+            assert exc.value.code is ErrorCode.MODEL_UNAVAILABLE
+            assert "[llm] enabled = true" in exc.value.message
+    with pytest.raises(HearthnetError) as exc:  # other unknown names stay unknown
+        await a.bus.call("llmx.generate", peer=b.node_id)
+    assert exc.value.code is ErrorCode.UNKNOWN_CAPABILITY
+
+
+async def test_a_taken_port_fails_the_start_with_address_in_use(make_node, tmp_path):
+    a = await make_node("a")
+    port = a.transport.listen_address[1]
+    b = await make_node("b", port=port, start=False)
+    with pytest.raises(HearthnetError) as exc:
+        await b.start()
+    assert exc.value.code is ErrorCode.ADDRESS_IN_USE
+    assert f"127.0.0.1:{port}" in exc.value.message and "[listen] port" in exc.value.message
+    assert not (tmp_path / "b").exists()  # refused before anything was created
+    # the transport itself says the same when the port is taken after that first check
+    transport = Transport(b.identity, b.config, b.bus, None, lambda _p, _e: False)
+    with pytest.raises(HearthnetError) as exc:
+        await transport.start()
+    assert exc.value.code is ErrorCode.ADDRESS_IN_USE
+    assert (await a.bus.call("node.info")).node_id == a.node_id  # the holder is unaffected
+
+
+async def test_peer_hooks_run_for_every_session(make_node):
+    """`on_peer` fires once per established session, again after a reconnect; a hook that
+    raises does not take the session down."""
+    seen: list[str] = []
+
+    def broken(_node: str) -> None:
+        raise RuntimeError("a module's bug")
+
+    a = await make_node("a")
+    a.transport.on_peer(broken)
+    a.transport.on_peer(seen.append)
+    ident = NodeIdentity.generate()
+    b = await make_node("b", peers=[a.listen_url], identity=ident)
+    await a.wait_for_peer(ident.node_id)
+    assert seen == [ident.node_id]
+    await b.stop()
+    b2 = await make_node("b", peers=[a.listen_url], identity=ident)
+    async with asyncio.timeout(15):
+        while len(seen) < 2:
+            await asyncio.sleep(0.05)
+    assert seen == [ident.node_id, ident.node_id]
+    assert (await b2.bus.call("node.info", peer=a.node_id)).node_id == a.node_id
 
 
 async def test_members_only_refuses_outsiders(make_node):
@@ -144,7 +203,7 @@ async def test_members_only_refuses_outsiders(make_node):
     await asyncio.sleep(1.0)
     assert outsider.node_id not in a.transport.peers
     assert a.transport.stats["handshake_refused"] >= 1
-    with pytest.raises(HearthnetError):
+    with raises_code(ErrorCode.PEER_NOT_CONNECTED):
         await o.bus.call("node.info", peer=a.node_id)
     assert (await m.bus.call("node.info", peer=a.node_id)).name == "a"
 

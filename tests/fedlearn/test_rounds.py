@@ -24,8 +24,18 @@ from hearthnet.fedlearn.protocol import JoinReceipt, RoundResult, SignedDoc
 from hearthnet.fedlearn.publish import aggregate_submissions, read_adapter
 from hearthnet.identity import NodeIdentity
 from hearthnet.node import Node
+from tests.helpers import raises_code
 
-from .rounds import CAP, node_config_for, small_draft, start_cluster, stop_cluster, wait_status
+from .rounds import (
+    CAP,
+    Cluster,
+    node_config_for,
+    small_draft,
+    start_cluster,
+    stop_cluster,
+    wait_status,
+    write_corpus,
+)
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -68,6 +78,75 @@ async def test_two_node_round_on_smollm_applies_and_keeps_perplexity_sane(tmp_pa
             {"prompt": "Hello", "session_id": applied.session_id, "max_new_tokens": 8},
         )
         assert out.adapter_sha == sha
+        # alice judges the adapter on her own held-out text (kept out of her training) before
+        # making it the node default; both judgements are events in her log.
+        report = await c.call("alice", "adapter.evaluate", {"sha": sha}, timeout=300)
+        assert report.texts >= 1 and report.topic == "village" and report.passes
+        assert report.perplexity_adapter < 0.9 * report.perplexity_base  # 10 steps: ~111 -> ~89
+        held = c["alice"].fedlearn.participant.provider.held_out("village")
+        assert held and not set(held) & set(
+            c["alice"].fedlearn.participant.provider.samples("village")
+        )
+        node = await c.call("alice", "adapter.apply", {"sha": sha, "scope": "node"}, timeout=300)
+        assert node.node_default == sha and node.evaluation.passes and not node.forced
+        assert node.evaluation.perplexity_adapter == report.perplexity_adapter  # reproducible
+        events = await c["alice"].eventlog.read_all("fedlearn.adapter.evaluated")
+        assert [e.payload["purpose"] for e in events] == ["evaluate", "apply"]
+        assert events[-1].seq == node.evaluation.event_seq
+    finally:
+        await stop_cluster(c)
+
+
+async def test_node_apply_refuses_an_adapter_that_fails_the_held_out_check(
+    tmp_path, tiny_model_dir
+):
+    # A bound no adapter can meet stands in for a harmful adapter: the refusal path is the same.
+    c = await start_cluster(
+        tmp_path,
+        ["alice", "bob"],
+        tiny_model_dir,
+        llm_enabled=("alice",),
+        fedlearn={"apply_max_perplexity_ratio": 0.001},
+    )
+    try:
+        ann = await _announce(c, deadline_in_s=120)
+        await _join(c, ["alice", "bob"], ann.round_id)
+        status = await wait_status(c, "alice", ann.round_id, 120)
+        assert status.phase == "completed", status.abort
+        sha = _result(status).aggregated_delta_sha
+        with pytest.raises(HearthnetError) as exc:
+            await c.call("alice", "adapter.apply", {"sha": sha, "scope": "node"}, timeout=120)
+        assert exc.value.code is ErrorCode.ADAPTER_REJECTED
+        assert "apply_max_perplexity_ratio" in exc.value.message and "--force" in exc.value.message
+        assert c["alice"].llm.node_default is None  # refused: nothing changed
+        forced = await c.call(
+            "alice", "adapter.apply", {"sha": sha, "scope": "node", "force": True}, timeout=120
+        )
+        assert forced.forced and not forced.evaluation.passes and forced.node_default == sha
+        # bob has no model loaded: judging needs it, and the refusal says which key to set.
+        with pytest.raises(HearthnetError) as exc:
+            await c.call("bob", "adapter.evaluate", {"sha": sha}, timeout=60)
+        assert exc.value.code is ErrorCode.MODEL_UNAVAILABLE
+        assert "[llm] enabled = true" in exc.value.message
+        # Without text for the topic there is nothing to judge on: refused unless forced.
+        for path in (tmp_path / "alice" / "training").iterdir():
+            path.unlink()
+        with pytest.raises(HearthnetError) as exc:
+            await c.call("alice", "adapter.apply", {"sha": sha, "scope": "node"}, timeout=60)
+        assert exc.value.code is ErrorCode.DATA_INVALID
+        assert "no held-out text for topic 'village'" in exc.value.message
+        assert "--force" in exc.value.message
+        unjudged = await c.call(
+            "alice", "adapter.apply", {"sha": sha, "scope": "node", "force": True}, timeout=60
+        )
+        assert unjudged.forced and unjudged.evaluation is None
+        events = await c["alice"].eventlog.read_all("fedlearn.adapter.evaluated")
+        assert [(e.payload["forced"], e.payload.get("passes")) for e in events] == [
+            (False, False),
+            (True, False),
+            (True, None),
+        ]
+        assert events[-1].payload["unjudged"] == "data_invalid"
     finally:
         await stop_cluster(c)
 
@@ -152,11 +231,14 @@ async def test_takeover_reproduces_the_coordinators_sha(tmp_path, tiny_model_dir
         await stop_cluster(c)
 
 
-def _forged_submission(node: Node, signed, delta, samples=5):
+def _forged_submission(node: Node, signed, delta, samples=5, steps=None):
     data = serialize_delta(
         delta, manifest_sha=signed.manifest_sha, round_id=signed.round_id, participant=node.node_id
     )
-    return ParticipantSubmission.create(node.identity, signed.round_id, data, samples, 0.1), data
+    sub = ParticipantSubmission.create(
+        node.identity, signed.round_id, data, samples, 0.1, steps=steps
+    )
+    return sub, data
 
 
 async def test_garbage_is_rejected_and_too_few_valid_submissions_abort(tmp_path, tiny_model_dir):
@@ -175,8 +257,8 @@ async def test_garbage_is_rejected_and_too_few_valid_submissions_abort(tmp_path,
         shapes = expected_shapes(signed.manifest, c["alice"].fedlearn.ctx.model_shapes())
         good = {k: torch.zeros(s) for k, s in shapes.items()}
 
-        async def submit(delta, receipt=receipt):
-            sub, data = _forged_submission(c["dave"], signed, delta)
+        async def submit(delta, receipt=receipt, steps=None):
+            sub, data = _forged_submission(c["dave"], signed, delta, steps=steps)
             return await c["dave"].bus.call(
                 CAP + "round.submit",
                 {"submission": sub.model_dump(), "receipt": receipt},
@@ -194,6 +276,11 @@ async def test_garbage_is_rejected_and_too_few_valid_submissions_abort(tmp_path,
             with pytest.raises(HearthnetError) as exc:
                 await submit(delta)
             assert exc.value.code is ErrorCode.DELTA_INVALID
+        with pytest.raises(HearthnetError) as exc:  # more steps than the manifest asked for
+            await submit(good, steps=signed.manifest.train_steps + 1)
+        assert (
+            exc.value.code is ErrorCode.DELTA_INVALID and "11 training steps" in exc.value.message
+        )
         # someone else's receipt is no receipt
         bob_receipt = c["bob"].fedlearn.participant.members[ann.round_id].receipt.model_dump()
         with pytest.raises(HearthnetError) as exc:
@@ -206,9 +293,16 @@ async def test_garbage_is_rejected_and_too_few_valid_submissions_abort(tmp_path,
             "delta_invalid"
         }
         events = await c["alice"].eventlog.read_all("fedlearn.round.")
-        assert [e.type for e in events].count("fedlearn.round.rejected") == 3
+        assert [e.type for e in events].count("fedlearn.round.rejected") == 4
+        # steps run vs requested, from the signed submissions (10 steps: too few to plateau)
+        honest = {c["bob"].node_id, c["carol"].node_id}
+        assert status.train_steps == 10 and status.steps == dict.fromkeys(sorted(honest), 10)
+        stored = [e.payload["submission"] for e in events if e.type == "fedlearn.round.submitted"]
+        assert sorted(s["participant"] for s in stored) == sorted(honest)
+        assert all(s["steps"] == 10 for s in stored)
         bob = await wait_status(c, "bob", ann.round_id, 30)
         assert bob.stage == "aborted"
+        assert bob.train_steps == 10 and bob.steps == {c["bob"].node_id: 10}
         # a participant's delta lies in the coordinator's blob store but is never served
         record = c["alice"].fedlearn.coordinator.rounds[ann.round_id]
         delta_sha = next(iter(record.submissions.values())).blob_sha
@@ -241,6 +335,38 @@ async def test_join_refusals(tmp_path, tiny_model_dir):
         with pytest.raises(HearthnetError) as exc:
             await c.call("dave", "round.join", {"round_id": late.round_id, "consent": True})
         assert exc.value.code is ErrorCode.ROUND_CLOSED
+    finally:
+        await stop_cluster(c)
+
+
+async def test_an_open_round_reaches_a_peer_that_connects_later(tmp_path, tiny_model_dir):
+    """Announced with nobody connected, a round is offered to a peer when it connects while the
+    round is open; it can consent, join and complete. A round past its deadline is not."""
+    ids = {n: NodeIdentity.generate() for n in ("alice", "bob")}
+    for name in ids:
+        write_corpus(tmp_path / name / "training", name, "village")
+    alice = Node(node_config_for(tmp_path, "alice", tiny_model_dir, ids, []), ids["alice"])
+    await alice.start()
+    c = Cluster({"alice": alice}, tmp_path)
+    try:
+        ann = await _announce(c, min_participants=1, max_participants=2, deadline_in_s=90)
+        closed = await _announce(c, deadline_in_s=1)
+        assert ann.offered_to == [] and closed.offered_to == []
+        await asyncio.sleep(1.5)  # `closed` is past its deadline before bob comes
+        bob = Node(
+            node_config_for(tmp_path, "bob", tiny_model_dir, ids, [alice.listen_url]), ids["bob"]
+        )
+        await bob.start()
+        c.nodes["bob"] = bob
+        async with asyncio.timeout(15):
+            while not (await c.call("bob", "round.pending")).rounds:
+                await asyncio.sleep(0.1)
+        pending = [r.round_id for r in (await c.call("bob", "round.pending")).rounds]
+        assert pending == [ann.round_id]
+        assert closed.round_id not in bob.fedlearn.participant.members
+        await _join(c, ["bob"], ann.round_id)
+        status = await wait_status(c, "alice", ann.round_id)
+        assert status.phase == "completed" and status.submitted == [bob.node_id]
     finally:
         await stop_cluster(c)
 
@@ -324,7 +450,7 @@ def test_receipt_binds_participant_and_round():
         receipt.open(JoinReceipt, someone.node_id)
     assert exc.value.code is ErrorCode.SIGNATURE_INVALID
     tampered = receipt.model_copy(update={"body": receipt.body.replace("a" * 64, "b" * 64)})
-    with pytest.raises(HearthnetError):
+    with raises_code(ErrorCode.SIGNATURE_INVALID):
         tampered.open(JoinReceipt, coordinator.node_id)
 
 
