@@ -498,9 +498,7 @@ class FedLearnService:
         (also logged) when `force` lets an apply go ahead without one."""
         if not self.published(sha):
             raise HearthnetError(ErrorCode.ADAPTER_NOT_FOUND, f"no adapter {sha}")
-        signed = await self.participant.install_adapter(sha)
-        m = signed.manifest
-        fed = self.ctx.config.fedlearn
+        m = (await self.participant.install_adapter(sha)).manifest
         provider = self.participant.provider
         try:
             held = await asyncio.to_thread(provider.held_out, m.topic)
@@ -508,31 +506,21 @@ class FedLearnService:
                 where = str(getattr(provider, "root", "the training data folder"))
                 raise evaluation.no_held_out_text(m.topic, where, purpose == "apply")
             verdict = await evaluation.judge(
-                self.ctx.llm, sha, m.round_id, m.topic, held, fed.apply_max_perplexity_ratio
+                self.ctx.llm,
+                self.ctx.eventlog,
+                sha,
+                m,
+                held,
+                self.ctx.config.fedlearn.apply_max_perplexity_ratio,
+                purpose=purpose,
+                forced=force,
             )
         except HearthnetError as err:
             if not force:
                 raise
-            body = {"adapter_sha": sha, "round_id": m.round_id, "topic": m.topic}
-            await self.ctx.eventlog.append(
-                evaluation.EVENT,
-                {**body, "purpose": purpose, "forced": True, "unjudged": err.code.value},
-            )
+            await evaluation.record_unjudged(self.ctx.eventlog, sha, m, purpose, err)
             log.warning("adapter applied unjudged", sha=sha, reason=err.message)
             return None
-        event = await self.ctx.eventlog.append(evaluation.EVENT, verdict.payload(purpose, force))
-        report = EvaluationReport(
-            sha=sha,
-            round_id=m.round_id,
-            topic=m.topic,
-            texts=verdict.texts,
-            perplexity_base=verdict.perplexity_base,
-            perplexity_adapter=verdict.perplexity_adapter,
-            ratio=verdict.ratio,
-            max_ratio=verdict.max_ratio,
-            passes=verdict.passes,
-            event_seq=event.seq,
-        )
         if not verdict.passes and not force:
             raise HearthnetError(
                 ErrorCode.ADAPTER_REJECTED,
@@ -541,9 +529,9 @@ class FedLearnService:
                 f"{verdict.texts} texts of topic {m.topic!r} (ratio {verdict.ratio:.3f}, allowed "
                 f"{verdict.max_ratio}); raise [fedlearn] apply_max_perplexity_ratio or pass "
                 "--force to apply it anyway",
-                report.model_dump(),
+                verdict.model_dump(),
             )
-        return report
+        return verdict
 
     async def _evaluate(self, _ctx: CallContext, req: EvaluateRequest) -> EvaluationReport:
         report = await self._judge(req.sha, "evaluate", force=False)

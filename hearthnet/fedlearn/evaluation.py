@@ -12,49 +12,14 @@ not, is a `fedlearn.adapter.evaluated` event in the node's log.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
 from typing import Any
 
 from hearthnet import constants as C
 from hearthnet.errors import ErrorCode, HearthnetError
+from hearthnet.fedlearn.manifest import RoundManifest
+from hearthnet.fedlearn.protocol import EvaluationReport
 
 EVENT = "fedlearn.adapter.evaluated"
-
-
-@dataclass(frozen=True)
-class Judgement:
-    """Held-out perplexity with and without an adapter, and whether it passes the bound."""
-
-    sha: str
-    round_id: str
-    topic: str
-    texts: int
-    perplexity_base: float
-    perplexity_adapter: float
-    max_ratio: float
-
-    @property
-    def ratio(self) -> float:
-        return self.perplexity_adapter / self.perplexity_base
-
-    @property
-    def passes(self) -> bool:
-        return self.ratio <= self.max_ratio
-
-    def payload(self, purpose: str, forced: bool) -> dict[str, Any]:
-        return {
-            "adapter_sha": self.sha,
-            "round_id": self.round_id,
-            "topic": self.topic,
-            "texts": self.texts,
-            "perplexity_base": round(self.perplexity_base, 6),
-            "perplexity_adapter": round(self.perplexity_adapter, 6),
-            "ratio": round(self.ratio, 6),
-            "max_ratio": self.max_ratio,
-            "passes": self.passes,
-            "purpose": purpose,
-            "forced": forced,
-        }
 
 
 def no_held_out_text(topic: str, where: str, for_apply: bool) -> HearthnetError:
@@ -69,10 +34,18 @@ def no_held_out_text(topic: str, where: str, for_apply: bool) -> HearthnetError:
 
 
 async def judge(
-    llm: Any, sha: str, round_id: str, topic: str, held_out: list[str], max_ratio: float
-) -> Judgement:
+    llm: Any,
+    eventlog: Any,
+    sha: str,
+    manifest: RoundManifest,
+    held_out: list[str],
+    max_ratio: float,
+    *,
+    purpose: str,
+    forced: bool,
+) -> EvaluationReport:
     """Perplexity of `held_out` (at most FEDLEARN_EVAL_MAX_TEXTS texts) on the base model and
-    with adapter `sha`, in worker threads: the node keeps answering meanwhile."""
+    with adapter `sha`, in worker threads (the node keeps answering), logged as an event."""
     if not llm.loaded:
         raise HearthnetError(
             ErrorCode.MODEL_UNAVAILABLE,
@@ -81,4 +54,25 @@ async def judge(
     texts = held_out[: C.FEDLEARN_EVAL_MAX_TEXTS]
     base = await asyncio.to_thread(llm.perplexity, texts, None)
     tuned = await asyncio.to_thread(llm.perplexity, texts, sha)
-    return Judgement(sha, round_id, topic, len(texts), base, tuned, max_ratio)
+    fields: dict[str, Any] = {
+        "sha": sha,
+        "round_id": manifest.round_id,
+        "topic": manifest.topic,
+        "texts": len(texts),
+        "perplexity_base": base,
+        "perplexity_adapter": tuned,
+        "ratio": tuned / base,
+        "max_ratio": max_ratio,
+        "passes": tuned / base <= max_ratio,
+    }
+    event = await eventlog.append(EVENT, {**fields, "purpose": purpose, "forced": forced})
+    return EvaluationReport(**fields, event_seq=event.seq)
+
+
+async def record_unjudged(
+    eventlog: Any, sha: str, manifest: RoundManifest, purpose: str, reason: HearthnetError
+) -> None:
+    """A forced apply that could not be judged says why in the log."""
+    body = {"sha": sha, "round_id": manifest.round_id, "topic": manifest.topic}
+    unjudged = {"purpose": purpose, "forced": True, "unjudged": reason.code.value}
+    await eventlog.append(EVENT, {**body, **unjudged})

@@ -38,6 +38,24 @@ def dave_scales_his_delta(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(QLoRATrainer, "train", train)
 
 
+async def _round_of_three(c, aggregation):
+    """bob, carol and dave train a round alice coordinates; (result, ids, audit by NodeID)."""
+    ann = await _announce(
+        c,
+        aggregation=aggregation,
+        min_participants=3,
+        max_participants=3,
+        deadline_in_s=90,
+        clip_norm=0.0,
+    )
+    await _join(c, ["bob", "carol", "dave"], ann.round_id)
+    status = await wait_status(c, "alice", ann.round_id, 120)
+    assert status.phase == "completed", status.abort
+    result = _result(status)
+    ids = {name: c[name].node_id for name in ("alice", "bob", "carol", "dave")}
+    return result, ids, {a.participant: a for a in result.audit}
+
+
 @pytest.mark.parametrize("rule", ["median", "trimmed_mean"])
 async def test_a_scaled_delta_is_excluded_audited_and_costs_reputation(
     tmp_path, tiny_model_dir, dave_scales_his_delta, rule
@@ -48,20 +66,7 @@ async def test_a_scaled_delta_is_excluded_audited_and_costs_reputation(
     )
     try:
         params = {"beta": 0.34} if rule == "trimmed_mean" else {}
-        ann = await _announce(
-            c,
-            aggregation={"rule": rule, "params": params},
-            min_participants=3,
-            max_participants=3,
-            deadline_in_s=90,
-            clip_norm=0.0,
-        )
-        await _join(c, ["bob", "carol", "dave"], ann.round_id)
-        status = await wait_status(c, "alice", ann.round_id, 120)
-        assert status.phase == "completed", status.abort
-        result = _result(status)
-        ids = {name: c[name].node_id for name in names}
-        audit = {a.participant: a for a in result.audit}
+        result, ids, audit = await _round_of_three(c, {"rule": rule, "params": params})
         assert result.rule == rule and set(audit) == {ids["bob"], ids["carol"], ids["dave"]}
         assert audit[ids["dave"]].action == "excluded"
         assert audit[ids["dave"]].deviation > 3.0
@@ -74,7 +79,7 @@ async def test_a_scaled_delta_is_excluded_audited_and_costs_reputation(
         adapter, _ = read_adapter(c["alice"].blobs.get(result.aggregated_delta_sha))
         deltas = {}
         for name in ("bob", "carol", "dave"):
-            member = c[name].fedlearn.participant.members[ann.round_id]
+            member = c[name].fedlearn.participant.members[result.round_id]
             deltas[name] = deserialize_delta(c[name].blobs.get(member.trained_sha))[0]
         for key in deltas["bob"]:
             lo = torch.minimum(deltas["bob"][key], deltas["carol"][key])
@@ -121,20 +126,8 @@ async def test_a_clipped_delta_is_audited_clipped_and_costs_reputation(
     names = ["alice", "bob", "carol", "dave"]
     c = await start_cluster(tmp_path, names, tiny_model_dir)
     try:
-        ann = await _announce(
-            c,
-            aggregation={"rule": "fedavg", "params": {"norm_bound": 2.0}},  # clip mode
-            min_participants=3,
-            max_participants=3,
-            deadline_in_s=90,
-            clip_norm=0.0,
-        )
-        await _join(c, ["bob", "carol", "dave"], ann.round_id)
-        status = await wait_status(c, "alice", ann.round_id, 120)
-        assert status.phase == "completed", status.abort
-        result = _result(status)
-        ids = {name: c[name].node_id for name in names}
-        audit = {a.participant: a for a in result.audit}
+        clip = {"rule": "fedavg", "params": {"norm_bound": 2.0}}  # clip mode
+        _, ids, audit = await _round_of_three(c, clip)
         assert audit[ids["dave"]].action == "clipped"
         assert "clipped to 2×" in audit[ids["dave"]].reason
         assert audit[ids["dave"]].deviation > 3.0  # measured on his unclipped update
