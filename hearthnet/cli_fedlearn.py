@@ -275,11 +275,14 @@ def cmd_takeover(args: argparse.Namespace) -> int:
 
 
 def _judgement_text(ev: dict[str, Any]) -> str:
+    def num(value: float | None, digits: int = 2) -> str:
+        return "not finite" if value is None else f"{value:.{digits}f}"
+
     verdict = "passes" if ev["passes"] else "FAILS"
     return (
         f"held-out perplexity on this node's {ev['texts']} texts of topic {ev['topic']!r}: "
-        f"base {ev['perplexity_base']:.2f} -> with adapter {ev['perplexity_adapter']:.2f} "
-        f"(ratio {ev['ratio']:.3f}, allowed {ev['max_ratio']}: {verdict}; event "
+        f"base {num(ev['perplexity_base'])} -> with adapter {num(ev['perplexity_adapter'])} "
+        f"(ratio {num(ev['ratio'], 3)}, allowed {ev['max_ratio']}: {verdict}; event "
         f"#{ev['event_seq']})"
     )
 

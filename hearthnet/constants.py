@@ -163,6 +163,8 @@ LLM_MAX_PROMPT_CHARS: Final = 16_000
 LLM_MAX_SESSIONS: Final = 64
 LLM_MAX_LOADED_ADAPTERS: Final = 16
 LLM_EVAL_MAX_TEXTS: Final = 1000
+# Mean token NLL above which perplexity is reported as infinite (exp would overflow a double)
+LLM_MAX_LOG_PERPLEXITY: Final = 700.0
 LLM_HASH_CHUNK_BYTES: Final = 4 * MIB
 # Training
 TRAIN_MAX_SEQ_TOKENS: Final = 256
@@ -184,6 +186,11 @@ DATA_MAX_SAMPLE_CHARS: Final = 8_000
 # Held-out text (fedlearn/data.py): a node keeps this share of its own texts per topic out of
 # training, chosen by keyed content hash, to judge adapters on (`fedlearn evaluate`, `apply
 # --scope node`); topics with fewer texts than the minimum keep none back.
+# Offer-on-connect: a peer is offered the open rounds at most once per this many seconds,
+# however often it reconnects; the per-peer memory of that is bounded.
+FEDLEARN_REOFFER_COOLDOWN_S: Final = 30.0
+FEDLEARN_REOFFER_MEMORY: Final = 4096
+FEDLEARN_HELD_OUT_SALT_FILE: Final = "held-out.salt"
 FEDLEARN_HELD_OUT_FRACTION_DEFAULT: Final = 0.1
 FEDLEARN_HELD_OUT_MAX_FRACTION: Final = 0.5
 FEDLEARN_HELD_OUT_MIN_SAMPLES: Final = 4

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import secrets
+import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -22,7 +24,7 @@ from hearthnet.eventlog import Event
 from hearthnet.fedlearn import evaluation
 from hearthnet.fedlearn.context import FedContext
 from hearthnet.fedlearn.coordinator import RoundCoordinator
-from hearthnet.fedlearn.data import CustomFileProvider, TrainingDataProvider
+from hearthnet.fedlearn.data import CustomFileProvider, TrainingDataProvider, held_out_salt
 from hearthnet.fedlearn.manifest import RoundManifestDraft, SignedManifest
 from hearthnet.fedlearn.participant import CAP, RoundParticipant
 from hearthnet.fedlearn.protocol import (
@@ -83,6 +85,10 @@ class Ack(_Msg):
     ok: bool = True
 
 
+def _num(value: float | None, digits: int = 2) -> str:
+    return "not finite" if value is None else f"{value:.{digits}f}"
+
+
 class FedLearnService:
     """The fedlearn module of one node: a coordinator, a participant, and their capabilities."""
 
@@ -90,11 +96,17 @@ class FedLearnService:
         self.ctx = ctx
         root = ctx.config.fedlearn.training_data or ctx.config.data_dir / C.TRAINING_DIR_NAME
         self.coordinator = RoundCoordinator(ctx)
+        self._offered_at: dict[str, float] = {}  # peer -> when it was last offered open rounds
         self.participant = RoundParticipant(
             ctx,
             self.coordinator,
             provider
-            or CustomFileProvider(root, self._render_chat, ctx.config.fedlearn.held_out_fraction),
+            or CustomFileProvider(
+                root,
+                self._render_chat,
+                ctx.config.fedlearn.held_out_fraction,
+                held_out_salt(ctx.config.data_dir),
+            ),
         )
 
     def _render_chat(self, messages: list[dict[str, str]]) -> str:
@@ -408,8 +420,17 @@ class FedLearnService:
             and len(r.joined) < r.signed.manifest.max_participants
             and r.roster is None
         ]
-        if joinable:
-            self.ctx.spawn(self._offer_open(peer, joinable), f"offer-{peer[:12]}")
+        if not joinable:
+            return
+        # Reconnecting does not buy a peer more offers than one per cooldown.
+        clock = time.monotonic()
+        if clock - self._offered_at.get(peer, -math.inf) < C.FEDLEARN_REOFFER_COOLDOWN_S:
+            return
+        self._offered_at.pop(peer, None)
+        self._offered_at[peer] = clock
+        while len(self._offered_at) > C.FEDLEARN_REOFFER_MEMORY:
+            del self._offered_at[next(iter(self._offered_at))]  # the oldest
+        self.ctx.spawn(self._offer_open(peer, joinable), f"offer-{peer[:12]}")
 
     async def _offer_open(self, peer: str, rounds: list[SignedManifest]) -> None:
         for signed in rounds:
@@ -525,10 +546,10 @@ class FedLearnService:
             raise HearthnetError(
                 ErrorCode.ADAPTER_REJECTED,
                 f"the adapter makes this node's held-out text worse: perplexity "
-                f"{verdict.perplexity_base:.2f} -> {verdict.perplexity_adapter:.2f} on "
-                f"{verdict.texts} texts of topic {m.topic!r} (ratio {verdict.ratio:.3f}, allowed "
-                f"{verdict.max_ratio}); raise [fedlearn] apply_max_perplexity_ratio or pass "
-                "--force to apply it anyway",
+                f"{_num(verdict.perplexity_base)} -> {_num(verdict.perplexity_adapter)} on "
+                f"{verdict.texts} texts of topic {m.topic!r} (ratio {_num(verdict.ratio, 3)}, "
+                f"allowed {verdict.max_ratio}); raise [fedlearn] apply_max_perplexity_ratio or "
+                "pass --force to apply it anyway",
                 verdict.model_dump(),
             )
         return verdict

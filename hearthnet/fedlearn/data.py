@@ -7,15 +7,19 @@ Every sample counts once: `num_samples` is what was really trained on.
 
 A share of each topic's texts (`[fedlearn] held_out_fraction`) is held out of training so that
 the node can judge an adapter on text no training here has seen (`fedlearn evaluate`, `apply
---scope node`). The split is by a keyed SHA-256 of each text, not by position: it does not move
-when files are reordered or added to, and every copy of a held-out text is held out.
+--scope node`). The split is by an HMAC of each text under a per-node secret (so nobody else can
+tell which texts are held out), not by position: it does not move when files are reordered or
+added to, and every copy of a held-out text is held out.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
+import os
 import re
+import secrets
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -37,20 +41,47 @@ class TrainingDataProvider(Protocol):
         ...
 
 
-def _held_out_key(text: str) -> bytes:
-    return hashlib.sha256(b"hearthnet-held-out\0" + text.encode()).digest()
+def held_out_salt(data_dir: Path) -> bytes:
+    """This node's secret key for the held-out split, created once (mode 600). Secret so that
+    nobody who knows or guesses a node's texts — a coordinator shaping a poisoned adapter, say —
+    can tell which of them the node judges adapters on; persistent so the split never moves."""
+    path = Path(data_dir) / C.FEDLEARN_HELD_OUT_SALT_FILE
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        salt = path.read_bytes()
+        if len(salt) != 32:
+            raise HearthnetError(
+                ErrorCode.DATA_INVALID,
+                f"{path} is damaged (expected 32 bytes); delete it to draw a new held-out split",
+            ) from None
+        return salt
+    salt = secrets.token_bytes(32)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(salt)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return salt
 
 
-def split_held_out(texts: list[str], fraction: float) -> tuple[list[str], list[str]]:
-    """(training, held out). A text is held out when its keyed hash, read as a number in [0, 1),
+def _held_out_key(text: str, salt: bytes) -> bytes:
+    return hmac.new(b"hearthnet-held-out\0" + salt, text.encode(), hashlib.sha256).digest()
+
+
+def split_held_out(
+    texts: list[str], fraction: float, salt: bytes = b""
+) -> tuple[list[str], list[str]]:
+    """(training, held out). A text is held out when its keyed hash (HMAC with the node's
+    `salt`), read as a number in [0, 1),
     is below `fraction`: a text's side never changes when others are added or reordered. A topic
     with at least FEDLEARN_HELD_OUT_MIN_SAMPLES distinct texts that none falls under holds out
     the one of smallest hash. One copy of each held-out text is returned; all leave training."""
-    distinct = sorted(set(texts), key=_held_out_key)
+    keys = {t: _held_out_key(t, salt) for t in set(texts)}
+    distinct = sorted(keys, key=keys.__getitem__)
     if fraction <= 0 or len(distinct) < C.FEDLEARN_HELD_OUT_MIN_SAMPLES:
         return list(texts), []
     bound = int(fraction * 2**64)
-    held = [t for t in distinct if int.from_bytes(_held_out_key(t)[:8], "big") < bound]
+    held = [t for t in distinct if int.from_bytes(keys[t][:8], "big") < bound]
     held = held[: len(distinct) - 1] or distinct[:1]
     kept = set(held)
     return [t for t in texts if t not in kept], held
@@ -66,10 +97,12 @@ class CustomFileProvider:
         root: Path,
         render_chat: ChatRenderer | None = None,
         held_out_fraction: float = C.FEDLEARN_HELD_OUT_FRACTION_DEFAULT,
+        held_out_salt: bytes = b"",
     ):
         self.root = Path(root)
         self.render_chat = render_chat
         self.held_out_fraction = held_out_fraction
+        self.held_out_salt = held_out_salt
 
     def files(self, topic: str) -> list[Path]:
         if not _TOPIC_RE.match(topic) or len(topic) > C.FEDLEARN_TOPIC_MAX_LEN:
@@ -81,7 +114,7 @@ class CustomFileProvider:
         return [p for p in found if p.is_file()]
 
     def samples(self, topic: str) -> list[str]:
-        train, _ = split_held_out(self.read(topic), self.held_out_fraction)
+        train, _ = split_held_out(self.read(topic), self.held_out_fraction, self.held_out_salt)
         return train
 
     def held_out(self, topic: str) -> list[str]:
@@ -91,7 +124,7 @@ class CustomFileProvider:
             if err.code is ErrorCode.DATA_INVALID and not self.files(topic):
                 return []  # no text for the topic at all
             raise
-        return split_held_out(texts, self.held_out_fraction)[1]
+        return split_held_out(texts, self.held_out_fraction, self.held_out_salt)[1]
 
     def read(self, topic: str) -> list[str]:
         """Every text of the topic, in file order."""

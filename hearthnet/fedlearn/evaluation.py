@@ -12,6 +12,7 @@ not, is a `fedlearn.adapter.evaluated` event in the node's log.
 from __future__ import annotations
 
 import asyncio
+import math
 from typing import Any
 
 from hearthnet import constants as C
@@ -31,6 +32,11 @@ def no_held_out_text(topic: str, where: str, for_apply: bool) -> HearthnetError:
         f"keep [fedlearn] held_out_fraction above 0{fix}",
         {"topic": topic},
     )
+
+
+def _finite(value: float) -> float | None:
+    """Logged and sent as JSON, which has no NaN or infinity."""
+    return value if math.isfinite(value) else None
 
 
 async def judge(
@@ -54,16 +60,17 @@ async def judge(
     texts = held_out[: C.FEDLEARN_EVAL_MAX_TEXTS]
     base = await asyncio.to_thread(llm.perplexity, texts, None)
     tuned = await asyncio.to_thread(llm.perplexity, texts, sha)
+    ratio = tuned / base if math.isfinite(base) and math.isfinite(tuned) else math.nan
     fields: dict[str, Any] = {
         "sha": sha,
         "round_id": manifest.round_id,
         "topic": manifest.topic,
         "texts": len(texts),
-        "perplexity_base": base,
-        "perplexity_adapter": tuned,
-        "ratio": tuned / base,
+        "perplexity_base": _finite(base),
+        "perplexity_adapter": _finite(tuned),
+        "ratio": _finite(ratio),
         "max_ratio": max_ratio,
-        "passes": tuned / base <= max_ratio,
+        "passes": ratio <= max_ratio,  # False for NaN: a broken adapter never passes
     }
     event = await eventlog.append(EVENT, {**fields, "purpose": purpose, "forced": forced})
     return EvaluationReport(**fields, event_seq=event.seq)

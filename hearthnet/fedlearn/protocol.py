@@ -275,15 +275,16 @@ class EvaluateRequest(_Msg):
 
 
 class EvaluationReport(_Msg):
-    """Held-out perplexity of this node's own text with and without an adapter."""
+    """Held-out perplexity of this node's own text with and without an adapter; None where it
+    is not finite (an adapter that breaks the model: it never passes)."""
 
     sha: str
     round_id: str
     topic: str
     texts: int
-    perplexity_base: float
-    perplexity_adapter: float
-    ratio: float
+    perplexity_base: float | None
+    perplexity_adapter: float | None
+    ratio: float | None
     max_ratio: float
     passes: bool
     event_seq: int

@@ -21,6 +21,7 @@ same numbers as a freshly loaded one, in any order of calls. See docs/decisions.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 from dataclasses import dataclass
@@ -69,8 +70,8 @@ def _packed(module: Any) -> bool:
     return bool(getattr(state, "packing_format_for_cpu", False))
 
 
-def _weight_sha(module: Any) -> str:
-    data = module.weight.data.detach().contiguous().view(torch.uint8).cpu()
+def _sha(weight: torch.Tensor) -> str:
+    data = weight.detach().contiguous().view(torch.uint8).cpu()
     return hashlib.sha256(data.numpy().tobytes()).hexdigest()
 
 
@@ -113,9 +114,18 @@ def _restore(module: Any, *_args: Any) -> None:
     from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
 
     record: _Unpacked = getattr(module, _RECORD)
-    data, state = _convert_weight_packed_for_cpu_inverse(
-        module.weight.data, module.weight.quant_state
+    # bitsandbytes' inverse rewrites the state it is given: hand it a copy, so that a layout it
+    # cannot invert leaves the layer packed (and still correct) rather than half restored.
+    data, _ = _convert_weight_packed_for_cpu_inverse(
+        module.weight.data, copy.copy(module.weight.quant_state)
     )
+    if _sha(data) != record.weight_sha:
+        raise HearthnetError(
+            ErrorCode.MODEL_UNAVAILABLE,
+            "bitsandbytes' CPU weight packing did not invert exactly; the installed bitsandbytes "
+            "differs from the locked one (reinstall with scripts/_setup)",
+        )
+    state = module.weight.quant_state
     state.absmax = record.absmax
     state.dtype = record.dtype
     state.nested = record.nested
@@ -123,12 +133,6 @@ def _restore(module: Any, *_args: Any) -> None:
     state.state2 = record.state2
     setattr(state, "packing_format_for_cpu", False)  # noqa: B010 (not declared on QuantState)
     module.weight.data = data
-    if _weight_sha(module) != record.weight_sha:
-        raise HearthnetError(
-            ErrorCode.MODEL_UNAVAILABLE,
-            "bitsandbytes' CPU weight packing did not invert exactly; the installed bitsandbytes "
-            "differs from the locked one (reinstall with scripts/_setup)",
-        )
 
 
 def guard_cpu_packing(model: Any) -> int:
@@ -146,7 +150,7 @@ def guard_cpu_packing(model: Any) -> int:
             )
         state = module.weight.quant_state
         record = _Unpacked(
-            weight_sha=_weight_sha(module),
+            weight_sha=_sha(module.weight.data),
             absmax=state.absmax,
             dtype=state.dtype,
             nested=bool(state.nested),

@@ -239,7 +239,8 @@ class LLMService:
                 count += ids.shape[1] - 1
             if count == 0:
                 raise HearthnetError(ErrorCode.BAD_REQUEST, "texts are too short to evaluate")
-            return math.exp(total / count)
+            mean = total / count  # exp overflows above ~709.78: such a model is infinitely bad
+            return math.exp(mean) if mean < C.LLM_MAX_LOG_PERPLEXITY else math.inf
 
         return float(self._run(adapter_sha, run))
 

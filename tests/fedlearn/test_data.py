@@ -3,7 +3,7 @@ import json
 import pytest
 
 from hearthnet.errors import ErrorCode, HearthnetError
-from hearthnet.fedlearn.data import CustomFileProvider, split_held_out
+from hearthnet.fedlearn.data import CustomFileProvider, held_out_salt, split_held_out
 from tests.helpers import raises_code
 
 
@@ -86,3 +86,19 @@ def test_topic_cannot_escape_the_root(tmp_path):
     with raises_code(ErrorCode.DATA_INVALID) as exc:
         CustomFileProvider(tmp_path).samples("c")  # chat data without a template
     assert "template" in exc.value.message
+
+
+def test_the_split_is_keyed_by_a_secret_per_node_salt(tmp_path):
+    texts = [f"notice {i}: the bakery opens at {6 + i}" for i in range(200)]
+    salt = held_out_salt(tmp_path)
+    assert len(salt) == 32 and (tmp_path / "held-out.salt").stat().st_mode & 0o777 == 0o600
+    assert held_out_salt(tmp_path) == salt  # persistent: the split never moves
+    mine = split_held_out(texts, 0.1, salt)[1]
+    assert mine == split_held_out(texts, 0.1, salt)[1]
+    # Someone who knows the texts but not the salt cannot compute the split.
+    assert mine != split_held_out(texts, 0.1)[1]
+    (tmp_path / "other").mkdir()
+    assert mine != split_held_out(texts, 0.1, held_out_salt(tmp_path / "other"))[1]
+    (tmp_path / "held-out.salt").write_bytes(b"short")
+    with raises_code(ErrorCode.DATA_INVALID):
+        held_out_salt(tmp_path)

@@ -364,6 +364,12 @@ async def test_an_open_round_reaches_a_peer_that_connects_later(tmp_path, tiny_m
         pending = [r.round_id for r in (await c.call("bob", "round.pending")).rounds]
         assert pending == [ann.round_id]
         assert closed.round_id not in bob.fedlearn.participant.members
+        # Reconnecting does not buy more offers: within the cooldown a new session of bob's
+        # (what each reconnect reports) sends nothing.
+        tasks = set(alice.fedlearn.ctx.tasks)
+        for _ in range(5):
+            alice.fedlearn.peer_connected(bob.node_id)
+        assert set(alice.fedlearn.ctx.tasks) <= tasks
         await _join(c, ["bob"], ann.round_id)
         status = await wait_status(c, "alice", ann.round_id)
         assert status.phase == "completed" and status.submitted == [bob.node_id]

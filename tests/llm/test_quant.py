@@ -158,6 +158,11 @@ def test_a_layout_that_does_not_invert_is_refused(tiny_model_dir):
         model.state_dict()
     assert exc.value.code is ErrorCode.MODEL_UNAVAILABLE
     assert "bitsandbytes" in exc.value.message
+    # Refused every time, never half restored: the layer stays packed as it was.
+    assert packed_layers(model) == len(layer_states(model))
+    with pytest.raises(HearthnetError) as exc:
+        model.state_dict()
+    assert exc.value.code is ErrorCode.MODEL_UNAVAILABLE
 
 
 def test_the_packed_path_is_taken_exactly_where_the_cpu_has_it(tiny_model_dir):
