@@ -140,7 +140,8 @@ def cmd_announce(args: argparse.Namespace) -> int:
     except HearthnetError as err:
         raise name_the_flag(err) from None
     peers = ", ".join(p[:12] + "…" for p in res["offered_to"]) or "no peer"
-    return _out(args, res, f"announced round {res['round_id']}\noffered to {peers}")
+    later = "\npeers that connect while it is open are offered it then"
+    return _out(args, res, f"announced round {res['round_id']}\noffered to {peers}{later}")
 
 
 def _table(rounds: list[dict[str, Any]]) -> str:
@@ -405,7 +406,13 @@ def add_commands(sub: Any) -> None:
     p = fs.add_parser("apply", help="apply an adapter to a new session or as the node default")
     common(p)
     p.add_argument("sha")
-    p.add_argument("--scope", choices=["session", "node"], default="session")
+    p.add_argument(
+        "--scope",
+        choices=["session", "node"],
+        default="session",
+        help="session (default): a new session with it; node: the node default, after the "
+        "held-out check",
+    )
     p.add_argument(
         "--force",
         action="store_true",

@@ -53,9 +53,11 @@ async def judge(
     """Perplexity of `held_out` (at most FEDLEARN_EVAL_MAX_TEXTS texts) on the base model and
     with adapter `sha`, in worker threads (the node keeps answering), logged as an event."""
     if not llm.loaded:
+        fix = "; `fedlearn apply --force` applies it unjudged" if purpose == "apply" else ""
         raise HearthnetError(
             ErrorCode.MODEL_UNAVAILABLE,
-            "judging an adapter needs the base model loaded: set [llm] enabled = true",
+            "judging an adapter needs the base model loaded: set [llm] enabled = true in the "
+            f"node's config and restart it{fix}",
         )
     texts = held_out[: C.FEDLEARN_EVAL_MAX_TEXTS]
     base = await asyncio.to_thread(llm.perplexity, texts, None)
