@@ -116,6 +116,8 @@ FEDLEARN_BLOB_CALL_TIMEOUT_S: Final = 120.0
 # before it, so normally exactly one does the work.
 FEDLEARN_TAKEOVER_GRACE_S: Final = 3.0
 FEDLEARN_TAKEOVER_STAGGER_S: Final = 5.0
+# How far apart two nodes' clocks may be when one checks that a takeover's turn has come
+FEDLEARN_CLOCK_SKEW_S: Final = 2.0
 # A secure round's mask roster closes once min_participants keys are in and either every slot is
 # taken or this fraction of the time to the deadline has passed.
 FEDLEARN_SECURE_ROSTER_FRACTION: Final = 0.5

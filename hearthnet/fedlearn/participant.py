@@ -50,6 +50,7 @@ from hearthnet.fedlearn.protocol import (
 from hearthnet.fedlearn.publish import (
     aggregate_submissions,
     build_result,
+    check_adapter,
     check_payload,
     observations,
     read_adapter,
@@ -487,13 +488,9 @@ class RoundParticipant:
         claimed = doc.claimed(RoundResult)
         member = self.get(claimed.round_id)
         m = member.signed.manifest
-        allowed = claimed.aggregator == m.coordinator or (
-            claimed.takeover
-            and (
-                claimed.aggregator in member.participants or claimed.aggregator == self.ctx.node_id
-            )
-        )
-        if not allowed or sender not in (claimed.aggregator, self.ctx.node_id):
+        if sender not in (claimed.aggregator, self.ctx.node_id) or not (
+            claimed.aggregator == m.coordinator or self._takeover_turn(member, claimed)
+        ):
             raise HearthnetError(ErrorCode.FORBIDDEN, "not a result this node accepts")
         try:
             result = doc.open(RoundResult, claimed.aggregator)
@@ -517,9 +514,20 @@ class RoundParticipant:
                 raise HearthnetError(
                     ErrorCode.PROTOCOL_ERROR, "fetched adapter does not match its SHA"
                 )
-            await asyncio.to_thread(self.ctx.blobs.put, blob)
-        self.published.add(sha)
+        else:
+            blob = await asyncio.to_thread(self.ctx.blobs.get, sha)
+        # Verified before it is stored, installed or servable: a result that names another
+        # participant's delta, or an adapter of another round, stops here.
+        try:
+            await asyncio.to_thread(
+                check_adapter, blob, member.signed, self.ctx.roster, self.ctx.model_shapes()
+            )
+        except HearthnetError:
+            await self._security_event(sender, "round result adapter")
+            raise
+        await asyncio.to_thread(self.ctx.blobs.put, blob)
         await self.install_adapter(sha)
+        self.published.add(sha)
         if member.stage not in TERMINAL_STAGES:
             await self._emit(member, "completed", {"result": doc.model_dump()})
         log.info(
@@ -529,6 +537,28 @@ class RoundParticipant:
             await self.install_adapter(sha)
             self.ctx.llm.set_node_adapter(sha)
         return result
+
+    def _takeover_turn(self, member: Membership, claimed: RoundResult) -> bool:
+        """A takeover result counts only from a member of the round, after the deadline, once
+        that member's slot in the public preference order has come, and while this node cannot
+        reach the coordinator either (otherwise the coordinator's result is the one to wait
+        for). This node's own takeover is always its own."""
+        taker = claimed.aggregator
+        if not claimed.takeover:
+            return False
+        if taker == self.ctx.node_id:
+            return True
+        if taker not in member.participants or self.ctx.connected(
+            member.signed.manifest.coordinator
+        ):
+            return False
+        order = preference(member.round_id, member.participants | {self.ctx.node_id})
+        turn = (
+            C.FEDLEARN_TAKEOVER_GRACE_S
+            + order.index(taker) * C.FEDLEARN_TAKEOVER_STAGGER_S
+            - C.FEDLEARN_CLOCK_SKEW_S
+        )
+        return -self._seconds_left(member) >= turn
 
     async def install_adapter(self, sha: str) -> SignedManifest:
         """Make a stored adapter blob usable by the LLM service (a PEFT directory); returns the

@@ -8,7 +8,7 @@ The adapter file carries its signed manifest, so anyone who fetches it by SHA ca
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,7 +29,7 @@ from hearthnet.fedlearn.delta import (
     read_header,
     validate_delta,
 )
-from hearthnet.fedlearn.lora import ModelShapes
+from hearthnet.fedlearn.lora import A_SUFFIX, B_SUFFIX, ModelShapes, target_layers
 from hearthnet.fedlearn.manifest import RoundManifest, SignedManifest, format_ts
 from hearthnet.fedlearn.protocol import AuditEntry, Exclusion, JoinReceipt, RoundResult, SignedDoc
 from hearthnet.fedlearn.reputation import Observation, influence
@@ -158,6 +158,36 @@ def read_adapter(data: bytes) -> tuple[dict[str, torch.Tensor], SignedManifest]:
     except (KeyError, ValueError, HearthnetError) as exc:
         raise HearthnetError(ErrorCode.DELTA_INVALID, f"adapter unreadable: {exc}") from None
     return tensors, signed
+
+
+def check_adapter(
+    data: bytes,
+    expected: SignedManifest,
+    roster: Collection[str],
+    model_shapes: ModelShapes,
+) -> None:
+    """Is `data` a servable adapter of the round `expected`? Its embedded manifest is that
+    round's and carries a valid signature by a trusted coordinator; it holds exactly A and B of
+    every target layer in the manifest's shapes, in float32, all finite. Anything else is
+    `signature_invalid` or `delta_invalid`, and is neither installed nor served."""
+    tensors, embedded = read_adapter(data)
+    if embedded.manifest_sha != expected.manifest_sha:
+        raise HearthnetError(ErrorCode.SIGNATURE_INVALID, "adapter is for another manifest")
+    embedded.verify(roster)
+    m = embedded.manifest
+    want: dict[str, tuple[int, int]] = {}
+    for path, (fan_out, fan_in) in target_layers(m, model_shapes).items():
+        want[path + A_SUFFIX] = (m.lora_rank, fan_in)
+        want[path + B_SUFFIX] = (fan_out, m.lora_rank)
+    if set(tensors) != set(want):
+        odd = sorted(set(tensors) ^ set(want))[0]
+        raise HearthnetError(ErrorCode.DELTA_INVALID, "adapter tensors differ", {"key": odd})
+    for key, shape in want.items():
+        t = tensors[key]
+        if t.dtype != torch.float32 or tuple(t.shape) != shape:
+            raise HearthnetError(ErrorCode.DELTA_INVALID, f"adapter tensor {key} is malformed")
+        if not bool(torch.isfinite(t).all()):
+            raise HearthnetError(ErrorCode.DELTA_INVALID, f"adapter tensor {key} is not finite")
 
 
 def build_result(

@@ -189,26 +189,30 @@ async def test_three_node_secure_round_matches_plain_average(tmp_path, tiny_mode
         await stop_cluster(c)
 
 
+async def _bob_and_carol_submit_dave_drops_out(c, round_id):
+    """bob and carol join and submit; dave enrolls through the protocol but never submits."""
+    await _join(c, ["bob", "carol"], round_id)
+    manifest_sha = c["bob"].fedlearn.participant.members[round_id].signed.manifest_sha
+    await c["dave"].bus.call(
+        CAP + "round.enroll",
+        {"round_id": round_id, "manifest_sha": manifest_sha},
+        peer=c["alice"].node_id,
+    )
+    coordinator = c["alice"].fedlearn.coordinator
+    async with coordinator.changed:
+        await asyncio.wait_for(
+            coordinator.changed.wait_for(
+                lambda: len(coordinator.rounds[round_id].submissions) == 2
+            ),
+            60,
+        )
+
+
 async def test_takeover_reproduces_the_coordinators_sha(tmp_path, tiny_model_dir):
     c = await start_cluster(tmp_path, ["alice", "bob", "carol", "dave"], tiny_model_dir)
     try:
         ann = await _announce(c, deadline_in_s=25)
-        await _join(c, ["bob", "carol"], ann.round_id)
-        # dave joins through the protocol but never submits: a drop-out
-        manifest_sha = c["bob"].fedlearn.participant.members[ann.round_id].signed.manifest_sha
-        await c["dave"].bus.call(
-            CAP + "round.enroll",
-            {"round_id": ann.round_id, "manifest_sha": manifest_sha},
-            peer=c["alice"].node_id,
-        )
-        coordinator = c["alice"].fedlearn.coordinator
-        async with coordinator.changed:
-            await asyncio.wait_for(
-                coordinator.changed.wait_for(
-                    lambda: len(coordinator.rounds[ann.round_id].submissions) == 2
-                ),
-                60,
-            )
+        await _bob_and_carol_submit_dave_drops_out(c, ann.round_id)
         await c["alice"].stop()  # the coordinator vanishes before the deadline
         with pytest.raises(HearthnetError) as exc:
             await c.call("bob", "round.finalize", {"round_id": ann.round_id})
@@ -575,3 +579,82 @@ async def test_coordinator_killed_and_restarted_mid_round_completes(tmp_path, ti
             await node.stop()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
+
+
+async def test_a_member_cannot_pass_off_a_delta_or_a_forged_adapter_as_the_result(
+    tmp_path, tiny_model_dir
+):
+    """Issue 13, items 1-2: bob, a fellow participant, sends carol a signed 'takeover' result
+    naming carol's own delta, to make her serve it. It is refused, the delta stays unservable;
+    the bytes a result names are checked (a delta, a zero manifest signature, all 7.0 under a
+    zero signature, a NaN, a missing tensor are all refused) and the coordinator's real result
+    is still accepted."""
+    from hearthnet.fedlearn.manifest import SignedManifest
+    from hearthnet.fedlearn.publish import adapter_bytes, check_adapter
+
+    c = await start_cluster(tmp_path, ["alice", "bob", "carol", "dave"], tiny_model_dir)
+    try:
+        ann = await _announce(c, deadline_in_s=20)
+        await _bob_and_carol_submit_dave_drops_out(c, ann.round_id)  # alice waits: deadline
+        carol = c["carol"].fedlearn.participant
+        victim = carol.members[ann.round_id].trained_sha
+        signed = carol.members[ann.round_id].signed
+        forged = RoundResult(
+            round_id=ann.round_id,
+            manifest_sha=signed.manifest_sha,
+            aggregated_delta_sha=victim,
+            n_participants=2,
+            total_samples=10,
+            aggregator=c["bob"].node_id,
+            completed_at="2026-12-01T00:00:00Z",
+            download_url="hearthnet://x",
+            rule="fedavg",
+            lora_aggregation=signed.manifest.lora_aggregation,
+            secure=False,
+            included=sorted([c["bob"].node_id, c["carol"].node_id]),
+            excluded=[],
+            takeover=True,
+        )
+        push = {"result": SignedDoc.sign(c["bob"].identity, forged).model_dump()}
+        # Before the deadline, with the coordinator reachable, it is nobody's turn to take over.
+        with pytest.raises(HearthnetError) as exc:
+            await c["bob"].bus.call(CAP + "round.result", push, peer=c["carol"].node_id)
+        assert exc.value.code is ErrorCode.FORBIDDEN
+        with pytest.raises(HearthnetError) as exc:
+            await c["bob"].bus.call_blob(
+                CAP + "adapter.fetch", {"sha": victim}, peer=c["carol"].node_id
+            )
+        assert exc.value.code is ErrorCode.ADAPTER_NOT_FOUND
+        assert victim not in carol.published
+
+        shapes = c["carol"].fedlearn.ctx.model_shapes()
+        roster = c["carol"].fedlearn.ctx.roster
+        with pytest.raises(HearthnetError) as exc:  # whatever a result names must be an adapter
+            check_adapter(c["carol"].blobs.get(victim), signed, roster, shapes)
+        assert exc.value.code is ErrorCode.DELTA_INVALID
+
+        status = await wait_status(c, "alice", ann.round_id, 60)  # the real result
+        assert status.phase == "completed", status.abort
+        sha = _result(status).aggregated_delta_sha
+        real, _ = read_adapter(c["alice"].blobs.get(sha))
+        unsigned = SignedManifest(signed.manifest, signed.body, bytes(64))
+        nan = {k: v.clone() for k, v in real.items()}
+        next(iter(nan.values()))[0, 0] = float("nan")
+        for bad, code in (
+            (
+                adapter_bytes({k: torch.full_like(v, 7.0) for k, v in real.items()}, unsigned),
+                ErrorCode.SIGNATURE_INVALID,
+            ),
+            (adapter_bytes(real, unsigned), ErrorCode.SIGNATURE_INVALID),
+            (adapter_bytes(nan, signed), ErrorCode.DELTA_INVALID),
+            (adapter_bytes(dict(list(real.items())[1:]), signed), ErrorCode.DELTA_INVALID),
+        ):
+            with pytest.raises(HearthnetError) as exc:
+                check_adapter(bad, signed, roster, shapes)
+            assert exc.value.code is code
+        check_adapter(c["alice"].blobs.get(sha), signed, roster, shapes)  # the real one passes
+        done = await wait_status(c, "carol", ann.round_id, 30)
+        assert done.stage == "completed" and _result(done).aggregated_delta_sha == sha
+        assert sha in carol.published and victim not in carol.published
+    finally:
+        await stop_cluster(c)
