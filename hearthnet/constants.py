@@ -51,7 +51,21 @@ EVENT_TYPE_MAX_LEN: Final = 128
 EVENT_PAYLOAD_MAX_BYTES: Final = 256 * KIB
 EVENTLOG_READ_MAX_ROWS: Final = 10_000
 EVENTLOG_SUBSCRIBER_QUEUE_MAX: Final = 1024
-EVENTLOG_MAX_SUBSCRIBERS: Final = 256
+# Live subscriptions (issue 13, README "The substrate"): peers share FairShare pools
+# (hearthnet/fairshare.py). Each peer holds at most MAX_SUBSCRIPTIONS_PER_PEER; its first
+# SUBSCRIPTIONS_GUARANTEED_PER_PEER come from a reserve for FAIR_SHARE_RESERVED_PEERS peers, the
+# rest from SUBSCRIPTIONS_SHARED that a few peers can fill without starving anyone's guaranteed
+# share. The node's own readers (fedlearn, `events --follow`) have a pool of their own.
+MAX_SUBSCRIPTIONS_PER_PEER: Final = 32
+SUBSCRIPTIONS_GUARANTEED_PER_PEER: Final = 8
+FAIR_SHARE_RESERVED_PEERS: Final = 64
+SUBSCRIPTIONS_SHARED: Final = 256
+EVENTLOG_MAX_LOCAL_SUBSCRIBERS: Final = 256
+EVENTLOG_MAX_SUBSCRIBERS: Final = (
+    EVENTLOG_MAX_LOCAL_SUBSCRIBERS
+    + SUBSCRIPTIONS_GUARANTEED_PER_PEER * FAIR_SHARE_RESERVED_PEERS
+    + SUBSCRIPTIONS_SHARED
+)
 # SQLite waits this long for a lock before reporting the database busy.
 EVENTLOG_BUSY_TIMEOUT_S: Final = 10.0
 GENESIS_HASH: Final = "0" * 64
@@ -131,6 +145,19 @@ HANDSHAKE_TIMEOUT_S: Final = 10.0
 # JSON control frames are small; blobs travel as binary frames of at most BLOB_MAX_BYTES.
 CONTROL_FRAME_MAX_BYTES: Final = 1 * MIB
 WS_MAX_MESSAGE_BYTES: Final = BLOB_MAX_BYTES
+# Before the handshake completes every message is at most this (hello and auth are ~300 bytes of
+# JSON), so an unauthenticated connection can make the node hold only a few KiB per message.
+HANDSHAKE_MAX_MESSAGE_BYTES: Final = 8 * KIB
+# After it, no single frame may exceed this (control frames and blob fragments are ≤ 1 MiB): a
+# frame declaring more is refused from its header, before its payload is read.
+WS_MAX_FRAME_BYTES: Final = 1 * MIB
+# Inbound connections: in all, per remote address, and still in the handshake; beyond these a
+# connection is refused (HTTP 503) before the WebSocket upgrade.
+MAX_INBOUND_CONNECTIONS: Final = 512
+MAX_CONNECTIONS_PER_ADDRESS: Final = 16
+MAX_HANDSHAKES_IN_FLIGHT: Final = 64
+# Refused connections are logged as one summary line per this many seconds, not one per connection.
+CONNECTION_REFUSAL_LOG_INTERVAL_S: Final = 10.0
 WS_MAX_QUEUE_FRAMES: Final = 16
 # Blobs are sent as one message in frames of this size, hashed by the receiver as they arrive.
 BLOB_FRAGMENT_BYTES: Final = 1 * MIB
@@ -142,14 +169,24 @@ CALL_TIMEOUT_DEFAULT_S: Final = 30.0
 CALL_TIMEOUT_MAX_S: Final = 3600.0
 CAPABILITY_NAME_MAX_LEN: Final = 128
 MAX_PENDING_CALLS_PER_PEER: Final = 1024
+# Requests a node serves for peers at once: the same fair-share scheme as subscriptions.
 MAX_INFLIGHT_PER_PEER: Final = 32
-MAX_SUBSCRIPTIONS_PER_PEER: Final = 32
+INFLIGHT_GUARANTEED_PER_PEER: Final = 4
+INFLIGHT_SHARED: Final = 256
+MAX_INFLIGHT_TOTAL: Final = (
+    INFLIGHT_GUARANTEED_PER_PEER * FAIR_SHARE_RESERVED_PEERS + INFLIGHT_SHARED
+)
 RECONNECT_BACKOFF_MIN_S: Final = 0.2
 RECONNECT_BACKOFF_MAX_S: Final = 30.0
 # A connection that lasted this long resets the dial backoff.
 RECONNECT_RESET_AFTER_S: Final = 10.0
-# A peer that sends this many malformed frames is disconnected.
+# A peer whose frames are refused this many times (malformed, oversized, too many JSON values,
+# or a request answered `bad_request` / `payload_too_large`) is disconnected.
 PEER_MAX_PROTOCOL_ERRORS: Final = 20
+# Parse cost bound: a control frame may hold at most this many JSON values, counted before
+# parsing as 1 + its ',' '[' '{' bytes (an over-count: those inside strings count too). A frame
+# at the limit parses in tens of milliseconds; one over it costs a byte scan.
+CONTROL_FRAME_MAX_JSON_VALUES: Final = 65_536
 CONTROL_SOCKET_NAME: Final = "control.sock"
 CONTROL_REQUEST_MAX_BYTES: Final = 1 * MIB
 CONTROL_RESPONSE_MAX_BYTES: Final = 16 * MIB
@@ -204,3 +241,7 @@ FEDLEARN_APPLY_MAX_PPL_RATIO_CEILING: Final = 100.0
 TRAIN_BYTES_PER_LORA_PARAM: Final = 16
 # Activations: bytes per token per hidden unit per layer (forward + backward, fp32, rough)
 TRAIN_ACTIVATION_BYTES_PER_TOKEN_UNIT: Final = 24
+# Security events (eventlog/security.py): at most one written per (type, peer) per interval;
+# later ones are counted into the next; the table of peers is bounded.
+SECURITY_EVENT_INTERVAL_S: Final = 60.0
+SECURITY_EVENT_MAX_PEERS: Final = 4096

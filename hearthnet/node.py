@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict
@@ -121,6 +123,7 @@ class Node:
         await check_listen(self.config.listen.host, self.config.listen.port)
         data = self.config.data_dir
         data.mkdir(parents=True, exist_ok=True, mode=0o700)
+        private_dir(data)  # an existing directory keeps no group/other access either
         self.eventlog = EventLog(data / C.EVENTLOG_FILE_NAME, self.identity)
         try:
             self.blobs = BlobStore(data / C.BLOBS_DIR_NAME)
@@ -264,6 +267,10 @@ class Node:
     async def _ping(self, _ctx: CallContext, req: Ping) -> Pong:
         return Pong(nonce=req.nonce[:64], node_id=self.node_id, time=time.time())
 
+    def _security_counts(self) -> dict[str, int]:
+        """Every security event seen, written or folded into a summary (eventlog/security.py)."""
+        return dict(self.fedlearn.ctx.security.total) if self.fedlearn is not None else {}
+
     async def _status(self, _ctx: CallContext, _req: Empty) -> NodeStatus:
         assert self.transport is not None and self.eventlog is not None
         return NodeStatus(
@@ -272,10 +279,19 @@ class Node:
             listen=self.listen_url,
             peers=self.transport.peer_info(),
             features=self.config.features,
-            counters=dict(self.transport.stats),
+            counters={**self.transport.stats, **self._security_counts()},
             event_head=self.eventlog.head_seq,
             uptime_s=round(time.monotonic() - self._started, 3),
         )
+
+
+def private_dir(path: Path) -> None:
+    """Make `path` 0700 (keys, event log, private text and adapters live under it), saying so
+    when that removes access someone had."""
+    mode = path.stat().st_mode & 0o777
+    if mode != 0o700:
+        os.chmod(path, 0o700)
+        log.warning("data directory made private", path=str(path), was=oct(mode))
 
 
 def run_node(config: NodeConfig) -> int:

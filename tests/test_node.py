@@ -62,3 +62,17 @@ async def test_a_failed_start_does_not_log_node_stopped(tmp_path):
         assert [e.type for e in await log.read(0)] == []
     finally:
         await log.close()
+
+
+async def test_an_existing_data_directory_is_made_private(tmp_path, tiny_model_dir):
+    config = _config(tmp_path, base_model=str(tiny_model_dir))
+    config.data_dir.mkdir(mode=0o755)
+    config.data_dir.chmod(0o755)  # an operator's mkdir, umask 022
+    node = Node(config, NodeIdentity.generate())
+    with capture_logs() as logs:
+        await node.start()
+    try:
+        assert config.data_dir.stat().st_mode & 0o777 == 0o700
+        assert "data directory made private" in {entry["event"] for entry in logs}
+    finally:
+        await node.stop()

@@ -11,6 +11,7 @@ from hearthnet.bus.bus import CapabilityBus
 from hearthnet.config import NodeConfig
 from hearthnet.errors import ErrorCode, HearthnetError
 from hearthnet.eventlog import EventLog
+from hearthnet.eventlog.security import SecurityEvents
 from hearthnet.fedlearn.reputation import EVENT as REPUTATION_EVENT
 from hearthnet.fedlearn.reputation import Observation, ReputationTable
 from hearthnet.fedlearn.reputation import fold as fold_reputation
@@ -32,10 +33,12 @@ class FedContext:
     # so a waiter (`status --wait`, the participant driver) needs only one.
     changed: asyncio.Condition = field(default_factory=asyncio.Condition)
     reputation: ReputationTable = field(init=False)
+    security: SecurityEvents = field(init=False)
 
     def __post_init__(self) -> None:
         fed = self.config.fedlearn
         self.reputation = ReputationTable(fed.reputation_decay, fed.reputation_ban_threshold)
+        self.security = SecurityEvents(self.eventlog)
 
     async def load_reputation(self) -> None:
         """Rebuild the reputation table from this node's log."""

@@ -141,10 +141,7 @@ class RoundParticipant:
         self._cancel.set()
 
     async def _security_event(self, caller: str, what: str) -> None:
-        await self.ctx.eventlog.append(
-            "security.signature.invalid", {"peer": caller, "object": what}
-        )
-        log.warning("invalid signature", peer=caller, object=what)
+        await self.ctx.security.record("security.signature.invalid", caller, {"object": what})
 
     # --- offers and consent -----------------------------------------------------------------------
 

@@ -15,10 +15,12 @@ example's gradient at every step; hearthnet's trainer does not, so it reports `r
 from __future__ import annotations
 
 import math
+import secrets
 from collections.abc import Mapping
 
 import dp_accounting
 import torch
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from dp_accounting import rdp
 
 from hearthnet.constants import FEDLEARN_DP_DELTA_DEFAULT
@@ -46,19 +48,47 @@ def clip_gradient(state_dict: StateDict, max_norm: float) -> dict[str, torch.Ten
     return out
 
 
-def add_dp_noise(
-    state_dict: StateDict, scale: float, rng: torch.Generator
-) -> dict[str, torch.Tensor]:
+class NoiseSource:
+    """Standard normal samples from a cryptographic stream: ChaCha20 keyed with 32 secret bytes
+    (fresh from the OS unless a key is given, as tests do for reproducibility), turned into
+    Gaussians by Box–Muller in float64. DP noise must not be predictable from anything an
+    observer could learn, which a seeded Mersenne Twister (torch's CPU generator) does not
+    promise: its state is recoverable from its output."""
+
+    def __init__(self, key: bytes | None = None):
+        key = secrets.token_bytes(32) if key is None else key
+        if len(key) != 32:
+            raise ValueError("a NoiseSource key is 32 bytes")
+        cipher = Cipher(algorithms.ChaCha20(key, bytes(16)), mode=None)
+        self._stream = cipher.encryptor()
+
+    def _uniform(self, n: int) -> torch.Tensor:
+        """n doubles uniform in (0, 1], 53 random bits each."""
+        raw = self._stream.update(bytes(8 * n))
+        bits = torch.frombuffer(bytearray(raw), dtype=torch.int64)
+        return ((bits >> 11) & ((1 << 53) - 1)).double().add_(1.0).mul_(2.0**-53)
+
+    def normal(self, shape: tuple[int, ...]) -> torch.Tensor:
+        count = math.prod(shape)
+        half = (count + 1) // 2
+        u1, u2 = self._uniform(half), self._uniform(half)
+        radius = torch.sqrt(-2.0 * torch.log(u1))
+        angle = 2.0 * math.pi * u2
+        both = torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)])
+        return both[:count].reshape(shape)
+
+
+def add_dp_noise(state_dict: StateDict, scale: float, rng: NoiseSource) -> dict[str, torch.Tensor]:
     """Add N(0, scale²) to every entry; `scale == 0` returns the tensors untouched."""
     if scale < 0 or not math.isfinite(scale):
         raise ValueError("scale must be finite and >= 0")
     if scale == 0:
         return dict(state_dict)
     out = {}
-    for key in sorted(state_dict):  # fixed order: the same generator gives the same noise
+    for key in sorted(state_dict):  # fixed order: the same key gives the same noise
         t = state_dict[key]
-        noise = torch.randn(t.shape, generator=rng, dtype=torch.float32) * scale
-        out[key] = (t.float() + noise).to(t.dtype)
+        noise = rng.normal(tuple(t.shape)) * scale
+        out[key] = (t.double() + noise).to(t.dtype)
     return out
 
 

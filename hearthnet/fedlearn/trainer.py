@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import gc
 import math
-import secrets
 import statistics
 import sys
 import threading
@@ -29,7 +28,7 @@ from hearthnet import constants as C
 from hearthnet.errors import ErrorCode, HearthnetError
 from hearthnet.fedlearn.lora import A_SUFFIX, B_SUFFIX, derive_lora_a, target_layers
 from hearthnet.fedlearn.manifest import RoundManifest
-from hearthnet.fedlearn.privacy import add_dp_noise, clip_gradient
+from hearthnet.fedlearn.privacy import NoiseSource, add_dp_noise, clip_gradient
 from hearthnet.llm import model as M
 from hearthnet.logs import get_logger
 
@@ -192,7 +191,7 @@ class QLoRATrainer:
         *,
         cancel: threading.Event | None = None,
         progress: Progress | None = None,
-        noise_rng: torch.Generator | None = None,
+        noise_rng: NoiseSource | None = None,
     ) -> TrainResult:
         if not samples:
             raise HearthnetError(ErrorCode.DATA_INVALID, "no training samples")
@@ -205,7 +204,7 @@ class QLoRATrainer:
         samples: list[str],
         cancel: threading.Event | None,
         progress: Progress | None,
-        noise_rng: torch.Generator | None,
+        noise_rng: NoiseSource | None,
     ) -> TrainResult:
         model, tokenizer, layers = self.build(manifest)
         try:
@@ -254,7 +253,7 @@ class QLoRATrainer:
         if manifest.clip_norm > 0:
             delta = clip_gradient(delta, manifest.clip_norm)
         if manifest.dp_noise_scale > 0:
-            rng = noise_rng or torch.Generator().manual_seed(secrets.randbits(63))
+            rng = noise_rng or NoiseSource()  # a fresh secret key: unpredictable noise
             delta = add_dp_noise(delta, manifest.dp_noise_scale, rng)
         window = losses[-C.TRAIN_LOSS_MEAN_STEPS :]
         return TrainResult(

@@ -56,7 +56,8 @@ def write_peft_adapter(
     from peft import LoraConfig
     from safetensors.torch import save
 
-    target.parent.mkdir(parents=True, exist_ok=True)
+    target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(target.parent, 0o700)  # adapters are the node's own; nobody else reads them
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".adapter-"))
     try:
         LoraConfig(

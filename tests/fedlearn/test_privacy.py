@@ -6,6 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hearthnet.fedlearn.privacy import (
+    NoiseSource,
     add_dp_noise,
     clip_gradient,
     epsilon_estimate,
@@ -24,19 +25,25 @@ def sd(seed=0, scale=1.0, dtype=torch.float32):
 
 def test_dp_noise_zero_is_identity():
     d = sd()
-    out = add_dp_noise(d, 0.0, torch.Generator().manual_seed(1))
+    out = add_dp_noise(d, 0.0, NoiseSource(bytes(32)))
     assert all(out[k] is d[k] for k in d)
 
 
-def test_dp_noise_is_seeded_and_has_the_requested_std():
-    d = {"x": torch.zeros(200_000)}
-    a = add_dp_noise(d, 0.3, torch.Generator().manual_seed(7))
-    b = add_dp_noise(d, 0.3, torch.Generator().manual_seed(7))
-    assert torch.equal(a["x"], b["x"])
+def test_dp_noise_is_keyed_gaussian_with_the_requested_std():
+    d = {"x": torch.zeros(200_001)}  # odd: Box–Muller's pairs are cut to size
+    a = add_dp_noise(d, 0.3, NoiseSource(bytes(32)))
+    b = add_dp_noise(d, 0.3, NoiseSource(bytes(32)))
+    assert torch.equal(a["x"], b["x"])  # the same key, the same noise
     assert abs(float(a["x"].std()) - 0.3) < 0.005
     assert abs(float(a["x"].mean())) < 0.005
+    # Gaussian tails, not just the right variance: P(|z| > 3) ≈ 0.27%.
+    assert 0.0020 < float((a["x"].abs() > 0.9).double().mean()) < 0.0034
+    fresh = add_dp_noise(d, 0.3, NoiseSource())  # no key given: a secret one from the OS
+    assert not torch.equal(fresh["x"], a["x"])
     with pytest.raises(ValueError):
-        add_dp_noise(d, -1.0, torch.Generator())
+        add_dp_noise(d, -1.0, NoiseSource())
+    with pytest.raises(ValueError):
+        NoiseSource(b"short")
 
 
 @settings(max_examples=50, deadline=None)

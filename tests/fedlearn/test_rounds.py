@@ -427,6 +427,17 @@ async def test_wrong_base_model_untrusted_manifest_and_disabled_flag(tmp_path, t
             and exc.value.message == "manifest rejected"
         )
         assert await c["bob"].eventlog.read_all("security.signature.invalid")
+        # A flood of bad offers costs bob one event per interval, not one fsync each; every one
+        # is still counted in node status.
+        for _ in range(200):
+            with pytest.raises(HearthnetError) as exc:
+                await eve.bus.call(
+                    CAP + "round.offer", {"manifest": signed.to_wire()}, peer=c["bob"].node_id
+                )
+            assert exc.value.code is ErrorCode.SIGNATURE_INVALID
+        events = await c["bob"].eventlog.read_all("security.signature.invalid")
+        assert [e.payload["peer"] for e in events] == [eve.node_id]
+        assert c["bob"]._security_counts()["security.signature.invalid"] == 201
         # the flag off: every fedlearn name answers experimental_disabled, read-only ones too
         for name in ("round.list", "round.status", "adapter.fetch"):
             for caller, peer in ((off, None), (c["alice"], off.node_id)):

@@ -9,7 +9,7 @@ import torch
 from hearthnet.errors import ErrorCode, HearthnetError
 from hearthnet.fedlearn.delta import validate_delta
 from hearthnet.fedlearn.lora import derive_lora_a
-from hearthnet.fedlearn.privacy import global_norm
+from hearthnet.fedlearn.privacy import NoiseSource, global_norm
 from hearthnet.fedlearn.trainer import QLoRATrainer, plateaued
 from hearthnet.llm.model import linear_shapes
 
@@ -145,7 +145,7 @@ def test_clip_and_dp_noise_are_applied(make_manifest, tiny_model_dir):
         lora_rank=4, train_steps=4, learning_rate=5e-2, clip_norm=1e-3, dp_noise_scale=0.5
     )
     noisy = QLoRATrainer(tiny_model_dir).train(
-        noisy_manifest.manifest, TEXTS, noise_rng=torch.Generator().manual_seed(1)
+        noisy_manifest.manifest, TEXTS, noise_rng=NoiseSource(bytes(32))
     )
     assert global_norm(noisy.delta) > 10 * 1e-3  # noise of std 0.5 dominates the clipped delta
 

@@ -66,3 +66,15 @@ def test_an_identical_directory_is_kept_and_a_damaged_one_rewritten(
     write_peft_adapter(x, manifest, "tiny", target)
     assert weights.read_bytes() == good and not (target / "stray.bin").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+
+
+def test_adapters_are_written_private(tmp_path, make_manifest):
+    from hearthnet.llm.adapters import write_peft_adapter
+
+    signed = make_manifest(lora_rank=4, lora_target_modules=("q_proj",))
+    root = tmp_path / "adapters"
+    root.mkdir(mode=0o755)
+    root.chmod(0o755)
+    write_peft_adapter({}, signed.manifest, "tiny", root / ("ab" * 32))
+    assert root.stat().st_mode & 0o777 == 0o700
+    assert (root / ("ab" * 32)).stat().st_mode & 0o077 == 0
