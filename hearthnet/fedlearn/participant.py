@@ -98,6 +98,8 @@ class RoundParticipant:
         self.provider = provider
         self.members: dict[str, Membership] = {}
         self.published: set[str] = set()  # adapter SHAs this node may serve
+        # secure rounds whose mask roster this node refused (keys it will not mask with)
+        self._refused_rosters: dict[str, HearthnetError] = {}
         self.changed = ctx.changed
         self._mask_keys: dict[str, MaskingKey] = {}  # memory only, never logged or persisted
         self._anns: dict[str, dict[str, MaskKeyAnnouncement]] = {}
@@ -350,10 +352,17 @@ class RoundParticipant:
             timeout=C.FEDLEARN_PEER_CALL_TIMEOUT_S,
         )
         left = max(0.0, self._seconds_left(member))
-        if not await self._until(lambda: member.roster is not None, timeout=left):
+        refused = self._refused_rosters
+
+        def settled() -> bool:
+            return member.roster is not None or member.round_id in refused
+
+        if not await self._until(settled, timeout=left):
             raise HearthnetError(
                 ErrorCode.FEDLEARN_MIN_PARTICIPANTS_UNMET, "the mask roster never closed"
             )
+        if member.round_id in refused:
+            raise refused[member.round_id]
 
     async def _submission_bytes(self, member: Membership) -> bytes:
         assert member.trained_sha is not None
@@ -461,7 +470,13 @@ class RoundParticipant:
             check_roster(roster, member.signed.manifest, member.signed.manifest_sha)
             if len(roster) != len(payload["participants"]):
                 raise HearthnetError(ErrorCode.PROTOCOL_ERROR, "roster names unknown mask keys")
-            member.roster = roster
+            try:
+                self._check_mask_holders(member, set(roster))
+            except HearthnetError as err:  # keep following (the result may still come)
+                self._refused_rosters[member.round_id] = err
+                log.warning("mask roster refused", round_id=member.round_id, reason=err.message)
+            else:
+                member.roster = roster
         elif suffix == "completed":
             await self.accept_result(
                 SignedDoc.model_validate(payload["result"]), member.signed.manifest.coordinator
@@ -534,6 +549,23 @@ class RoundParticipant:
             await self.install_adapter(sha)
             self.ctx.llm.set_node_adapter(sha)
         return result
+
+    def _check_mask_holders(self, member: Membership, holders: set[str]) -> None:
+        """Mask only with keys of this node's community who enrolled in the round: a
+        coordinator that slipped in keys of identities it controls (Sybils) could otherwise
+        unmask this node's update from the pairwise masks it then knows."""
+        me = self.ctx.node_id
+        outsiders = sorted(holders - set(self.ctx.config.trust.roster) - {me})
+        unenrolled = sorted(holders - member.participants - {me})
+        if outsiders or unenrolled:
+            who = (outsiders or unenrolled)[0]
+            why = "outside this node's [trust] roster" if outsiders else "that never joined"
+            raise HearthnetError(
+                ErrorCode.SIGNATURE_INVALID,
+                f"the mask roster holds a key of {who[:16]}…, {why}: this node does not mask "
+                "with it and leaves the round",
+                {"outsiders": outsiders, "unenrolled": unenrolled},
+            )
 
     def _takeover_turn(self, member: Membership, claimed: RoundResult) -> bool:
         """A takeover result counts only from a member of the round, after the deadline, once

@@ -669,3 +669,42 @@ async def test_a_member_cannot_pass_off_a_delta_or_a_forged_adapter_as_the_resul
         assert sha in carol.published and victim not in carol.published
     finally:
         await stop_cluster(c)
+
+
+async def test_a_secure_round_with_a_key_from_outside_the_roster_masks_nothing(
+    tmp_path, tiny_model_dir
+):
+    """Issue 13 item 7: the coordinator (alice) lets mallory, whom bob and carol do not trust,
+    into a secure round's mask roster. bob and carol refuse to mask with her key: they leave
+    the round without submitting, so no masked update of theirs reaches anyone."""
+    ids = {n: NodeIdentity.generate() for n in ("alice", "bob", "carol", "mallory")}
+    community = {n: ids[n] for n in ("alice", "bob", "carol")}
+    nodes = {}
+    for name in ids:
+        write_corpus(tmp_path / name / "training", name, "village")
+        trusted = community if name in ("bob", "carol") else ids
+        peers = [] if name == "alice" else [nodes["alice"].listen_url]
+        nodes[name] = Node(
+            node_config_for(tmp_path, name, tiny_model_dir, trusted, peers), ids[name]
+        )
+        await nodes[name].start()
+    c = Cluster(nodes, tmp_path)
+    try:
+        for name in ("bob", "carol", "mallory"):
+            await nodes["alice"].wait_for_peer(ids[name].node_id, 10.0)
+        ann = await _announce(
+            c, secure=True, min_participants=3, max_participants=3, deadline_in_s=40
+        )
+        await _join(c, ["bob", "carol", "mallory"], ann.round_id)
+        for name in ("bob", "carol"):
+            status = await wait_status(c, name, ann.round_id, 60)
+            assert status.stage == "aborted", status
+            member = nodes[name].fedlearn.participant.members[ann.round_id]
+            assert member.roster is None  # never adopted: no pairwise mask was derived
+        record = nodes["alice"].fedlearn.coordinator.rounds[ann.round_id]
+        assert not {ids["bob"].node_id, ids["carol"].node_id} & set(record.submissions)
+        events = await nodes["bob"].eventlog.read_all("fedlearn.participant.aborted")
+        assert events and events[-1].payload["code"] == "signature_invalid"
+        assert "outside this node's [trust] roster" in events[-1].payload["reason"]
+    finally:
+        await stop_cluster(c)
