@@ -15,12 +15,16 @@ import random
 import time
 from collections import Counter
 from collections.abc import Callable
+from http import HTTPStatus
 from typing import Any
 
 from websockets.asyncio.client import connect
 from websockets.asyncio.connection import Connection
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+from websockets.frames import CloseCode, Frame, Opcode
+from websockets.http11 import Request, Response
+from websockets.protocol import Protocol
 
 from hearthnet import constants as C
 from hearthnet.bus.bus import CapabilityBus
@@ -37,7 +41,8 @@ log = get_logger("hearthnet.transport")
 
 _WS_OPTIONS: dict[str, Any] = {
     "compression": None,
-    "max_size": C.WS_MAX_MESSAGE_BYTES,
+    # Until both handshake signatures verify; _Limits raises it for an authenticated peer.
+    "max_size": C.HANDSHAKE_MAX_MESSAGE_BYTES,
     "max_queue": C.WS_MAX_QUEUE_FRAMES,
     "write_limit": C.WS_WRITE_LIMIT_BYTES,
     "ping_interval": C.WS_PING_INTERVAL_S,
@@ -77,6 +82,89 @@ async def check_listen(host: str, port: int) -> None:
     await server.wait_closed()
 
 
+class _Limits:
+    """Receive limits of one connection, applied by websockets' parser between frames.
+
+    The parser fixes a frame's size limit before reading the frame, so raising it from the
+    handshake task would race the peer's first frame after the handshake. Instead the peer's
+    `auth` (its second message) is verified here as the parser hands it over, and the limits are
+    raised before the next frame's header is read. After the handshake a frame is at most
+    WS_MAX_FRAME_BYTES and a text (control) message at most CONTROL_FRAME_MAX_BYTES across its
+    fragments, both refused from the header of the frame that would exceed them (close 1009)."""
+
+    def __init__(self, protocol: Protocol) -> None:
+        self._protocol = protocol
+        self._recv_frame = protocol.recv_frame
+        protocol.recv_frame = self._on_frame  # type: ignore[method-assign]
+        protocol.max_message_size = C.HANDSHAKE_MAX_MESSAGE_BYTES
+        protocol.max_fragment_size = None
+        self._messages = 0  # text messages received before the handshake completed
+        self._early: bytes | None = None  # their auth, when it came before we could check it
+        self._expect: tuple[Hello, bytes] | None = None
+        self.opened = False
+
+    def expect_auth(self, theirs: Hello, data: bytes) -> None:
+        """Check their auth over `data` as soon as it arrives (now, if it already has)."""
+        self._expect = (theirs, data)
+        if self._early is not None:
+            self._check(self._early)
+            self._early = None
+
+    def open(self) -> None:
+        """Normal limits: for an authenticated peer only."""
+        self.opened = True
+        self._protocol.max_message_size = C.WS_MAX_MESSAGE_BYTES
+        self._protocol.max_fragment_size = C.WS_MAX_FRAME_BYTES
+
+    def _check(self, raw: bytes) -> None:
+        assert self._expect is not None
+        theirs, data = self._expect
+        self._expect = None
+        try:
+            auth = decode(raw.decode())
+            if isinstance(auth, Auth):
+                verify_auth(theirs, data, auth)
+                self.open()
+        except Exception:  # the handshake task checks it again and reports why
+            return
+
+    def _on_frame(self, frame: Frame) -> None:
+        self._recv_frame(frame)
+        if self.opened:
+            if frame.opcode is Opcode.TEXT and not frame.fin:
+                self._protocol.max_message_size = C.CONTROL_FRAME_MAX_BYTES
+            elif frame.opcode is Opcode.CONT and frame.fin:
+                self._protocol.max_message_size = C.WS_MAX_MESSAGE_BYTES
+            return
+        if frame.fin and frame.opcode in (Opcode.TEXT, Opcode.CONT):
+            self._messages += 1
+            if self._messages == 2 and frame.opcode is Opcode.TEXT:
+                if self._expect is not None:
+                    self._check(bytes(frame.data))
+                else:
+                    self._early = bytes(frame.data)
+
+
+class _RefusalLog:
+    """One log line per interval for refused connections, however many there are."""
+
+    def __init__(self) -> None:
+        self._last = -float("inf")
+        self._counts: Counter[str] = Counter()
+
+    def refused(self, reason: str) -> None:
+        self._counts[reason] += 1
+        now = time.monotonic()
+        if now - self._last >= C.CONNECTION_REFUSAL_LOG_INTERVAL_S:
+            self._last = now
+            log.warning(
+                "connections refused",
+                counts=dict(self._counts),
+                interval_s=C.CONNECTION_REFUSAL_LOG_INTERVAL_S,
+            )
+            self._counts.clear()
+
+
 class Transport:
     def __init__(
         self,
@@ -98,6 +186,10 @@ class Transport:
         self._url_node: dict[str, NodeID] = {}
         self._changed = asyncio.Condition()
         self._peer_hooks: list[PeerHook] = []
+        self._inbound: set[ServerConnection] = set()
+        self._handshaking: set[ServerConnection] = set()
+        self._per_address: Counter[str] = Counter()
+        self._refusals = _RefusalLog()
         bus.remote = self
 
     def on_peer(self, hook: PeerHook) -> None:
@@ -111,7 +203,9 @@ class Transport:
     async def start(self) -> None:
         host, port = self.config.listen.host, self.config.listen.port
         try:
-            self._server = await serve(self._accept, host, port, **_WS_OPTIONS)
+            self._server = await serve(
+                self._accept, host, port, process_request=self._admit_connection, **_WS_OPTIONS
+            )
         except OSError as exc:
             raise listen_error(host, port, exc) from None
         for peer in self.config.peers:
@@ -163,6 +257,7 @@ class Transport:
 
     async def _handshake(self, ws: Connection, role: str, expected: str | None = None) -> NodeID:
         net = self.config.node.network_id
+        limits = _Limits(ws.protocol)
         async with asyncio.timeout(C.HANDSHAKE_TIMEOUT_S):
             if role == "dialer":
                 mine = make_hello(self.identity, net, "dialer")
@@ -173,6 +268,7 @@ class Transport:
                 check_hello(theirs, net, "listener")
                 self._admit(theirs.node, expected)
                 data = transcript(mine, theirs)
+                limits.expect_auth(theirs, data)
             else:
                 theirs = await self._recv_control(ws)
                 if not isinstance(theirs, Hello):
@@ -180,13 +276,15 @@ class Transport:
                 check_hello(theirs, net, "dialer")
                 self._admit(theirs.node, None)
                 mine = make_hello(self.identity, net, "listener")
-                await ws.send(encode(mine))
                 data = transcript(theirs, mine)
+                limits.expect_auth(theirs, data)
+                await ws.send(encode(mine))
             await ws.send(encode(sign_auth(self.identity, role, data)))
             auth = await self._recv_control(ws)
             if not isinstance(auth, Auth):
                 raise HearthnetError(ErrorCode.HANDSHAKE_FAILED, "expected auth")
             verify_auth(theirs, data, auth)
+        limits.open()  # normally done already, before their next frame; here for odd framings
         return NodeID(theirs.node)
 
     def _handshake_failed(self, exc: BaseException, where: str) -> None:
@@ -201,6 +299,34 @@ class Transport:
 
     # --- connections --------------------------------------------------------------------------
 
+    def _admit_connection(self, ws: ServerConnection, request: Request) -> Response | None:
+        """Refuse a connection beyond the caps before the WebSocket upgrade (HTTP 503)."""
+        address = _host(ws.remote_address)
+        reason = None
+        if len(self._inbound) >= C.MAX_INBOUND_CONNECTIONS:
+            reason = "too many connections"
+        elif self._per_address[address] >= C.MAX_CONNECTIONS_PER_ADDRESS:
+            reason = "too many connections from one address"
+        elif len(self._handshaking) >= C.MAX_HANDSHAKES_IN_FLIGHT:
+            reason = "too many handshakes in flight"
+        if reason is not None:
+            self.stats["connection_refused"] += 1
+            self._refusals.refused(reason)
+            return ws.respond(HTTPStatus.SERVICE_UNAVAILABLE, reason + "\n")
+        self._inbound.add(ws)
+        self._handshaking.add(ws)
+        self._per_address[address] += 1
+
+        def release(_: object) -> None:
+            self._inbound.discard(ws)
+            self._handshaking.discard(ws)
+            self._per_address[address] -= 1
+            if self._per_address[address] <= 0:
+                del self._per_address[address]
+
+        ws.connection_lost_waiter.add_done_callback(release)
+        return None
+
     async def _accept(self, ws: ServerConnection) -> None:
         try:
             node = await self._handshake(ws, "listener")
@@ -209,6 +335,8 @@ class Transport:
             with contextlib.suppress(Exception):
                 await ws.close(1008, "handshake failed")
             return
+        finally:
+            self._handshaking.discard(ws)
         await self._serve_peer(ws, node, dialer=node)
 
     async def _serve_peer(self, ws: Connection, node: NodeID, dialer: NodeID) -> None:
@@ -225,11 +353,19 @@ class Transport:
         try:
             await peer.run()
         finally:
+            self._count_refused_frame(ws, node)
             async with self._changed:
                 if self.peers.get(node) is peer:
                     del self.peers[node]
                 self._changed.notify_all()
             log.info("peer disconnected", peer=node)
+
+    def _count_refused_frame(self, ws: Connection, node: NodeID) -> None:
+        """websockets closes with 1009 on a frame over _Limits' limits; count it as bad input."""
+        sent = ws.protocol.close_sent
+        if sent is not None and sent.code == CloseCode.MESSAGE_TOO_BIG:
+            self.stats["oversize_frame"] += 1
+            log.warning("bad input from peer", peer=node, kind="oversize_frame", reason=sent.reason)
 
     async def _register(self, peer: PeerConnection) -> bool:
         """Keep one connection per pair: the one dialled by the smaller NodeID wins."""
@@ -305,6 +441,13 @@ class Transport:
             }
             for p in sorted(self.peers.values(), key=lambda p: p.node_id)
         ]
+
+
+def _host(address: Any) -> str:
+    """The host part of a socket address tuple: the unit the per-address cap counts."""
+    if isinstance(address, tuple) and address:
+        return str(address[0])
+    return str(address)
 
 
 def _host_port(address: Any) -> str:

@@ -1,14 +1,19 @@
 """Real Node instances on loopback: separate data dirs, ports and identities."""
 
 import asyncio
+import base64
 import contextlib
+import gc
 import hashlib
 import json
 import os
+import struct
 
+import psutil
 import pytest
 from pydantic import BaseModel, ConfigDict
-from websockets.exceptions import ConnectionClosed
+from websockets.asyncio.client import connect as websockets_connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from hearthnet import constants as C
 from hearthnet.bus.bus import CallContext
@@ -247,7 +252,6 @@ async def test_bad_input_is_answered_counted_and_harmless(make_node):
     await raw.ws.send("this is not json")
     await raw.ws.send('{"t":"teleport"}')
     await raw.ws.send(b"unannounced binary")
-    await raw.ws.send("x" * (C.CONTROL_FRAME_MAX_BYTES + 10))
     # A blob announced beyond the limit: refused without reading it.
     big = {
         "t": "req",
@@ -279,7 +283,6 @@ async def test_bad_input_is_answered_counted_and_harmless(make_node):
     for kind in (
         "malformed_frame",
         "unexpected_binary",
-        "oversize_frame",
         "oversize_blob",
         "blob_sha_mismatch",
     ):
@@ -399,3 +402,162 @@ async def test_compression_is_never_negotiated(make_node):
     assert raw.ws.response is not None
     assert "Sec-WebSocket-Extensions" not in raw.ws.response.headers  # no permessage-deflate
     await raw.ws.close()
+
+
+# --- bounded before trust (issue 13) ----------------------------------------------------------
+
+
+async def _upgrade(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, int]:
+    """A bare WebSocket upgrade by hand, so a test can then write any bytes (partial frames)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    key = base64.b64encode(os.urandom(16)).decode()
+    writer.write(
+        (
+            f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        ).encode()
+    )
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    return reader, writer, int(head.split(b" ", 2)[1])
+
+
+def _frame_header(opcode: int, length: int) -> bytes:
+    """A masked client frame header declaring `length` payload bytes."""
+    return bytes([0x80 | opcode, 0x80 | 127]) + struct.pack("!Q", length) + os.urandom(4)
+
+
+async def _partial_frame_attack(port: int, push: int) -> str:
+    """Upgrade, declare a 60 MiB frame without authenticating, and push `push` bytes of it."""
+    try:
+        reader, writer, status = await _upgrade(port)
+    except (OSError, asyncio.IncompleteReadError):
+        return "reset"
+    if status != 101:
+        writer.close()
+        return f"http {status}"
+    chunk = b"\0" * (256 * C.KIB)
+    try:
+        writer.write(_frame_header(0x2, 60 * C.MIB))
+        for _ in range(push // len(chunk)):
+            writer.write(chunk)
+            await writer.drain()
+        # Still open after everything was pushed: the node kept reading the frame.
+        rest = await asyncio.wait_for(reader.read(), 5)
+        return "cut" if not rest or rest[:1] == b"\x88" else "open"
+    except TimeoutError:  # before OSError, of which it is a subclass
+        return "open"
+    except (OSError, asyncio.IncompleteReadError):
+        return "cut"  # the node closed the socket while we were still writing
+    finally:
+        writer.close()
+
+
+def _sample_rss(peak: list[int], stop: asyncio.Event) -> asyncio.Task[None]:
+    proc = psutil.Process()
+
+    async def loop() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], proc.memory_info().rss)
+            await asyncio.sleep(0.01)
+
+    return asyncio.ensure_future(loop())
+
+
+async def test_unauthenticated_partial_frames_are_cut_off_and_memory_stays_bounded(make_node):
+    a = await make_node("a")
+    good = await make_node("good", peers=[a.listen_url])
+    await a.wait_for_peer(good.node_id)
+    port = a.transport.listen_address[1]
+    gc.collect()
+    before = psutil.Process().memory_info().rss
+    peak, stop = [before], asyncio.Event()
+    sampler = _sample_rss(peak, stop)
+    # 20 connections at once, each trying to push 8 MiB of a declared 60 MiB frame before auth.
+    outcomes = await asyncio.gather(*(_partial_frame_attack(port, 8 * C.MIB) for _ in range(20)))
+    stop.set()
+    await sampler
+    grown = peak[0] - before
+    print(f"pre-auth attack: outcomes={sorted(outcomes)} rss_growth={grown / C.MIB:.1f} MiB")
+    assert "open" not in outcomes
+    assert outcomes.count("cut") >= C.MAX_CONNECTIONS_PER_ADDRESS - 1  # the rest met the cap
+    # Without the pre-handshake limit each would hold its 8 MiB: 20 x 8 MiB = 160 MiB.
+    assert grown < 24 * C.MIB
+    assert (await good.bus.call("node.info", peer=a.node_id)).name == "a"
+
+
+async def test_oversize_control_frames_are_refused_from_the_header(make_node):
+    a = await make_node("a")
+    good = await make_node("good", peers=[a.listen_url])
+    await a.wait_for_peer(good.node_id)
+    # One frame declaring 60 MiB of text: refused before its payload, which never comes.
+    raw = await RawPeer.connect(a.listen_url, NodeIdentity.generate())
+    raw.ws.transport.write(_frame_header(0x1, 60 * C.MIB))
+    with pytest.raises(ConnectionClosed):
+        await asyncio.wait_for(raw.ws.recv(), 5)
+    assert raw.ws.close_code == 1009
+    # A text message over its limit in small fragments: refused at the fragment that exceeds it.
+    raw = await RawPeer.connect(a.listen_url, NodeIdentity.generate())
+    piece = "x" * (256 * C.KIB)
+    with contextlib.suppress(ConnectionClosed):
+        await raw.ws.send([piece] * (C.CONTROL_FRAME_MAX_BYTES // len(piece) + 1))
+    with pytest.raises(ConnectionClosed):
+        await asyncio.wait_for(raw.ws.recv(), 5)
+    assert raw.ws.close_code == 1009
+    assert (await a.bus.call("node.status")).counters["oversize_frame"] == 2
+    assert (await good.bus.call("node.info", peer=a.node_id)).name == "a"
+
+
+async def test_the_first_large_frame_right_after_the_handshake_is_accepted(make_node):
+    a = await make_node("a", setup=with_echo)
+    for _ in range(5):  # the limit must be raised before their first frame, every time
+        raw = await RawPeer.connect(a.listen_url, NodeIdentity.generate())
+        text = "y" * (C.CONTROL_FRAME_MAX_BYTES - 200)
+        await raw.ws.send(
+            json.dumps({"t": "req", "id": 1, "cap": "test.echo", "body": {"text": text}})
+        )
+        answer = await asyncio.wait_for(raw.recv_json(), 10)
+        assert answer["ok"] and answer["body"]["text"] == text
+        await raw.ws.close()
+
+
+async def test_connections_beyond_the_per_address_cap_are_refused(make_node, capfd):
+    a = await make_node("a")
+    good = await make_node("good", peers=[a.listen_url])
+    await a.wait_for_peer(good.node_id)  # one connection from 127.0.0.1 already
+    held = [
+        await websockets_connect(a.listen_url, proxy=None)
+        for _ in range(C.MAX_CONNECTIONS_PER_ADDRESS - 1)
+    ]
+    capfd.readouterr()
+    for _ in range(10):
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(InvalidStatus) as refused:
+            await websockets_connect(a.listen_url, proxy=None)
+        assert refused.value.response.status_code == 503
+        assert asyncio.get_running_loop().time() - started < 1.0
+    assert capfd.readouterr().out.count("connections refused") == 1  # one line, not ten
+    assert (await a.bus.call("node.status")).counters["connection_refused"] == 10
+    # The authenticated peer keeps working meanwhile.
+    assert (await good.bus.call("node.info", peer=a.node_id)).name == "a"
+    for ws in held:
+        await ws.close()
+    # Closed connections free their places.
+    async with asyncio.timeout(5):
+        while True:
+            try:
+                ws = await websockets_connect(a.listen_url, proxy=None)
+                break
+            except InvalidStatus:
+                await asyncio.sleep(0.05)
+    await ws.close()
+
+
+async def test_a_full_size_blob_travels_right_after_the_handshake(make_node):
+    a = await make_node("a", setup=with_echo)
+    b = await make_node("b", peers=[a.listen_url], setup=with_echo)
+    await b.wait_for_peer(a.node_id)
+    blob = os.urandom(C.BLOB_MAX_BYTES)
+    reply, back = await b.bus.call_blob(
+        "test.echo", Echo(text="big"), peer=a.node_id, blob=blob, timeout=60
+    )
+    assert reply.blob_sha == hashlib.sha256(blob).hexdigest() and back == blob
