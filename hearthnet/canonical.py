@@ -59,14 +59,17 @@ def _parse_int(text: str) -> int | float:
 
 
 def _depth(obj: Any) -> int:
-    deepest, stack = 0, [(obj, 1)]
+    """Nesting depth (a scalar is 1, `[1]` is 2). Only containers are pushed, so a long flat
+    array costs one comprehension, not a stack entry per element (issue 13)."""
+    if not isinstance(obj, dict | list):
+        return 1
+    deepest, stack = 1, [(obj, 1)]
     while stack:
         node, depth = stack.pop()
-        deepest = max(deepest, depth)
-        if isinstance(node, dict):
-            stack.extend((v, depth + 1) for v in node.values())
-        elif isinstance(node, list):
-            stack.extend((v, depth + 1) for v in node)
+        children = node.values() if isinstance(node, dict) else node
+        if children and depth + 1 > deepest:
+            deepest = depth + 1
+        stack.extend([(v, depth + 1) for v in children if isinstance(v, dict | list)])
     return deepest
 
 

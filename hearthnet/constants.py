@@ -148,19 +148,19 @@ WS_MAX_MESSAGE_BYTES: Final = BLOB_MAX_BYTES
 # Before the handshake completes every message is at most this (hello and auth are ~300 bytes of
 # JSON), so an unauthenticated connection can make the node hold only a few KiB per message.
 HANDSHAKE_MAX_MESSAGE_BYTES: Final = 8 * KIB
-# After it, no single frame may exceed this (control frames and blob fragments are ≤ 1 MiB): a
-# frame declaring more is refused from its header, before its payload is read.
-WS_MAX_FRAME_BYTES: Final = 1 * MIB
 # Inbound connections: in all, per remote address, and still in the handshake; beyond these a
 # connection is refused (HTTP 503) before the WebSocket upgrade.
 MAX_INBOUND_CONNECTIONS: Final = 512
 MAX_CONNECTIONS_PER_ADDRESS: Final = 16
-MAX_HANDSHAKES_IN_FLIGHT: Final = 64
+MAX_HANDSHAKES_IN_FLIGHT: Final = 32
 # Refused connections are logged as one summary line per this many seconds, not one per connection.
 CONNECTION_REFUSAL_LOG_INTERVAL_S: Final = 10.0
 WS_MAX_QUEUE_FRAMES: Final = 16
 # Blobs are sent as one message in frames of this size, hashed by the receiver as they arrive.
 BLOB_FRAGMENT_BYTES: Final = 1 * MIB
+# After the handshake no single frame may exceed this (a control frame or a blob fragment): a
+# frame declaring more is refused from its header (close 1009), before its payload is read.
+WS_MAX_FRAME_BYTES: Final = max(CONTROL_FRAME_MAX_BYTES, BLOB_FRAGMENT_BYTES)
 WS_WRITE_LIMIT_BYTES: Final = 4 * MIB
 WS_PING_INTERVAL_S: Final = 20.0
 WS_PING_TIMEOUT_S: Final = 20.0
@@ -185,8 +185,8 @@ RECONNECT_RESET_AFTER_S: Final = 10.0
 PEER_MAX_PROTOCOL_ERRORS: Final = 20
 # Parse cost bound: a control frame may hold at most this many JSON values, counted before
 # parsing as 1 + its ',' '[' '{' bytes (an over-count: those inside strings count too). A frame
-# at the limit parses in tens of milliseconds; one over it costs a byte scan.
-CONTROL_FRAME_MAX_JSON_VALUES: Final = 65_536
+# at the limit parses in a few milliseconds; one over it costs a byte scan.
+CONTROL_FRAME_MAX_JSON_VALUES: Final = 16_384
 CONTROL_SOCKET_NAME: Final = "control.sock"
 CONTROL_REQUEST_MAX_BYTES: Final = 1 * MIB
 CONTROL_RESPONSE_MAX_BYTES: Final = 16 * MIB

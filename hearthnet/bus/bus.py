@@ -18,6 +18,7 @@ from pydantic import BaseModel, ValidationError
 
 from hearthnet import constants as C
 from hearthnet.errors import ErrorCode, HearthnetError, first_problem
+from hearthnet.fairshare import FairShare
 from hearthnet.identity import NodeID
 from hearthnet.logs import get_logger
 
@@ -55,11 +56,22 @@ class RemoteCaller(Protocol):
     ) -> tuple[dict[str, Any], bytes | None]: ...
 
 
+def _inflight_share() -> FairShare:
+    return FairShare(
+        C.MAX_INFLIGHT_PER_PEER,
+        C.INFLIGHT_GUARANTEED_PER_PEER,
+        C.FAIR_SHARE_RESERVED_PEERS,
+        C.INFLIGHT_SHARED,
+    )
+
+
 @dataclass
 class CapabilityBus:
     node_id: NodeID
     features: Mapping[str, bool] = field(default_factory=dict)
     remote: RemoteCaller | None = None
+    # Requests served for peers at once, shared fairly by every connection (peer.py).
+    remote_calls: FairShare = field(default_factory=_inflight_share)
     _caps: dict[str, Capability] = field(default_factory=dict)
     _missing: dict[str, HearthnetError] = field(default_factory=dict)
 

@@ -2,9 +2,11 @@
 
 Created only after the handshake verified, so everything here knows the peer's NodeID. Every
 queue and wait is bounded: in-flight requests per peer, pending calls, subscriptions, event
-queues. Bad input from the peer is answered with an error, counted and logged with its NodeID;
-after PEER_MAX_PROTOCOL_ERRORS malformed frames the connection is closed. Other peers and the
-node are unaffected.
+queues. Requests in flight and subscriptions are fair shares of node-wide pools
+(hearthnet/fairshare.py), so no peer can use up another's. Bad input from the peer is answered
+with an error where it can be, counted and logged with its NodeID; after PEER_MAX_PROTOCOL_ERRORS
+refused frames (malformed, oversized, too many JSON values, or requests answered `bad_request` or
+`payload_too_large`) the connection is closed. Other peers and the node are unaffected.
 """
 
 from __future__ import annotations
@@ -37,12 +39,16 @@ from hearthnet.bus.protocol import (
 from hearthnet.errors import ErrorCode, HearthnetError
 from hearthnet.eventlog import Event, EventLog
 from hearthnet.eventlog.event import from_wire, to_wire
+from hearthnet.eventlog.store import Subscription
 from hearthnet.identity import NodeID
 from hearthnet.logs import get_logger
 
 log = get_logger("hearthnet.peer")
 
 EventPolicy = Callable[[NodeID, Event], bool]
+# Answers to a peer's request that mean its input was refused: they count toward disconnecting
+# it. `unknown_capability`, `overloaded` and the like do not: honest peers meet them too.
+_REFUSED_INPUT = (ErrorCode.BAD_REQUEST, ErrorCode.PAYLOAD_TOO_LARGE)
 
 
 async def _sha256(data: bytes) -> str:
@@ -116,7 +122,6 @@ class PeerConnection:
         self._send_lock = asyncio.Lock()
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[tuple[dict[str, Any], bytes | None]]] = {}
-        self._inflight = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._subs_in: dict[int, asyncio.Task[None]] = {}
         self._subs_out: dict[int, RemoteSubscription] = {}
@@ -216,6 +221,14 @@ class PeerConnection:
         self.stats[kind] += 1
         log.warning("bad input from peer", peer=self.node_id, kind=kind, reason=message[:200])
 
+    async def _close_if_abusive(self) -> bool:
+        if self._errors < C.PEER_MAX_PROTOCOL_ERRORS:
+            return False
+        if not self.closed.is_set():
+            log.warning("closing peer after repeated bad input", peer=self.node_id)
+        await self.ws.close(1008, "too many refused frames")
+        return True
+
     async def run(self) -> None:
         """Read frames until the connection closes; then fail everything waiting on it."""
         try:
@@ -239,9 +252,7 @@ class PeerConnection:
         waiting: Request | Response | None = None  # announced a blob; its frame comes next
         discard_next_binary = False
         while True:
-            if self._errors >= C.PEER_MAX_PROTOCOL_ERRORS:
-                log.warning("closing peer after repeated bad input", peer=self.node_id)
-                await self.ws.close(1008, "too many malformed frames")
+            if await self._close_if_abusive():
                 return
             received = await self._recv()
             if isinstance(received, tuple):
@@ -302,13 +313,17 @@ class PeerConnection:
 
     async def _handle(self, msg: Message, blob: bytes | None) -> None:
         if isinstance(msg, Request):
-            if self._inflight >= C.MAX_INFLIGHT_PER_PEER:
+            # taken at admission, before the task gets to run; released when it ends
+            why = self._bus.remote_calls.try_acquire(self.node_id)
+            if why is not None:
                 self.stats["overloaded"] += 1
                 await self._fail(
-                    msg, HearthnetError(ErrorCode.OVERLOADED, "too many requests in flight")
+                    msg,
+                    HearthnetError(
+                        ErrorCode.OVERLOADED, f"too many requests in flight: {why}; retry later"
+                    ),
                 )
                 return
-            self._inflight += 1  # counted at admission, before the task gets to run
             self._spawn(self._serve(msg, blob))
         elif isinstance(msg, Response):
             future = self._pending.get(msg.id)
@@ -352,34 +367,49 @@ class PeerConnection:
             except HearthnetError as exc:
                 if exc.code in (ErrorCode.UNKNOWN_CAPABILITY, ErrorCode.BAD_REQUEST):
                     self.stats[exc.code.value] += 1
+                if exc.code in _REFUSED_INPUT:
+                    self._errors += 1  # a refused request counts like a malformed frame
                 response, out_blob = (
                     Response(t="res", id=req.id, ok=False, error=exc.to_dict()),
                     None,
                 )
             with contextlib.suppress(ConnectionClosed):
                 await self._send(response, out_blob)
+                await self._close_if_abusive()
         finally:
-            self._inflight -= 1
+            self._bus.remote_calls.release(self.node_id)
 
     # --- event feeds --------------------------------------------------------------------------
 
     async def _start_feed(self, sub: Subscribe) -> None:
-        if (
-            self._log is None
-            or len(self._subs_in) >= C.MAX_SUBSCRIPTIONS_PER_PEER
-            or (sub.id in self._subs_in)
-        ):
-            err = HearthnetError(ErrorCode.OVERLOADED, "subscription refused")
+        """Admit a subscription or answer why not (`subscription_overflow` when this peer is
+        over its fair share) — never silence."""
+        try:
+            if self._log is None:
+                raise HearthnetError(ErrorCode.OVERLOADED, "this node keeps no event log")
+            if sub.id in self._subs_in:
+                self._bad("duplicate_subscription", f"subscription id {sub.id} is in use")
+                raise HearthnetError(ErrorCode.BAD_REQUEST, f"subscription id {sub.id} is in use")
+            # first, so nothing falls between backlog and live; the store enforces fair shares
+            live = self._log.subscribe(sub.prefix, peer=self.node_id)
+        except HearthnetError as err:
+            if err.code is ErrorCode.SUBSCRIPTION_OVERFLOW:
+                self.stats["subscription_refused"] += 1
             await self._send(EventMsg(t="evt", sub=sub.id, error=err.to_dict()))
             return
-        task: asyncio.Task[None] = asyncio.ensure_future(self._feed(sub, self._log))
+        task: asyncio.Task[None] = asyncio.ensure_future(self._feed(sub, self._log, live))
         self._subs_in[sub.id] = task
-        task.add_done_callback(lambda _t: self._subs_in.pop(sub.id, None))
 
-    async def _feed(self, sub: Subscribe, eventlog: EventLog) -> None:
+        def done(finished: asyncio.Task[None]) -> None:
+            if self._subs_in.get(sub.id) is finished:  # not a later one reusing the id
+                del self._subs_in[sub.id]
+            live.close()  # also when the task was cancelled before it ran
+
+        task.add_done_callback(done)
+
+    async def _feed(self, sub: Subscribe, eventlog: EventLog, live: Subscription) -> None:
         """Backlog after `after_seq` (if asked), then live events; the policy decides, per
         subscriber and event, what it may see."""
-        live = eventlog.subscribe(sub.prefix)  # first, so nothing falls between backlog and live
         error: HearthnetError | None = None
         try:
             last = 0

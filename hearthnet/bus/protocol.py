@@ -88,13 +88,28 @@ Message = Annotated[
 _ADAPTER: TypeAdapter[Message] = TypeAdapter(Message)
 
 
+def _values_bound(raw: bytes) -> int:
+    """An upper bound on the JSON values in `raw`, at byte-scan cost: every value but the
+    first follows a ',' or opens a container's first element after '[' or '{'. Bytes inside
+    strings count too, so it over-counts; it never under-counts."""
+    return 1 + raw.count(b",") + raw.count(b"[") + raw.count(b"{")
+
+
 def decode(text: str | bytes) -> Message:
-    """A validated message from an untrusted text frame; `bad_request` when it is not one."""
+    """A validated message from an untrusted text frame; `bad_request` when it is not one,
+    `payload_too_large` before any parsing when it is over the size or JSON-value bound (so a
+    hostile frame costs a byte scan, not a parse)."""
     raw = text.encode() if isinstance(text, str) else text
     if len(raw) > C.CONTROL_FRAME_MAX_BYTES:
         raise HearthnetError(
             ErrorCode.PAYLOAD_TOO_LARGE,
             f"control frame of {len(raw)} bytes exceeds {C.CONTROL_FRAME_MAX_BYTES}",
+        )
+    values = _values_bound(raw)
+    if values > C.CONTROL_FRAME_MAX_JSON_VALUES:
+        raise HearthnetError(
+            ErrorCode.PAYLOAD_TOO_LARGE,
+            f"control frame may hold {values} JSON values, over {C.CONTROL_FRAME_MAX_JSON_VALUES}",
         )
     try:
         obj = parse_json(raw, C.CONTROL_FRAME_MAX_BYTES)

@@ -21,10 +21,14 @@ from typing import Any, TypeVar
 
 from hearthnet.constants import (
     EVENTLOG_BUSY_TIMEOUT_S,
-    EVENTLOG_MAX_SUBSCRIBERS,
+    EVENTLOG_MAX_LOCAL_SUBSCRIBERS,
     EVENTLOG_READ_MAX_ROWS,
     EVENTLOG_SUBSCRIBER_QUEUE_MAX,
+    FAIR_SHARE_RESERVED_PEERS,
     GENESIS_HASH,
+    MAX_SUBSCRIPTIONS_PER_PEER,
+    SUBSCRIPTIONS_GUARANTEED_PER_PEER,
+    SUBSCRIPTIONS_SHARED,
 )
 from hearthnet.errors import ErrorCode, HearthnetError
 from hearthnet.eventlog.event import (
@@ -35,6 +39,7 @@ from hearthnet.eventlog.event import (
     now_ts,
     seal,
 )
+from hearthnet.fairshare import FairShare
 from hearthnet.identity import NodeID, NodeIdentity
 
 T = TypeVar("T")
@@ -75,9 +80,11 @@ class Subscription:
     `subscription_overflow` (with the last seq it saw) and can catch up with `read(after_seq)`.
     """
 
-    def __init__(self, log: EventLog, type_prefix: str):
+    def __init__(self, log: EventLog, type_prefix: str, peer: str | None = None):
         self.type_prefix = type_prefix
+        self.peer = peer  # the remote subscriber it is held for; None for the node itself
         self._log = log
+        self._closed = False
         self._queue: asyncio.Queue[Event | None] = asyncio.Queue(EVENTLOG_SUBSCRIBER_QUEUE_MAX)
         self._overflowed = False
         self.last_seq = 0
@@ -95,7 +102,9 @@ class Subscription:
             self._queue.put_nowait(None)
 
     def close(self) -> None:
-        self._log._subscribers.discard(self)
+        if not self._closed:
+            self._closed = True
+            self._log._release(self)
         self._end()
 
     def __aiter__(self) -> AsyncIterator[Event]:
@@ -135,6 +144,13 @@ class EventLog:
     def _open(self, path: Path, readonly: bool) -> None:
         self.path = path
         self._subscribers: set[Subscription] = set()
+        self._local_subscribers = 0
+        self._remote_subscribers = FairShare(
+            MAX_SUBSCRIPTIONS_PER_PEER,
+            SUBSCRIPTIONS_GUARANTEED_PER_PEER,
+            FAIR_SHARE_RESERVED_PEERS,
+            SUBSCRIPTIONS_SHARED,
+        )
         self._append_lock = asyncio.Lock()
         self._lock_fd: int | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eventlog")
@@ -270,12 +286,34 @@ class EventLog:
             after = page[-1].seq
         return out
 
-    def subscribe(self, type_prefix: str = "") -> Subscription:
-        if len(self._subscribers) >= EVENTLOG_MAX_SUBSCRIBERS:
-            raise HearthnetError(ErrorCode.EVENTLOG_INVALID, "too many event subscribers")
-        sub = Subscription(self, type_prefix)
+    def subscribe(self, type_prefix: str = "", peer: str | None = None) -> Subscription:
+        """Live events from now on. `peer` names the remote subscriber it is for: peers draw
+        on fair shares (constants MAX_SUBSCRIPTIONS_PER_PEER and below), so none can use up
+        the others'; a refusal is `subscription_overflow`, never silence."""
+        if peer is None:
+            if self._local_subscribers >= EVENTLOG_MAX_LOCAL_SUBSCRIBERS:
+                raise HearthnetError(
+                    ErrorCode.SUBSCRIPTION_OVERFLOW,
+                    f"this node already has {EVENTLOG_MAX_LOCAL_SUBSCRIBERS} local event "
+                    "readers; stop some (e.g. `hearthnet events --follow`) and retry",
+                )
+            self._local_subscribers += 1
+        elif (why := self._remote_subscribers.try_acquire(peer)) is not None:
+            raise HearthnetError(
+                ErrorCode.SUBSCRIPTION_OVERFLOW,
+                f"subscription refused: {why}; close subscriptions to this node or retry later",
+                {"held": self._remote_subscribers.held(peer)},
+            )
+        sub = Subscription(self, type_prefix, peer)
         self._subscribers.add(sub)
         return sub
+
+    def _release(self, sub: Subscription) -> None:
+        self._subscribers.discard(sub)
+        if sub.peer is None:
+            self._local_subscribers -= 1
+        else:
+            self._remote_subscribers.release(sub.peer)
 
     async def verify(self) -> VerifyResult:
         """Walk the whole chain; name the first event that is missing, altered or forged."""
@@ -283,7 +321,14 @@ class EventLog:
         def walk() -> VerifyResult:
             expected_seq, prev, checked = 1, GENESIS_HASH, 0
             cursor = self._db.execute(f"SELECT {_COLUMNS} FROM events ORDER BY seq")  # noqa: S608
-            while rows := cursor.fetchmany(1000):
+            while True:
+                try:
+                    rows = cursor.fetchmany(1000)
+                except sqlite3.OperationalError:  # a text column that is not UTF-8 any more
+                    bad = undecodable_from(expected_seq)
+                    return VerifyResult(False, checked, bad, "row holds bytes that are not text")
+                if not rows:
+                    break
                 for row in rows:
                     try:
                         event = _row_to_event(row)
@@ -295,6 +340,19 @@ class EventLog:
                         return VerifyResult(False, checked, bad, reason)
                     expected_seq, prev, checked = event.seq + 1, event.hash, checked + 1
             return VerifyResult(True, checked)
+
+        def undecodable_from(start: int) -> int:
+            """The first row from `start` that sqlite cannot hand back as text."""
+            seqs = self._db.execute("SELECT seq FROM events WHERE seq >= ? ORDER BY seq", (start,))
+            for (seq,) in seqs.fetchall():
+                try:
+                    self._db.execute(
+                        f"SELECT {_COLUMNS} FROM events WHERE seq = ?",  # noqa: S608
+                        (seq,),
+                    ).fetchone()
+                except sqlite3.OperationalError:
+                    return int(seq)
+            return start
 
         return await self._run(walk)
 

@@ -83,3 +83,21 @@ def test_handshake_transcript_binds_everything():
         assert exc.value.code is ErrorCode.HANDSHAKE_FAILED
     with raises_code(ErrorCode.HANDSHAKE_FAILED):
         transcript(ha, ha.model_copy(update={"role": "listener"}))  # nonce reuse
+
+
+def test_frames_with_too_many_json_values_are_refused_before_parsing():
+    import time
+
+    n = C.CONTROL_FRAME_MAX_JSON_VALUES
+    ok = '{"t":"req","id":1,"cap":"node.ping","body":{"x":[' + ",".join(["1"] * (n - 8)) + "]}}"
+    assert isinstance(decode(ok), Request)
+    for hostile in (
+        '{"t":"req","id":1,"cap":"node.ping","body":{"x":[' + ",".join(["1"] * 500_000) + "]}}",
+        "[" * (C.CONTROL_FRAME_MAX_BYTES // 2),
+        '{"t":"req","id":1,"cap":"a","body":{"s":"' + "," * n + '"}}',  # counted in strings too
+    ):
+        assert len(hostile) <= C.CONTROL_FRAME_MAX_BYTES
+        started = time.perf_counter()
+        with raises_code(ErrorCode.PAYLOAD_TOO_LARGE):
+            decode(hostile)
+        assert time.perf_counter() - started < 0.05  # a byte scan, not a parse (~0.2 s)

@@ -160,6 +160,8 @@ def _tamper(path, sql, params=()):
         ("DELETE FROM events WHERE seq = 5", (), 5, "expected seq 5"),
         ("UPDATE events SET signature = zeroblob(64) WHERE seq = 3", (), 3, "signature"),
         ("UPDATE events SET prev_hash = ? WHERE seq = 7", ("f" * 64,), 7, "prev_hash"),
+        # a byte flip that leaves `ts` invalid UTF-8 is named, not a traceback
+        ("UPDATE events SET ts = CAST(X'C328FF' AS TEXT) WHERE seq = 6", (), 6, "not text"),
     ],
 )
 async def test_tampering_is_named_by_verify(tmp_path, identity, sql, params, bad_seq, reason):
@@ -243,3 +245,36 @@ async def test_acknowledged_appends_survive_sigkill(tmp_path, identity):
     nxt = await log.append("after.crash", {})
     assert nxt.seq == max(stored) + 1
     await log.close()
+
+
+async def test_subscribers_get_fair_shares_and_a_refusal_says_why(log):
+    from hearthnet import constants as C
+
+    per, floor = C.MAX_SUBSCRIPTIONS_PER_PEER, C.SUBSCRIPTIONS_GUARANTEED_PER_PEER
+    greedy = -(-C.SUBSCRIPTIONS_SHARED // (per - floor))  # enough peers to fill the shared pool
+    subs = []
+    for i in range(greedy):  # each takes all it can get, then is refused
+        while log._remote_subscribers.try_acquire(f"greedy{i}") is None:
+            log._remote_subscribers.release(f"greedy{i}")
+            subs.append(log.subscribe("", peer=f"greedy{i}"))
+        with raises_code(ErrorCode.SUBSCRIPTION_OVERFLOW):
+            log.subscribe("", peer=f"greedy{i}")
+    assert len(subs) == floor * greedy + C.SUBSCRIPTIONS_SHARED
+    # Everyone else still gets its guaranteed share, then `subscription_overflow`.
+    for _ in range(floor):
+        subs.append(log.subscribe("", peer="newcomer"))
+    with raises_code(ErrorCode.SUBSCRIPTION_OVERFLOW):
+        log.subscribe("", peer="newcomer")
+    # The node's own readers have their own pool; closing frees a slot for the next peer.
+    local = log.subscribe("")
+    subs[-1].close()
+    subs[-1].close()  # closing twice releases once
+    subs.append(log.subscribe("", peer="newcomer"))
+    with raises_code(ErrorCode.SUBSCRIPTION_OVERFLOW):
+        log.subscribe("", peer="newcomer")
+    assert len(subs) <= C.EVENTLOG_MAX_SUBSCRIBERS - C.EVENTLOG_MAX_LOCAL_SUBSCRIBERS
+    await log.append("t", {})
+    assert (await anext(aiter(local))).type == "t"
+    for sub in subs:
+        sub.close()
+    assert log.subscribe("", peer="newcomer") is not None
