@@ -162,6 +162,16 @@ BLOB_FRAGMENT_BYTES: Final = 1 * MIB
 # frame declaring more is refused from its header (close 1009), before its payload is read.
 WS_MAX_FRAME_BYTES: Final = max(CONTROL_FRAME_MAX_BYTES, BLOB_FRAGMENT_BYTES)
 WS_WRITE_LIMIT_BYTES: Final = 4 * MIB
+# Pings a peer may send before its handshake completes (each costs us a pong)
+HANDSHAKE_MAX_PINGS: Final = 4
+# Handshakes in flight from one address (IPv6: one /64): two addresses cannot take them all
+MAX_HANDSHAKES_PER_ADDRESS: Final = 4
+# The HTTP upgrade request, read before any connection cap applies: ≤ 32 lines of ≤ 4 KiB
+HTTP_MAX_HEADERS: Final = 32
+HTTP_MAX_LINE_BYTES: Final = 4096
+# A ping that arrives while this much is waiting to be sent to its peer fails the connection:
+# honest backlog is the write limit plus a frame; a peer that pings without reading grows it.
+WS_PING_BACKLOG_LIMIT_BYTES: Final = 16 * MIB
 WS_PING_INTERVAL_S: Final = 20.0
 WS_PING_TIMEOUT_S: Final = 20.0
 WS_CLOSE_TIMEOUT_S: Final = 5.0

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import ipaddress
 import random
 import time
 from collections import Counter
@@ -18,10 +19,11 @@ from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any
 
+import websockets.http11
 from websockets.asyncio.client import connect
 from websockets.asyncio.connection import Connection
 from websockets.asyncio.server import Server, ServerConnection, serve
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI, ProtocolError
 from websockets.frames import CloseCode, Frame, Opcode
 from websockets.http11 import Request, Response
 from websockets.protocol import Protocol
@@ -52,6 +54,12 @@ _WS_OPTIONS: dict[str, Any] = {
 }
 
 PeerHook = Callable[[NodeID], None]
+
+# The HTTP upgrade request is read before any cap applies (websockets calls process_request
+# once it is complete): keep what one such request can make the node hold small. websockets
+# reads these module limits at parse time; this process's only websockets user is this module.
+websockets.http11.MAX_NUM_HEADERS = C.HTTP_MAX_HEADERS
+websockets.http11.MAX_LINE_LENGTH = C.HTTP_MAX_LINE_BYTES
 
 
 def listen_error(host: str, port: int, exc: OSError) -> HearthnetError:
@@ -92,8 +100,10 @@ class _Limits:
     WS_MAX_FRAME_BYTES and a text (control) message at most CONTROL_FRAME_MAX_BYTES across its
     fragments, both refused from the header of the frame that would exceed them (close 1009)."""
 
-    def __init__(self, protocol: Protocol) -> None:
+    def __init__(self, protocol: Protocol, write_backlog: Callable[[], int]) -> None:
         self._protocol = protocol
+        self._write_backlog = write_backlog
+        self._pings = 0  # pings before the handshake completed
         self._recv_frame = protocol.recv_frame
         protocol.recv_frame = self._on_frame  # type: ignore[method-assign]
         protocol.max_message_size = C.HANDSHAKE_MAX_MESSAGE_BYTES
@@ -129,6 +139,14 @@ class _Limits:
             return
 
     def _on_frame(self, frame: Frame) -> None:
+        if frame.opcode is Opcode.PING:
+            # Every ping queues a pong; a peer that pings and never reads would grow our send
+            # buffer without bound (pings are not messages: no message limit applies).
+            self._pings += not self.opened
+            if self._pings > C.HANDSHAKE_MAX_PINGS:
+                raise ProtocolError("too many pings before the handshake")
+            if self._write_backlog() > C.WS_PING_BACKLOG_LIMIT_BYTES:
+                raise ProtocolError("pings while our pongs are not being read")
         self._recv_frame(frame)
         if self.opened:
             if frame.opcode is Opcode.TEXT and not frame.fin:
@@ -257,7 +275,7 @@ class Transport:
 
     async def _handshake(self, ws: Connection, role: str, expected: str | None = None) -> NodeID:
         net = self.config.node.network_id
-        limits = _Limits(ws.protocol)
+        limits = _Limits(ws.protocol, ws.transport.get_write_buffer_size)
         async with asyncio.timeout(C.HANDSHAKE_TIMEOUT_S):
             if role == "dialer":
                 mine = make_hello(self.identity, net, "dialer")
@@ -309,6 +327,11 @@ class Transport:
             reason = "too many connections from one address"
         elif len(self._handshaking) >= C.MAX_HANDSHAKES_IN_FLIGHT:
             reason = "too many handshakes in flight"
+        elif (
+            sum(_host(w.remote_address) == address for w in self._handshaking)
+            >= C.MAX_HANDSHAKES_PER_ADDRESS
+        ):
+            reason = "too many handshakes in flight from one address"
         if reason is not None:
             self.stats["connection_refused"] += 1
             self._refusals.refused(reason)
@@ -444,10 +467,19 @@ class Transport:
 
 
 def _host(address: Any) -> str:
-    """The host part of a socket address tuple: the unit the per-address cap counts."""
-    if isinstance(address, tuple) and address:
-        return str(address[0])
-    return str(address)
+    """The unit the per-address caps count: the host of a socket address, an IPv6 host by its
+    /64 (one subscriber line usually holds a whole /64, so single addresses cost nothing)."""
+    host = str(address[0]) if isinstance(address, tuple) and address else str(address)
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    mapped = getattr(ip, "ipv4_mapped", None)
+    if mapped is not None:
+        return str(mapped)
+    if ip.version == 6:
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)
 
 
 def _host_port(address: Any) -> str:

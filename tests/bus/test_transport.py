@@ -407,9 +407,11 @@ async def test_compression_is_never_negotiated(make_node):
 # --- bounded before trust (issue 13) ----------------------------------------------------------
 
 
-async def _upgrade(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, int]:
+async def _upgrade(
+    port: int, source: str = "127.0.0.1"
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, int]:
     """A bare WebSocket upgrade by hand, so a test can then write any bytes (partial frames)."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
     key = base64.b64encode(os.urandom(16)).decode()
     writer.write(
         (
@@ -426,10 +428,10 @@ def _frame_header(opcode: int, length: int) -> bytes:
     return bytes([0x80 | opcode, 0x80 | 127]) + struct.pack("!Q", length) + os.urandom(4)
 
 
-async def _partial_frame_attack(port: int, push: int) -> str:
+async def _partial_frame_attack(port: int, push: int, source: str = "127.0.0.1") -> str:
     """Upgrade, declare a 60 MiB frame without authenticating, and push `push` bytes of it."""
     try:
-        reader, writer, status = await _upgrade(port)
+        reader, writer, status = await _upgrade(port, source)
     except (OSError, asyncio.IncompleteReadError):
         return "reset"
     if status != 101:
@@ -472,14 +474,16 @@ async def test_unauthenticated_partial_frames_are_cut_off_and_memory_stays_bound
     before = psutil.Process().memory_info().rss
     peak, stop = [before], asyncio.Event()
     sampler = _sample_rss(peak, stop)
-    # 20 connections at once, each trying to push 8 MiB of a declared 60 MiB frame before auth.
-    outcomes = await asyncio.gather(*(_partial_frame_attack(port, 8 * C.MIB) for _ in range(20)))
+    # 20 connections at once from 5 addresses (within the per-address handshake cap), each
+    # trying to push 8 MiB of a declared 60 MiB frame before auth.
+    sources = [f"127.0.0.{10 + i // C.MAX_HANDSHAKES_PER_ADDRESS}" for i in range(20)]
+    outcomes = await asyncio.gather(*(_partial_frame_attack(port, 8 * C.MIB, s) for s in sources))
     stop.set()
     await sampler
     grown = peak[0] - before
     print(f"pre-auth attack: outcomes={sorted(outcomes)} rss_growth={grown / C.MIB:.1f} MiB")
     assert "open" not in outcomes
-    assert outcomes.count("cut") >= C.MAX_CONNECTIONS_PER_ADDRESS - 1  # the rest met the cap
+    assert outcomes.count("cut") == 20  # every one cut off at the frame header
     # Without the pre-handshake limit each would hold its 8 MiB: 20 x 8 MiB = 160 MiB.
     assert grown < 24 * C.MIB
     assert (await good.bus.call("node.info", peer=a.node_id)).name == "a"
@@ -520,24 +524,27 @@ async def test_the_first_large_frame_right_after_the_handshake_is_accepted(make_
         await raw.ws.close()
 
 
-async def test_connections_beyond_the_per_address_cap_are_refused(make_node, capfd):
+async def test_connections_beyond_the_per_address_caps_are_refused(make_node, capfd):
+    """Silent handshakes from one address (127.0.0.2) fill only that address's share: further
+    ones get 503 at once, one log line; a peer from another address still connects."""
     a = await make_node("a")
-    good = await make_node("good", peers=[a.listen_url])
-    await a.wait_for_peer(good.node_id)  # one connection from 127.0.0.1 already
+    attacker = {"local_addr": ("127.0.0.2", 0)}
     held = [
-        await websockets_connect(a.listen_url, proxy=None)
-        for _ in range(C.MAX_CONNECTIONS_PER_ADDRESS - 1)
+        await websockets_connect(a.listen_url, proxy=None, **attacker)
+        for _ in range(C.MAX_HANDSHAKES_PER_ADDRESS)
     ]
     capfd.readouterr()
     for _ in range(10):
         started = asyncio.get_running_loop().time()
         with pytest.raises(InvalidStatus) as refused:
-            await websockets_connect(a.listen_url, proxy=None)
+            await websockets_connect(a.listen_url, proxy=None, **attacker)
         assert refused.value.response.status_code == 503
         assert asyncio.get_running_loop().time() - started < 1.0
     assert capfd.readouterr().out.count("connections refused") == 1  # one line, not ten
     assert (await a.bus.call("node.status")).counters["connection_refused"] == 10
-    # The authenticated peer keeps working meanwhile.
+    # An honest peer from another address is not locked out, and works.
+    good = await make_node("good", peers=[a.listen_url])
+    await a.wait_for_peer(good.node_id)
     assert (await good.bus.call("node.info", peer=a.node_id)).name == "a"
     for ws in held:
         await ws.close()
@@ -545,11 +552,19 @@ async def test_connections_beyond_the_per_address_cap_are_refused(make_node, cap
     async with asyncio.timeout(5):
         while True:
             try:
-                ws = await websockets_connect(a.listen_url, proxy=None)
+                ws = await websockets_connect(a.listen_url, proxy=None, **attacker)
                 break
             except InvalidStatus:
                 await asyncio.sleep(0.05)
     await ws.close()
+
+
+def test_per_address_caps_group_ipv6_by_its_64():
+    from hearthnet.bus.transport import _host
+
+    assert _host(("2001:db8:1:2::5", 1, 0, 0)) == _host(("2001:db8:1:2:ffff::9", 2, 0, 0))
+    assert _host(("2001:db8:1:3::5", 1, 0, 0)) != _host(("2001:db8:1:2::5", 1, 0, 0))
+    assert _host(("::ffff:10.0.0.1", 1, 0, 0)) == _host(("10.0.0.1", 1)) == "10.0.0.1"
 
 
 async def test_a_full_size_blob_travels_right_after_the_handshake(make_node):
@@ -561,3 +576,67 @@ async def test_a_full_size_blob_travels_right_after_the_handshake(make_node):
         "test.echo", Echo(text="big"), peer=a.node_id, blob=blob, timeout=60
     )
     assert reply.blob_sha == hashlib.sha256(blob).hexdigest() and back == blob
+
+
+async def test_a_ping_flood_before_auth_is_cut_off_and_buffers_nothing(make_node):
+    """Every ping queues a pong: 8 unauthenticated sockets that ping without reading must not
+    grow the node's send buffers (a review measured 201 MiB in 6 s before the bound)."""
+    import socket
+
+    from websockets.frames import Frame, Opcode
+
+    a = await make_node("a")
+    port = int(a.listen_url.rsplit(":", 1)[1])
+    loop = asyncio.get_running_loop()
+    burst = Frame(Opcode.PING, b"p" * 125).serialize(mask=True, extensions=[]) * 4000
+    upgrade = (
+        b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    socks = []
+    start_rss = psutil.Process().memory_info().rss
+    for _ in range(8):
+        s = socket.create_connection(("127.0.0.1", port))
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # and never read
+        s.sendall(upgrade)
+        s.setblocking(False)
+        socks.append(s)
+    try:
+        for _ in range(40):
+            for s in socks:
+                with contextlib.suppress(OSError):
+                    await loop.sock_sendall(s, burst)
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)
+        backlog = sum(c.transport.get_write_buffer_size() for c in a.transport._inbound)
+        assert backlog < 1 * C.MIB
+        assert psutil.Process().memory_info().rss - start_rss < 32 * C.MIB
+        async with asyncio.timeout(15):  # every flooder is failed and let go
+            while a.transport._inbound:
+                await asyncio.sleep(0.1)
+    finally:
+        for s in socks:
+            s.close()
+
+
+async def test_an_upgrade_request_with_too_many_or_too_long_headers_is_refused(make_node):
+    """The HTTP request is read before any connection cap applies: what it can make the node
+    hold is bounded by HTTP_MAX_HEADERS lines of at most HTTP_MAX_LINE_BYTES."""
+    a = await make_node("a")
+    port = a.transport.listen_address[1]
+    for extra in (
+        "".join(f"X-Pad-{i}: y\r\n" for i in range(C.HTTP_MAX_HEADERS + 1)),
+        f"X-Long: {'y' * C.HTTP_MAX_LINE_BYTES}\r\n",
+    ):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(
+            (
+                f"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                f"Sec-WebSocket-Key: {base64.b64encode(os.urandom(16)).decode()}\r\n"
+                f"Sec-WebSocket-Version: 13\r\n{extra}\r\n"
+            ).encode()
+        )
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        assert not answer.startswith(b"HTTP/1.1 101")  # refused, never upgraded
