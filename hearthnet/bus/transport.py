@@ -164,21 +164,24 @@ class _Limits:
 
 
 class _RefusalLog:
-    """One log line per interval for refused connections, however many there are."""
+    """One log line per interval for refused connections or failed handshakes, however many
+    there are: the first at once (with where it came from), then counts by reason."""
 
-    def __init__(self) -> None:
+    def __init__(self, event: str = "connections refused") -> None:
+        self._event = event
         self._last = -float("inf")
         self._counts: Counter[str] = Counter()
 
-    def refused(self, reason: str) -> None:
+    def refused(self, reason: str, **context: str) -> None:
         self._counts[reason] += 1
         now = time.monotonic()
         if now - self._last >= C.CONNECTION_REFUSAL_LOG_INTERVAL_S:
             self._last = now
             log.warning(
-                "connections refused",
+                self._event,
                 counts=dict(self._counts),
                 interval_s=C.CONNECTION_REFUSAL_LOG_INTERVAL_S,
+                **context,
             )
             self._counts.clear()
 
@@ -208,6 +211,7 @@ class Transport:
         self._handshaking: set[ServerConnection] = set()
         self._per_address: Counter[str] = Counter()
         self._refusals = _RefusalLog()
+        self._handshake_failures = _RefusalLog("handshakes failed")
         bus.remote = self
 
     def on_peer(self, hook: PeerHook) -> None:
@@ -313,7 +317,7 @@ class Transport:
         )
         self.stats[kind] += 1
         reason = exc.message if isinstance(exc, HearthnetError) else type(exc).__name__
-        log.warning("handshake failed", where=where, reason=reason)
+        self._handshake_failures.refused(reason, where=where)  # a flood costs one line per 10 s
 
     # --- connections --------------------------------------------------------------------------
 

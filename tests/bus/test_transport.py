@@ -578,7 +578,7 @@ async def test_a_full_size_blob_travels_right_after_the_handshake(make_node):
     assert reply.blob_sha == hashlib.sha256(blob).hexdigest() and back == blob
 
 
-async def test_a_ping_flood_before_auth_is_cut_off_and_buffers_nothing(make_node):
+async def test_a_ping_flood_before_auth_is_cut_off_and_buffers_nothing(make_node, capfd):
     """Every ping queues a pong: 8 unauthenticated sockets that ping without reading must not
     grow the node's send buffers (a review measured 201 MiB in 6 s before the bound)."""
     import socket
@@ -614,6 +614,8 @@ async def test_a_ping_flood_before_auth_is_cut_off_and_buffers_nothing(make_node
         async with asyncio.timeout(15):  # every flooder is failed and let go
             while a.transport._inbound:
                 await asyncio.sleep(0.1)
+        assert a.transport.stats["handshake_failed"] == C.MAX_HANDSHAKES_PER_ADDRESS  # rest: 503
+        assert capfd.readouterr().out.count("handshakes failed") == 1  # one line, not one each
     finally:
         for s in socks:
             s.close()
