@@ -7,11 +7,12 @@ from structlog.testing import capture_logs
 
 from hearthnet.config import config_from_dict
 from hearthnet.constants import EVENTLOG_FILE_NAME
-from hearthnet.errors import ErrorCode, HearthnetError
+from hearthnet.errors import ErrorCode
 from hearthnet.eventlog import EventLog
 from hearthnet.identity import NodeIdentity
 from hearthnet.llm import model as M
 from hearthnet.node import Node
+from tests.helpers import raises_code
 
 
 def _config(tmp_path, **llm):
@@ -53,9 +54,8 @@ async def test_a_failed_start_does_not_log_node_stopped(tmp_path):
     raises its code and leaves neither a "node stopped" line nor a node.stopped event."""
     config = _config(tmp_path, base_model=str(tmp_path / "missing.gguf"))
     node = Node(config, NodeIdentity.generate())
-    with capture_logs() as logs, pytest.raises(HearthnetError) as exc:
+    with capture_logs() as logs, raises_code(ErrorCode.MODEL_UNAVAILABLE):
         await node.start()
-    assert exc.value.code is ErrorCode.MODEL_UNAVAILABLE
     assert not {"node started", "node stopped"} & {entry["event"] for entry in logs}
     log = EventLog.open_readonly(config.data_dir / EVENTLOG_FILE_NAME, node.node_id)
     try:

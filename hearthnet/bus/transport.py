@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import ipaddress
 import random
 import time
 from collections import Counter
@@ -19,18 +18,17 @@ from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any
 
-import websockets.http11
 from websockets.asyncio.client import connect
 from websockets.asyncio.connection import Connection
 from websockets.asyncio.server import Server, ServerConnection, serve
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI, ProtocolError
-from websockets.frames import CloseCode, Frame, Opcode
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+from websockets.frames import CloseCode
 from websockets.http11 import Request, Response
-from websockets.protocol import Protocol
 
 from hearthnet import constants as C
 from hearthnet.bus.bus import CapabilityBus
 from hearthnet.bus.handshake import check_hello, make_hello, sign_auth, transcript, verify_auth
+from hearthnet.bus.limits import FrameLimits, SummaryLog, address_group
 from hearthnet.bus.peer import EventPolicy, PeerConnection, RemoteSubscription
 from hearthnet.bus.protocol import Auth, Hello, decode, encode
 from hearthnet.config import NodeConfig, PeerConfig
@@ -43,7 +41,7 @@ log = get_logger("hearthnet.transport")
 
 _WS_OPTIONS: dict[str, Any] = {
     "compression": None,
-    # Until both handshake signatures verify; _Limits raises it for an authenticated peer.
+    # Until both handshake signatures verify; FrameLimits raises it for an authenticated peer.
     "max_size": C.HANDSHAKE_MAX_MESSAGE_BYTES,
     "max_queue": C.WS_MAX_QUEUE_FRAMES,
     "write_limit": C.WS_WRITE_LIMIT_BYTES,
@@ -54,12 +52,6 @@ _WS_OPTIONS: dict[str, Any] = {
 }
 
 PeerHook = Callable[[NodeID], None]
-
-# The HTTP upgrade request is read before any cap applies (websockets calls process_request
-# once it is complete): keep what one such request can make the node hold small. websockets
-# reads these module limits at parse time; this process's only websockets user is this module.
-websockets.http11.MAX_NUM_HEADERS = C.HTTP_MAX_HEADERS
-websockets.http11.MAX_LINE_LENGTH = C.HTTP_MAX_LINE_BYTES
 
 
 def listen_error(host: str, port: int, exc: OSError) -> HearthnetError:
@@ -90,102 +82,6 @@ async def check_listen(host: str, port: int) -> None:
     await server.wait_closed()
 
 
-class _Limits:
-    """Receive limits of one connection, applied by websockets' parser between frames.
-
-    The parser fixes a frame's size limit before reading the frame, so raising it from the
-    handshake task would race the peer's first frame after the handshake. Instead the peer's
-    `auth` (its second message) is verified here as the parser hands it over, and the limits are
-    raised before the next frame's header is read. After the handshake a frame is at most
-    WS_MAX_FRAME_BYTES and a text (control) message at most CONTROL_FRAME_MAX_BYTES across its
-    fragments, both refused from the header of the frame that would exceed them (close 1009)."""
-
-    def __init__(self, protocol: Protocol, write_backlog: Callable[[], int]) -> None:
-        self._protocol = protocol
-        self._write_backlog = write_backlog
-        self._pings = 0  # pings before the handshake completed
-        self._recv_frame = protocol.recv_frame
-        protocol.recv_frame = self._on_frame  # type: ignore[method-assign]
-        protocol.max_message_size = C.HANDSHAKE_MAX_MESSAGE_BYTES
-        protocol.max_fragment_size = None
-        self._messages = 0  # text messages received before the handshake completed
-        self._early: bytes | None = None  # their auth, when it came before we could check it
-        self._expect: tuple[Hello, bytes] | None = None
-        self.opened = False
-
-    def expect_auth(self, theirs: Hello, data: bytes) -> None:
-        """Check their auth over `data` as soon as it arrives (now, if it already has)."""
-        self._expect = (theirs, data)
-        if self._early is not None:
-            self._check(self._early)
-            self._early = None
-
-    def open(self) -> None:
-        """Normal limits: for an authenticated peer only."""
-        self.opened = True
-        self._protocol.max_message_size = C.WS_MAX_MESSAGE_BYTES
-        self._protocol.max_fragment_size = C.WS_MAX_FRAME_BYTES
-
-    def _check(self, raw: bytes) -> None:
-        assert self._expect is not None
-        theirs, data = self._expect
-        self._expect = None
-        try:
-            auth = decode(raw.decode())
-            if isinstance(auth, Auth):
-                verify_auth(theirs, data, auth)
-                self.open()
-        except Exception:  # the handshake task checks it again and reports why
-            return
-
-    def _on_frame(self, frame: Frame) -> None:
-        if frame.opcode is Opcode.PING:
-            # Every ping queues a pong; a peer that pings and never reads would grow our send
-            # buffer without bound (pings are not messages: no message limit applies).
-            self._pings += not self.opened
-            if self._pings > C.HANDSHAKE_MAX_PINGS:
-                raise ProtocolError("too many pings before the handshake")
-            if self._write_backlog() > C.WS_PING_BACKLOG_LIMIT_BYTES:
-                raise ProtocolError("pings while our pongs are not being read")
-        self._recv_frame(frame)
-        if self.opened:
-            if frame.opcode is Opcode.TEXT and not frame.fin:
-                self._protocol.max_message_size = C.CONTROL_FRAME_MAX_BYTES
-            elif frame.opcode is Opcode.CONT and frame.fin:
-                self._protocol.max_message_size = C.WS_MAX_MESSAGE_BYTES
-            return
-        if frame.fin and frame.opcode in (Opcode.TEXT, Opcode.CONT):
-            self._messages += 1
-            if self._messages == 2 and frame.opcode is Opcode.TEXT:
-                if self._expect is not None:
-                    self._check(bytes(frame.data))
-                else:
-                    self._early = bytes(frame.data)
-
-
-class _RefusalLog:
-    """One log line per interval for refused connections or failed handshakes, however many
-    there are: the first at once (with where it came from), then counts by reason."""
-
-    def __init__(self, event: str = "connections refused") -> None:
-        self._event = event
-        self._last = -float("inf")
-        self._counts: Counter[str] = Counter()
-
-    def refused(self, reason: str, **context: str) -> None:
-        self._counts[reason] += 1
-        now = time.monotonic()
-        if now - self._last >= C.CONNECTION_REFUSAL_LOG_INTERVAL_S:
-            self._last = now
-            log.warning(
-                self._event,
-                counts=dict(self._counts),
-                interval_s=C.CONNECTION_REFUSAL_LOG_INTERVAL_S,
-                **context,
-            )
-            self._counts.clear()
-
-
 class Transport:
     def __init__(
         self,
@@ -210,8 +106,8 @@ class Transport:
         self._inbound: set[ServerConnection] = set()
         self._handshaking: set[ServerConnection] = set()
         self._per_address: Counter[str] = Counter()
-        self._refusals = _RefusalLog()
-        self._handshake_failures = _RefusalLog("handshakes failed")
+        self._refusals = SummaryLog()
+        self._handshake_failures = SummaryLog("handshakes failed")
         bus.remote = self
 
     def on_peer(self, hook: PeerHook) -> None:
@@ -279,7 +175,7 @@ class Transport:
 
     async def _handshake(self, ws: Connection, role: str, expected: str | None = None) -> NodeID:
         net = self.config.node.network_id
-        limits = _Limits(ws.protocol, ws.transport.get_write_buffer_size)
+        limits = FrameLimits(ws.protocol, ws.transport.get_write_buffer_size)
         async with asyncio.timeout(C.HANDSHAKE_TIMEOUT_S):
             if role == "dialer":
                 mine = make_hello(self.identity, net, "dialer")
@@ -323,7 +219,7 @@ class Transport:
 
     def _admit_connection(self, ws: ServerConnection, request: Request) -> Response | None:
         """Refuse a connection beyond the caps before the WebSocket upgrade (HTTP 503)."""
-        address = _host(ws.remote_address)
+        address = address_group(ws.remote_address)
         reason = None
         if len(self._inbound) >= C.MAX_INBOUND_CONNECTIONS:
             reason = "too many connections"
@@ -332,7 +228,7 @@ class Transport:
         elif len(self._handshaking) >= C.MAX_HANDSHAKES_IN_FLIGHT:
             reason = "too many handshakes in flight"
         elif (
-            sum(_host(w.remote_address) == address for w in self._handshaking)
+            sum(address_group(w.remote_address) == address for w in self._handshaking)
             >= C.MAX_HANDSHAKES_PER_ADDRESS
         ):
             reason = "too many handshakes in flight from one address"
@@ -388,7 +284,8 @@ class Transport:
             log.info("peer disconnected", peer=node)
 
     def _count_refused_frame(self, ws: Connection, node: NodeID) -> None:
-        """websockets closes with 1009 on a frame over _Limits' limits; count it as bad input."""
+        """websockets closes with 1009 on a frame over FrameLimits' bounds: count it as bad
+        input."""
         sent = ws.protocol.close_sent
         if sent is not None and sent.code == CloseCode.MESSAGE_TOO_BIG:
             self.stats["oversize_frame"] += 1
@@ -468,22 +365,6 @@ class Transport:
             }
             for p in sorted(self.peers.values(), key=lambda p: p.node_id)
         ]
-
-
-def _host(address: Any) -> str:
-    """The unit the per-address caps count: the host of a socket address, an IPv6 host by its
-    /64 (one subscriber line usually holds a whole /64, so single addresses cost nothing)."""
-    host = str(address[0]) if isinstance(address, tuple) and address else str(address)
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        return host
-    mapped = getattr(ip, "ipv4_mapped", None)
-    if mapped is not None:
-        return str(mapped)
-    if ip.version == 6:
-        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
-    return str(ip)
 
 
 def _host_port(address: Any) -> str:

@@ -34,11 +34,9 @@ _TOPIC_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 class TrainingDataProvider(Protocol):
     def samples(self, topic: str) -> list[str]:
         """The topic's training texts (the held-out slice excluded)."""
-        ...
 
     def held_out(self, topic: str) -> list[str]:
         """The topic's held-out texts, never trained on; empty when there are too few."""
-        ...
 
 
 def held_out_salt(data_dir: Path) -> bytes:

@@ -560,7 +560,7 @@ async def test_connections_beyond_the_per_address_caps_are_refused(make_node, ca
 
 
 def test_per_address_caps_group_ipv6_by_its_64():
-    from hearthnet.bus.transport import _host
+    from hearthnet.bus.limits import address_group as _host
 
     assert _host(("2001:db8:1:2::5", 1, 0, 0)) == _host(("2001:db8:1:2:ffff::9", 2, 0, 0))
     assert _host(("2001:db8:1:3::5", 1, 0, 0)) != _host(("2001:db8:1:2::5", 1, 0, 0))

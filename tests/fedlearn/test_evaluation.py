@@ -4,11 +4,10 @@ import math
 
 import pytest
 
-from hearthnet.config import FedLearnConfig, LLMSection
 from hearthnet.eventlog import EventLog
 from hearthnet.fedlearn import evaluation
 from hearthnet.llm.adapters import write_peft_adapter
-from hearthnet.llm.service import LLMService
+from tests.helpers import loaded_service
 from tests.llm.test_service import random_adapter
 
 HELD_OUT = [
@@ -19,13 +18,7 @@ HELD_OUT = [
 
 @pytest.fixture(scope="module")
 def service(tiny_model_dir, tmp_path_factory):
-    svc = LLMService(
-        LLMSection(base_model=tiny_model_dir, device="cpu"),
-        tmp_path_factory.mktemp("node"),
-        FedLearnConfig(),
-    )
-    svc.load()
-    return svc
+    return loaded_service(tiny_model_dir, tmp_path_factory.mktemp("node"))
 
 
 @pytest.mark.parametrize(

@@ -4,23 +4,17 @@ import time
 import pytest
 import torch
 
-from hearthnet.config import FedLearnConfig, LLMSection
+from hearthnet.config import FedLearnConfig
 from hearthnet.errors import ErrorCode, HearthnetError
 from hearthnet.fedlearn.lora import A_SUFFIX, B_SUFFIX, target_layers
 from hearthnet.llm.adapters import from_peft_key, to_peft_key, write_peft_adapter
 from hearthnet.llm.service import LLMService
-from tests.helpers import raises_code
+from tests.helpers import loaded_service, raises_code
 
 
 @pytest.fixture(scope="module")
 def service(tiny_model_dir, tmp_path_factory):
-    svc = LLMService(
-        LLMSection(base_model=tiny_model_dir, device="cpu"),
-        tmp_path_factory.mktemp("node"),
-        FedLearnConfig(),
-    )
-    svc.load()
-    return svc
+    return loaded_service(tiny_model_dir, tmp_path_factory.mktemp("node"))
 
 
 def random_adapter(manifest, shapes, seed, scale=2.0):

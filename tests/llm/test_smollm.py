@@ -3,13 +3,12 @@
 import pytest
 import torch
 
-from hearthnet.config import FedLearnConfig, LLMSection
 from hearthnet.errors import ErrorCode, HearthnetError
 from hearthnet.fedlearn.lora import complete_adapter
 from hearthnet.fedlearn.trainer import QLoRATrainer
 from hearthnet.llm.adapters import write_peft_adapter
 from hearthnet.llm.quant import pack_as_inference
-from hearthnet.llm.service import LLMService
+from tests.helpers import loaded_service
 
 STREETS = [
     "Rheinstraße",
@@ -42,13 +41,7 @@ GENERIC_HELD_OUT = [
 
 @pytest.fixture(scope="module")
 def smollm(smollm_dir, tmp_path_factory):
-    svc = LLMService(
-        LLMSection(base_model=smollm_dir, device="cpu"),
-        tmp_path_factory.mktemp("node"),
-        FedLearnConfig(),
-    )
-    svc.load()
-    return svc
+    return loaded_service(smollm_dir, tmp_path_factory.mktemp("node"))
 
 
 def manifest_for(make_manifest, svc, **kw):
