@@ -99,6 +99,8 @@ def cmd_events(args: argparse.Namespace) -> int:
                     print(json.dumps(result.__dict__))
                 elif result.ok:
                     print(f"ok: {result.checked} events verified")
+                elif result.first_bad_seq is None:  # the head checkpoint, not an event
+                    print(f"BROKEN: {result.reason}")
                 else:
                     print(f"BROKEN at seq {result.first_bad_seq}: {result.reason}")
                 return 0 if result.ok else 1

@@ -69,6 +69,38 @@ def test_init_id_and_events(tmp_path):
     assert result.returncode == 1 and "BROKEN at seq 1" in result.stdout
 
 
+def test_events_verify_names_a_deleted_tail(tmp_path):
+    """Rows deleted from the end leave a valid chain; the signed head checkpoint beside the log
+    still names them (issue 13), and a missing checkpoint is reported, not passed."""
+    data = tmp_path / "alice"
+    assert run("init", "--data-dir", str(data)).returncode == 0
+    config = str(data / "node.toml")
+
+    async def write_events() -> None:
+        log = EventLog(data / "events.sqlite3", NodeIdentity.load(data / "node.key"))
+        for i in range(5):
+            await log.append("test.event", {"i": i})
+        await log.close()
+
+    asyncio.run(write_events())
+    db = sqlite3.connect(data / "events.sqlite3")
+    db.execute("DELETE FROM events WHERE seq > 2")
+    db.commit()
+    db.close()
+    result = run("events", "--config", config, "--verify")
+    assert result.returncode == 1, result.stderr
+    assert result.stdout.strip() == (
+        "BROKEN at seq 3: events 3..5 missing after the last one (seq 2): the log was truncated"
+    )
+    assert "Traceback" not in result.stderr
+    result = run("events", "--config", config, "--verify", "--json")
+    assert json.loads(result.stdout)["first_bad_seq"] == 3
+
+    (data / "events.sqlite3.head").unlink()
+    result = run("events", "--config", config, "--verify")
+    assert result.returncode == 1 and result.stdout.startswith("BROKEN: no head checkpoint")
+
+
 def test_init_refuses_to_overwrite(tmp_path):
     data = tmp_path / "n"
     assert run("init", "--data-dir", str(data)).returncode == 0

@@ -3,7 +3,8 @@
 WAL with synchronous=FULL, so an append that returned survives a crash. Every database call runs
 on one dedicated worker thread: the event loop never blocks on an fsync, and appends are
 serialised without further locking. A lock file makes the log single-writer across processes;
-read-only handles (the CLI reading a running node's log) take no lock.
+read-only handles (the CLI reading a running node's log) take no lock. A signed head checkpoint
+beside the database (hearthnet/eventlog/checkpoint.py) lets `verify` see a deleted tail.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import contextlib
 import fcntl
 import os
 import sqlite3
+import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -31,6 +34,14 @@ from hearthnet.constants import (
     SUBSCRIPTIONS_SHARED,
 )
 from hearthnet.errors import ErrorCode, HearthnetError
+from hearthnet.eventlog.checkpoint import (
+    Checkpoint,
+    check_head,
+    checkpoint_path,
+    encode_checkpoint,
+    read_checkpoint,
+    write_checkpoint,
+)
 from hearthnet.eventlog.event import (
     Event,
     check_event_type,
@@ -41,8 +52,17 @@ from hearthnet.eventlog.event import (
 )
 from hearthnet.fairshare import FairShare
 from hearthnet.identity import NodeID, NodeIdentity
+from hearthnet.logs import get_logger
 
 T = TypeVar("T")
+_log = get_logger("hearthnet.eventlog")
+# Recorded when a writer opens a non-empty log that has no head checkpoint (one from before
+# checkpoints, or one whose checkpoint was moved aside): the log itself says from where on a
+# deleted tail is detectable.
+HEAD_ADOPTED_EVENT = "eventlog.head.adopted"
+# At most one checkpoint write (an fsync + rename, ~0.25 ms) per interval while appends stream
+# in; the first append after a pause is checkpointed at once. See docs/decisions.md.
+CHECKPOINT_MIN_INTERVAL_S = 0.02
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
@@ -143,6 +163,7 @@ class EventLog:
 
     def _open(self, path: Path, readonly: bool) -> None:
         self.path = path
+        self.checkpoint_path = checkpoint_path(path)
         self._subscribers: set[Subscription] = set()
         self._local_subscribers = 0
         self._remote_subscribers = FairShare(
@@ -154,6 +175,12 @@ class EventLog:
         self._append_lock = asyncio.Lock()
         self._lock_fd: int | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eventlog")
+        # Checkpoints are written on a thread of their own, coalesced (see `_store`).
+        self._checkpointer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eventlog-head")
+        self._head_lock = threading.Lock()
+        self._head_pending: tuple[int, str] | None = None
+        self._head_written_at = 0.0
+        self._closing = threading.Event()  # cuts the interval short so close writes at once
         if readonly and not path.exists():
             raise HearthnetError(ErrorCode.EVENTLOG_INVALID, f"no event log at {path}")
         if not readonly:
@@ -161,9 +188,12 @@ class EventLog:
         try:
             self._db = self._executor.submit(self._connect, readonly).result()
             self._head: tuple[int, str] = self._executor.submit(self._read_head).result()
+            if not readonly:
+                self._executor.submit(self._open_checkpoint).result()
         except BaseException:
             self._release_lock()
             self._executor.shutdown()
+            self._checkpointer.shutdown()
             raise
 
     def _take_lock(self) -> None:
@@ -213,6 +243,91 @@ class EventLog:
         row = self._db.execute("SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1").fetchone()
         return (0, GENESIS_HASH) if row is None else (int(row[0]), str(row[1]))
 
+    def _hash_at(self, seq: int) -> str | None:
+        row = self._db.execute("SELECT hash FROM events WHERE seq = ?", (seq,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def _open_checkpoint(self) -> None:
+        """Refuse to write on a log that ends before its checkpoint (appending would overwrite
+        the evidence); give a log without one a checkpoint, recording that in the log."""
+        assert self._identity is not None
+        fix = f"restore the log from a backup, or move {self.checkpoint_path} aside to accept it"
+        try:
+            checkpoint = read_checkpoint(self.checkpoint_path, self.owner)
+        except HearthnetError as exc:
+            raise HearthnetError(ErrorCode.EVENTLOG_INVALID, f"{exc.message}; {fix}") from None
+        seq, prev = self._head
+        if checkpoint is not None:
+            reason = check_head(checkpoint, seq, self._hash_at(checkpoint.seq))
+            if reason is not None:
+                raise HearthnetError(ErrorCode.EVENTLOG_INVALID, f"{self.path}: {reason}; {fix}")
+            if checkpoint.seq == seq:
+                return
+        elif seq > 0:
+            _log.warning("event log has no head checkpoint; adopting its head", seq=seq)
+            adopted = seal(
+                self._identity,
+                seq + 1,
+                prev,
+                HEAD_ADOPTED_EVENT,
+                encode_payload({"seq": seq, "hash": prev}),
+                now_ts(),
+            )
+            self._insert(adopted)
+            self._head = (adopted.seq, adopted.hash)
+        try:
+            self._checkpoint(self._head)
+        except OSError as exc:
+            raise HearthnetError(
+                ErrorCode.EVENTLOG_INVALID,
+                f"cannot write the head checkpoint {self.checkpoint_path}: {exc.strerror} "
+                "(is the data directory writable by this user?)",
+            ) from None
+
+    def _checkpoint(self, head: tuple[int, str]) -> None:
+        """Sign a committed head into the checkpoint file; only ever given one after its
+        commit, so the file is never ahead of the durable log."""
+        assert self._identity is not None
+        write_checkpoint(self.checkpoint_path, encode_checkpoint(self._identity, *head))
+
+    def _store(self, event: Event) -> None:
+        """Commit `event`, then hand its head to the checkpoint thread.
+
+        The checkpoint's fsync + rename costs about as much as the commit itself, so it is not
+        on the append's path: the thread writes the newest committed head, at most once per
+        CHECKPOINT_MIN_INTERVAL_S (a stream of appends costs one write per interval, not one
+        each). The file lags the log by at most that, and `close` writes the last head."""
+        self._insert(event)
+        self._head = (event.seq, event.hash)
+        with self._head_lock:
+            idle = self._head_pending is None
+            self._head_pending = self._head
+        if idle:
+            self._checkpointer.submit(self._flush_checkpoints)
+
+    def _flush_checkpoints(self) -> None:
+        """Write pending heads until none is left. One that cannot be written leaves the
+        previous checkpoint (behind the log, never ahead): the append still stands, verify
+        still passes, and the next append tries again."""
+        while True:
+            wait = self._head_written_at + CHECKPOINT_MIN_INTERVAL_S - time.monotonic()
+            if wait > 0:
+                self._closing.wait(wait)
+            with self._head_lock:  # the newest head committed by now
+                head = self._head_pending
+            if head is None:
+                return
+            try:
+                self._checkpoint(head)
+            except OSError as exc:
+                _log.warning(
+                    "head checkpoint not written", path=str(self.checkpoint_path), error=str(exc)
+                )
+            self._head_written_at = time.monotonic()
+            with self._head_lock:
+                if self._head_pending == head:
+                    self._head_pending = None
+
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
@@ -229,8 +344,7 @@ class EventLog:
         async with self._append_lock:
             seq, prev = self._head
             event = seal(self._identity, seq + 1, prev, event_type, payload_bytes, now_ts())
-            await self._run(self._insert, event)
-            self._head = (event.seq, event.hash)
+            await self._run(self._store, event)
             for sub in list(self._subscribers):
                 sub._offer(event)
         return event
@@ -316,9 +430,23 @@ class EventLog:
             self._remote_subscribers.release(sub.peer)
 
     async def verify(self) -> VerifyResult:
-        """Walk the whole chain; name the first event that is missing, altered or forged."""
+        """Walk the whole chain; name the first event that is missing, altered or forged; then
+        hold its end to the signed head checkpoint, so a deleted tail is named too. A log with
+        no checkpoint fails: without one a deleted tail cannot be told from a short log."""
 
         def walk() -> VerifyResult:
+            # Read before the chain: the writer checkpoints only committed events, so this is
+            # never ahead of the snapshot the SELECT below sees, even with the node running.
+            checkpoint: Checkpoint | None = None
+            no_checkpoint = (
+                f"no head checkpoint {self.checkpoint_path}: a deleted tail cannot be detected "
+                "(a log from before checkpoints gets one when its node next starts)"
+            )
+            try:
+                checkpoint = read_checkpoint(self.checkpoint_path, self.owner)
+            except HearthnetError as exc:
+                no_checkpoint = f"{exc.message} ({self.checkpoint_path})"
+            hash_at_checkpoint: str | None = None
             expected_seq, prev, checked = 1, GENESIS_HASH, 0
             cursor = self._db.execute(f"SELECT {_COLUMNS} FROM events ORDER BY seq")  # noqa: S608
             while True:
@@ -339,6 +467,14 @@ class EventLog:
                         bad = min(expected_seq, event.seq)
                         return VerifyResult(False, checked, bad, reason)
                     expected_seq, prev, checked = event.seq + 1, event.hash, checked + 1
+                    if checkpoint is not None and event.seq == checkpoint.seq:
+                        hash_at_checkpoint = event.hash
+            if checkpoint is None:
+                return VerifyResult(False, checked, None, no_checkpoint)
+            reason = check_head(checkpoint, expected_seq - 1, hash_at_checkpoint)
+            if reason is not None:
+                bad = min(expected_seq, checkpoint.seq)
+                return VerifyResult(False, checked, bad, reason)
             return VerifyResult(True, checked)
 
         def undecodable_from(start: int) -> int:
@@ -362,4 +498,6 @@ class EventLog:
         with contextlib.suppress(RuntimeError):
             await self._run(self._db.close)
         self._executor.shutdown(wait=True)
+        self._closing.set()
+        self._checkpointer.shutdown(wait=True)  # the last head is on disk before the lock goes
         self._release_lock()
