@@ -70,8 +70,10 @@ from hearthnet.fedlearn.state import (
     TERMINAL_STAGES,
     Membership,
     Stage,
+    Submitted,
     fold_memberships,
 )
+from hearthnet.fedlearn.verify import check_listing, check_recomputed, held_for_recompute
 from hearthnet.logs import get_logger
 
 log = get_logger("hearthnet.fedlearn.participant")
@@ -511,6 +513,24 @@ class RoundParticipant:
             raise
         if result.manifest_sha != member.signed.manifest_sha:
             raise HearthnetError(ErrorCode.SIGNATURE_INVALID, "result is for another manifest")
+        done = member.result
+        if done is not None and (
+            done.claimed(RoundResult).aggregated_delta_sha == result.aggregated_delta_sha
+        ):
+            return result
+        try:
+            await self._verify_result(member, result)
+        except HearthnetError as err:
+            log.warning(
+                "round result refused",
+                round_id=member.round_id,
+                sender=sender,
+                aggregator=result.aggregator,
+                code=str(err.code),
+                reason=err.message,
+            )
+            await self._security_event(sender, "round result content")
+            raise
         if member.stage in TERMINAL_STAGES:
             return result
         sha = result.aggregated_delta_sha
@@ -549,6 +569,64 @@ class RoundParticipant:
             await self.install_adapter(sha)
             self.ctx.llm.set_node_adapter(sha)
         return result
+
+    async def _verify_result(self, member: Membership, result: RoundResult) -> None:
+        """What this node can check of a signed result beyond its signature: its own entry
+        always; the adapter SHA by recomputation when it holds every submission listed."""
+        me = self.ctx.node_id
+        check_listing(result, me, member.submission)
+        if result.aggregator == me:
+            return  # this node aggregated it itself
+        held, receipts, masks = self._held(member)
+        use, missing = held_for_recompute(result, held)
+        if missing:
+            log.debug(
+                "result checked only in part: not every listed submission is held here",
+                round_id=member.round_id,
+                held=len(use),
+                missing=len(missing),
+            )
+            return
+        m = member.signed.manifest
+        agg = await asyncio.to_thread(
+            aggregate_submissions,
+            member.signed,
+            use,
+            self.ctx.blobs.path,
+            self.ctx.model_shapes(),
+            masks if m.secure else None,
+            receipt_influence({p: receipts[p] for p in use}),
+        )
+        check_recomputed(result, sha256_hex(agg.adapter))
+        log.debug("result recomputed", round_id=member.round_id, submissions=len(use))
+
+    def _held(
+        self, member: Membership
+    ) -> tuple[
+        dict[str, ParticipantSubmission], dict[str, SignedDoc], dict[str, MaskKeyAnnouncement]
+    ]:
+        """The signed submissions (with their blob here and their join receipt) this node holds
+        for a round: its own, what its takeover was handed, and, on the coordinator, all."""
+        subs: dict[str, ParticipantSubmission] = {}
+        receipts: dict[str, SignedDoc] = {}
+        masks: dict[str, MaskKeyAnnouncement] = dict(member.roster or {})
+
+        def hold(p: str, sub: ParticipantSubmission, receipt: SignedDoc | None) -> None:
+            if receipt is not None and self.ctx.blobs.has(sub.delta_sha):
+                subs[p], receipts[p] = sub, receipt
+
+        if member.submission is not None:
+            hold(self.ctx.node_id, member.submission, member.receipt)
+        for p, handed in member.handed.items():
+            hold(p, handed.submission, member.handed_receipts.get(p))
+        for ann in member.handed_masks.values():
+            masks.setdefault(ann.participant, ann)
+        record = self.coordinator.rounds.get(member.round_id)
+        if record is not None:
+            for p, s in record.submissions.items():
+                hold(p, s.submission, record.joined.get(p))
+            masks.update(record.masks)
+        return subs, receipts, masks
 
     def _check_mask_holders(self, member: Membership, holders: set[str]) -> None:
         """Mask only with keys of this node's community who enrolled in the round: a
@@ -710,6 +788,11 @@ class RoundParticipant:
             blobs[resp.submission.delta_sha] = await asyncio.to_thread(self.ctx.blobs.put, data)
             for ann in resp.masks:
                 masks.setdefault(ann.participant, ann)
+            # kept, so a later result listing these submissions can be recomputed here
+            member.handed[peer] = Submitted(resp.submission, blobs[resp.submission.delta_sha])
+            member.handed_receipts[peer] = resp.receipt
+            for ann in resp.masks:
+                member.handed_masks.setdefault(ann.participant, ann)
         if len(subs) < m.min_participants:
             reason = (
                 f"takeover gathered {len(subs)} submissions; the round needs {m.min_participants}"

@@ -99,6 +99,15 @@ class AuditEntry(_Msg):
     reason: Annotated[str, Field(max_length=256)]
 
 
+class SubmissionRef(_Msg):
+    """One included submission as the aggregator used it, so its participant (or anyone holding
+    the signed submission) can check the result against what was signed."""
+
+    participant: NodeIdField
+    delta_sha: Sha
+    num_samples: int
+
+
 class RoundResult(_Msg):
     """Spec §4.1's RoundResult plus the rule, who was included and excluded (and why), what the
     rule did with each included update, and whether a takeover node produced it."""
@@ -120,6 +129,7 @@ class RoundResult(_Msg):
     takeover: bool
     rule_params: dict[str, Any] = {}
     audit: list[AuditEntry] = []  # empty for secure rounds: no individual update is seen
+    submissions: list[SubmissionRef] = []  # one per `included`, in the same order
 
 
 # --- capability bodies --------------------------------------------------------------------------

@@ -31,7 +31,14 @@ from hearthnet.fedlearn.delta import (
 )
 from hearthnet.fedlearn.lora import A_SUFFIX, B_SUFFIX, ModelShapes, target_layers
 from hearthnet.fedlearn.manifest import RoundManifest, SignedManifest, format_ts
-from hearthnet.fedlearn.protocol import AuditEntry, Exclusion, JoinReceipt, RoundResult, SignedDoc
+from hearthnet.fedlearn.protocol import (
+    AuditEntry,
+    Exclusion,
+    JoinReceipt,
+    RoundResult,
+    SignedDoc,
+    SubmissionRef,
+)
 from hearthnet.fedlearn.reputation import Observation, influence
 from hearthnet.fedlearn.secure import (
     MaskKeyAnnouncement,
@@ -69,6 +76,8 @@ class Aggregate:
     included: list[str]
     total_samples: int
     audit: list[AuditEntry] = field(default_factory=list)
+    # participant -> (delta_sha, num_samples) of the signed submission that went in
+    signed: dict[str, tuple[str, int]] = field(default_factory=dict)
 
 
 def receipt_influence(receipts: Mapping[str, SignedDoc]) -> dict[str, float]:
@@ -115,7 +124,8 @@ def aggregate_submissions(
             for p, v in verdicts.items()
         ]
     total = sum(submissions[p].num_samples for p in order)
-    return Aggregate(adapter_bytes(tensors, signed), order, total, audit)
+    used = {p: (submissions[p].delta_sha, submissions[p].num_samples) for p in order}
+    return Aggregate(adapter_bytes(tensors, signed), order, total, audit, used)
 
 
 def observations(aggregate: Aggregate, rejected: Mapping[str, str]) -> list[Observation]:
@@ -217,4 +227,8 @@ def build_result(
         takeover=takeover,
         rule_params=dict(m.aggregation.params),
         audit=aggregate.audit,
+        submissions=[
+            SubmissionRef(participant=p, delta_sha=sha, num_samples=n)
+            for p, (sha, n) in ((p, aggregate.signed[p]) for p in aggregate.included)
+        ],
     )

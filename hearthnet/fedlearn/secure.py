@@ -297,6 +297,17 @@ class SecureFedAvgAggregator(_Aggregator):
                 ErrorCode.FEDLEARN_AGGREGATION_FAILED,
                 "unmasked weight total does not match the roster",
             )
+        # One masked input is uniform mod 2^64 and cannot be range-checked, but the total can:
+        # an honest quantised entry is within ±_STEPS × its weight, so the sum is within
+        # ±_STEPS × the roster's total weight (docs/decisions.md, issue 13).
+        bound = np.int64(min(_STEPS * expected, 2**63 - 1))
+        values = total[:-1]
+        if values.size and (bool((values > bound).any()) or bool((values < -bound).any())):
+            raise HearthnetError(
+                ErrorCode.FEDLEARN_AGGREGATION_FAILED,
+                "the masked inputs are out of range: a participant submitted values beyond "
+                "the clip bound",
+            )
         mean = total[:-1].astype(np.float64) / float(expected) * (self.manifest.clip_norm / _STEPS)
         out: AdapterTensors = {}
         offset = 0

@@ -156,6 +156,11 @@ class Membership:
     roster: dict[str, MaskKeyAnnouncement] | None = None
     coordinator_phase: str = Phase.ANNOUNCED
     seen_seq: int = 0
+    # what this node's takeover was handed (memory only): a later result that lists exactly
+    # these signed submissions is recomputed and must give the same adapter SHA
+    handed: dict[str, Submitted] = field(default_factory=dict)
+    handed_receipts: dict[str, SignedDoc] = field(default_factory=dict)
+    handed_masks: dict[str, MaskKeyAnnouncement] = field(default_factory=dict)
 
     @property
     def round_id(self) -> str:

@@ -203,3 +203,28 @@ def test_masked_serialisation_rejects_garbage(make_manifest):
     with raises_code(ErrorCode.DELTA_INVALID):
         deserialize_masked(b"junk", vec.size)
     assert repr(parties[0].key) == "MaskingKey(<secret>)"
+
+
+def test_masked_inputs_beyond_the_clip_bound_are_refused(make_manifest):
+    """Issue 13 item 7: one masked input cannot be range-checked, but the unmasked total can.
+    Every honest party at the very edge of the clip bound (one entry quantised to -_STEPS) sums
+    to exactly -_STEPS × Σ weights and aggregates; one unit more from one party is refused."""
+    signed, parties, anns, samples = setup_round(make_manifest, 3)
+    first = min(random_delta(signed, 0))
+    edge = {k: torch.zeros_like(v) for k, v in random_delta(signed, 0).items()}
+    edge[first].view(-1)[0] = -5.0  # clipped to -clip_norm: quantised to exactly -_STEPS
+
+    def run(cheat: int | None):
+        agg = SecureFedAvgAggregator(signed.manifest, MODEL_SHAPES, anns, signed.manifest_sha)
+        for i, p in enumerate(parties):
+            vec = masked_for(signed, p, anns, edge)
+            if i == cheat:
+                vec[0] -= np.uint64(1)  # one quantisation step beyond its -_STEPS × weight
+            agg.add(submission(signed, p, b"x", samples[i]), vec)
+        return agg.aggregate()
+
+    out = run(None)
+    assert out[first].view(-1)[0].item() == pytest.approx(-1.0)  # the mean of three edges
+    with raises_code(ErrorCode.FEDLEARN_AGGREGATION_FAILED) as exc:
+        run(0)
+    assert "out of range" in exc.value.message and "clip bound" in exc.value.message

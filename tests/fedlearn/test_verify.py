@@ -1,0 +1,118 @@
+"""Checking a round's result against the signed submissions a node holds (issue 13)."""
+
+import torch
+
+from hearthnet.canonical import sha256_hex
+from hearthnet.errors import ErrorCode
+from hearthnet.fedlearn.delta import ParticipantSubmission, serialize_delta
+from hearthnet.fedlearn.protocol import Exclusion, SubmissionRef
+from hearthnet.fedlearn.publish import adapter_bytes, aggregate_submissions, build_result
+from hearthnet.fedlearn.verify import check_listing, check_recomputed, held_for_recompute
+from hearthnet.identity import NodeIdentity
+from tests.helpers import raises_code
+
+from .conftest import MODEL_SHAPES, random_delta
+
+
+def _round(tmp_path, make_manifest, n=3):
+    signed = make_manifest()
+    people = [NodeIdentity.generate() for _ in range(n)]
+    subs, paths = {}, {}
+    for i, ident in enumerate(people):
+        data = serialize_delta(
+            random_delta(signed, i),
+            manifest_sha=signed.manifest_sha,
+            round_id=signed.round_id,
+            participant=ident.node_id,
+        )
+        sub = ParticipantSubmission.create(ident, signed.round_id, data, 10 + i, 0.1)
+        (tmp_path / sub.delta_sha).write_bytes(data)
+        subs[ident.node_id], paths[sub.delta_sha] = sub, tmp_path / sub.delta_sha
+    agg = aggregate_submissions(signed, subs, paths.__getitem__, MODEL_SHAPES)
+    result = build_result(signed, agg, people[0].node_id, [], takeover=True)
+    return signed, people, subs, paths, agg, result
+
+
+def test_a_result_lists_what_went_in_and_recomputes_to_its_sha(tmp_path, make_manifest):
+    signed, people, subs, paths, _, result = _round(tmp_path, make_manifest)
+    assert [r.participant for r in result.submissions] == result.included == sorted(subs)
+    for ident in people:  # every participant finds its own signed submission, unchanged
+        check_listing(result, ident.node_id, subs[ident.node_id])
+    check_listing(result, "outsider", None)
+    use, missing = held_for_recompute(result, subs)
+    assert missing == [] and use == subs
+    again = aggregate_submissions(signed, use, paths.__getitem__, MODEL_SHAPES)
+    check_recomputed(result, sha256_hex(again.adapter))
+
+
+def test_a_forged_adapter_fails_the_recomputation(tmp_path, make_manifest):
+    """An adapter under the real signed manifest (which passes `check_adapter`) with other
+    values: only recomputing the aggregate tells it from the real one."""
+    signed, _, subs, paths, agg, result = _round(tmp_path, make_manifest)
+    real = aggregate_submissions(signed, subs, paths.__getitem__, MODEL_SHAPES)
+    forged = sha256_hex(adapter_bytes({"x": torch.full((2, 2), 7.0)}, signed))
+    with raises_code(ErrorCode.FEDLEARN_AGGREGATION_FAILED) as exc:
+        check_recomputed(
+            result.model_copy(update={"aggregated_delta_sha": forged}), sha256_hex(real.adapter)
+        )
+    assert "not the aggregate" in exc.value.message
+    check_recomputed(result, sha256_hex(agg.adapter))
+
+
+def test_own_entry_must_be_what_this_node_signed(tmp_path, make_manifest):
+    _, people, subs, _, _, result = _round(tmp_path, make_manifest)
+    me = people[1].node_id
+    refs = [
+        r.model_copy(update={"delta_sha": "00" * 32}) if r.participant == me else r
+        for r in result.submissions
+    ]
+    with raises_code(ErrorCode.SIGNATURE_INVALID) as exc:
+        check_listing(result.model_copy(update={"submissions": refs}), me, subs[me])
+    assert "another delta SHA" in exc.value.message
+    fewer = [
+        r.model_copy(update={"num_samples": r.num_samples + 1}) if r.participant == me else r
+        for r in result.submissions
+    ]
+    bumped = result.model_copy(
+        update={"submissions": fewer, "total_samples": result.total_samples + 1}
+    )
+    with raises_code(ErrorCode.SIGNATURE_INVALID):
+        check_listing(bumped, me, subs[me])
+    with raises_code(ErrorCode.SIGNATURE_INVALID):  # totals that do not add up
+        check_listing(result.model_copy(update={"total_samples": 1}), "outsider", None)
+    with raises_code(ErrorCode.SIGNATURE_INVALID):  # included but not listed
+        check_listing(result.model_copy(update={"submissions": []}), me, subs[me])
+
+
+def test_leaving_out_a_submitter_needs_an_exclusion_naming_it(tmp_path, make_manifest):
+    _, people, subs, _, _, result = _round(tmp_path, make_manifest)
+    me = people[2].node_id
+    rest = [r for r in result.submissions if r.participant != me]
+    omitted = result.model_copy(
+        update={
+            "included": [r.participant for r in rest],
+            "submissions": rest,
+            "total_samples": sum(r.num_samples for r in rest),
+        }
+    )
+    with raises_code(ErrorCode.SIGNATURE_INVALID) as exc:
+        check_listing(omitted, me, subs[me])
+    assert "without an exclusion" in exc.value.message
+    excluded = omitted.model_copy(
+        update={"excluded": [Exclusion(participant=me, reason="delta_invalid: late")]}
+    )
+    check_listing(excluded, me, subs[me])
+
+
+def test_holding_only_some_submissions_checks_no_sha(tmp_path, make_manifest):
+    _, people, subs, _, _, result = _round(tmp_path, make_manifest)
+    me = people[0].node_id
+    use, missing = held_for_recompute(result, {me: subs[me]})
+    assert use == {me: subs[me]} and missing == sorted(set(subs) - {me})
+    other = people[1].node_id
+    resigned = ParticipantSubmission.create(people[1], result.round_id, b"other", 11, 0.1)
+    _, missing = held_for_recompute(result, {**subs, other: resigned})  # a different signed one
+    assert missing == [other]
+    _, missing = held_for_recompute(result.model_copy(update={"submissions": []}), subs)
+    assert missing == result.included  # nothing listed: nothing to recompute against
+    assert isinstance(result.submissions[0], SubmissionRef)
