@@ -11,7 +11,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from hearthnet import constants as C
 from hearthnet.errors import ErrorCode, HearthnetError
@@ -108,18 +116,33 @@ class ListenSection(_Section):
 
 
 class PeerConfig(_Section):
+    """A peer to dial. Its NodeID is pinned: whatever answers at the URL must be that node. Only
+    `any_node = true` lets the operator accept whichever node answers there."""
+
     url: str
     node_id: NodeIDField | None = None
+    any_node: bool = False
 
     @field_validator("url")
     @classmethod
-    def _ws_url(cls, value: str) -> str:
+    def _wss_url(cls, value: str) -> str:
         parts = urlsplit(value)
-        if parts.scheme not in ("ws", "wss") or not parts.hostname:
-            raise ValueError("must be a ws:// or wss:// URL with a host")
+        if parts.scheme != "wss" or not parts.hostname:
+            raise ValueError(
+                "must be a wss:// URL with a host (hearthnet connections are always TLS)"
+            )
         if parts.port is None:
             raise ValueError("must name a port")
         return value
+
+    @model_validator(mode="after")
+    def _pinned(self) -> PeerConfig:
+        if self.node_id is None and not self.any_node:
+            raise ValueError(
+                "names no node_id: add node_id = the peer's NodeID (`hearthnet id` on that "
+                "node), or any_node = true to accept whichever node answers at the URL"
+            )
+        return self
 
 
 class TrustSection(_Section):

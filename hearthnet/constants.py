@@ -139,7 +139,7 @@ DELTA_HEADER_MAX_BYTES: Final = 1 * MIB
 DELTA_MAX_TENSORS: Final = 4096
 
 # --- transport and capability bus --------------------------------------------------------------
-PROTOCOL_VERSION: Final = "hearthnet/1"
+PROTOCOL_VERSION: Final = "hearthnet/2"  # 2: TLS 1.3, handshake bound to the certificate
 HANDSHAKE_NONCE_BYTES: Final = 32
 HANDSHAKE_TIMEOUT_S: Final = 10.0
 # JSON control frames are small; blobs travel as binary frames of at most BLOB_MAX_BYTES.

@@ -192,7 +192,12 @@ class Demo:
             identities[name].save(data / "node.key")
             # Each node's private corpus: its own notices, never sent anywhere.
             (data / "training" / f"{TOPIC}.txt").write_text("\n\n".join(notices(100 + i, 40)))
-            peers = [f'[[peers]]\nurl = "ws://127.0.0.1:{ports[p]}"\n' for p in NAMES if p < name]
+            peers = [
+                f'[[peers]]\nurl = "wss://127.0.0.1:{ports[p]}"\n'
+                f'node_id = "{identities[p].node_id}"\n'
+                for p in NAMES
+                if p < name
+            ]
             roster = [identities[p].node_id for p in NAMES]
             (data / CONFIG_FILE_NAME).write_text(
                 f'[node]\nname = {_toml(name)}\ndata_dir = "."\nnetwork_id = "hearthnet-demo"\n\n'

@@ -113,6 +113,15 @@ class NodeIdentity:
     def sign(self, data: bytes) -> bytes:
         return self._key.sign(data)
 
+    def encrypted_pem(self, password: bytes) -> bytes:
+        """The key as PKCS#8 PEM encrypted with `password`, for loaders (OpenSSL's) that only
+        read files: what touches the disk is useless without the in-memory password."""
+        return self._key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(password),
+        )
+
     def save(self, path: Path) -> None:
         """Write the key as PKCS#8 PEM, created 0600 and never overwriting an existing file."""
         pem = self._key.private_bytes(

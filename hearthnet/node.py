@@ -156,7 +156,7 @@ class Node:
             "node started",
             node_id=self.node_id,
             name=self.config.node.name,
-            listen=f"ws://{host}:{port}",
+            listen=f"wss://{host}:{port}",
             features=self.config.features,
         )
 
@@ -223,7 +223,7 @@ class Node:
     def listen_url(self) -> str:
         assert self.transport is not None
         host, port = self.transport.listen_address
-        return f"ws://{host}:{port}"
+        return f"wss://{host}:{port}"
 
     async def wait_for_peer(self, node: str, timeout: float = 10.0) -> None:
         assert self.transport is not None

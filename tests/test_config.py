@@ -87,9 +87,19 @@ def test_example_config_is_valid_and_documents_every_key():
         (
             '[node]\nname = "a"\ndata_dir = "d"\n[[peers]]\nurl = "http://x:1"\n',
             "peers.0.url",
-            "ws://",
+            "wss://",
         ),
-        ('[node]\nname = "a"\ndata_dir = "d"\n[[peers]]\nurl = "ws://x"\n', "peers.0.url", "port"),
+        (
+            '[node]\nname = "a"\ndata_dir = "d"\n[[peers]]\nurl = "ws://x:1"\nany_node = true\n',
+            "peers.0.url",
+            "always TLS",
+        ),
+        ('[node]\nname = "a"\ndata_dir = "d"\n[[peers]]\nurl = "wss://x"\n', "peers.0.url", "port"),
+        (
+            '[node]\nname = "a"\ndata_dir = "d"\n[[peers]]\nurl = "wss://x:1"\n',
+            "peers.0",
+            "any_node = true",
+        ),
         (
             '[node]\nname = "a"\ndata_dir = "d"\n[trust]\nroster = ["hnnope"]\n',
             "trust.roster.0",

@@ -37,10 +37,10 @@ def test_two_daemons_cli_call_and_sigterm(tmp_path):
     cfg_a, cfg_b = tmp_path / "a" / "node.toml", tmp_path / "b" / "node.toml"
     assert run("init", "--data-dir", str(tmp_path / "a"), "--port", str(port_a)).returncode == 0
     assert run("init", "--data-dir", str(tmp_path / "b"), "--port", str(port_b)).returncode == 0
-    with cfg_b.open("a") as fh:
-        fh.write(f'\n[[peers]]\nurl = "ws://127.0.0.1:{port_a}"\n')
     id_a = run("id", "--config", str(cfg_a)).stdout.strip()
     id_b = run("id", "--config", str(cfg_b)).stdout.strip()
+    with cfg_b.open("a") as fh:
+        fh.write(f'\n[[peers]]\nurl = "wss://127.0.0.1:{port_a}"\nnode_id = "{id_a}"\n')
 
     procs = [
         subprocess.Popen(
@@ -130,3 +130,62 @@ def test_a_taken_port_is_a_clear_error_exit_2(tmp_path):
     assert "node started" not in events and "node stopped" not in events
     assert run("events", "--config", str(cfg_b)).stderr.startswith("no events yet")
     assert first.returncode == 0  # the node that holds the port is untouched
+
+
+def test_running_out_of_descriptors_is_one_log_line_and_the_daemon_recovers(tmp_path):
+    """A socket flood against a daemon limited to 128 descriptors: accept() fails with EMFILE
+    thousands of times a second (asyncio logged a traceback for each: 22,711 lines in 10 s).
+    Now it is counted, logged once per interval, and the daemon serves again afterwards."""
+    import resource
+
+    port = free_port()
+    cfg = tmp_path / "a" / "node.toml"
+    assert run("init", "--data-dir", str(tmp_path / "a"), "--port", str(port)).returncode == 0
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128))
+
+    proc = subprocess.Popen(
+        [HEARTHNET, "node", "start", "--config", str(cfg), "--log-format", "json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=limit,
+    )
+    socks: list[socket.socket] = []
+    try:
+        wait_until(lambda: run("node", "status", "--config", str(cfg)).returncode == 0)
+        end = time.monotonic() + 4
+        while time.monotonic() < end:
+            try:
+                socks.append(socket.create_connection(("127.0.0.1", port), timeout=1))
+            except OSError:
+                time.sleep(0.01)
+            if len(socks) > 200:  # keep reconnecting, as the audit's flood did
+                for s in socks[:100]:
+                    s.close()
+                del socks[:100]
+        for s in socks:
+            s.close()
+        socks.clear()
+        status: dict = {}
+
+        def serves() -> bool:
+            nonlocal status
+            result = run("node", "status", "--config", str(cfg), "--json")
+            if result.returncode == 0:
+                status = json.loads(result.stdout)
+            return result.returncode == 0
+
+        wait_until(serves)
+        assert status["counters"].get("accept_failed", 0) > 100
+    finally:
+        for s in socks:
+            s.close()
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0
+    lines = (out + err).splitlines()
+    assert sum("accept failed" in line for line in lines) <= 2  # one per 10 s interval
+    assert not any("Traceback" in line for line in lines)
+    assert len(lines) < 20

@@ -1,8 +1,9 @@
 """The mutual handshake, with no I/O.
 
 Each side sends a `hello` with a fresh 32-byte nonce; both then sign the same transcript — JCS of
-(protocol version, network id, the dialer's and the listener's NodeIDs and nonces) — together
-with their own role. Nothing else is processed before both signatures verify. A recorded
+(protocol version, network id, the dialer's and the listener's NodeIDs and nonces, and the TLS
+channel binding: the SHA-256 of the listener's certificate, see `tls.py`) — together with their
+own role. Nothing else is processed before both signatures verify. A recorded
 handshake cannot be replayed: the verifier's own fresh nonce is inside what must be signed, and
 a signature made as one role never verifies as the other.
 """
@@ -42,7 +43,9 @@ def check_hello(hello: Hello, network_id: str, expected_role: str) -> None:
         raise HearthnetError(ErrorCode.HANDSHAKE_FAILED, "malformed NodeID")
 
 
-def transcript(dialer: Hello, listener: Hello) -> bytes:
+def transcript(dialer: Hello, listener: Hello, channel: str) -> bytes:
+    """What both sides sign; `channel` binds it to the TLS session both are in (a relay that
+    terminates TLS sees another certificate, so the two sides' transcripts differ)."""
     if dialer.nonce == listener.nonce:
         raise HearthnetError(ErrorCode.HANDSHAKE_FAILED, "nonce reuse")
     return canonical_bytes(
@@ -52,6 +55,7 @@ def transcript(dialer: Hello, listener: Hello) -> bytes:
             "net": dialer.net,
             "dialer": {"node": dialer.node, "nonce": dialer.nonce},
             "listener": {"node": listener.node, "nonce": listener.nonce},
+            "channel": {"type": "tls-server-end-point", "sha256": channel},
         }
     )
 

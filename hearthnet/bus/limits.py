@@ -3,16 +3,19 @@
 `FrameLimits` sits in websockets' frame parser: small messages and few pings until the peer's
 auth verifies, then the normal frame and control-message limits (see its docstring for why the
 parser, not the handshake task, raises them). `SummaryLog` turns floods of refusals or failed
-handshakes into one log line per interval. `address_group` is the unit per-address caps count.
+handshakes into one log line per interval, and `AcceptErrors` does the same for accept() failing
+when descriptors run out. `address_group` is the unit per-address caps count.
 Importing this module also lowers websockets' HTTP parser limits, which apply before any cap.
 """
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import ipaddress
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import websockets.http11
@@ -128,6 +131,42 @@ class SummaryLog:
                 **context,
             )
             self._counts.clear()
+
+
+class AcceptErrors:
+    """Out of descriptors, asyncio logs a traceback for every failed accept() (CPython 3.11
+    keeps retrying up to the backlog each tick: thousands of lines a second under a socket
+    flood). For this transport's listening sockets, count them and log one line per interval;
+    everything else goes to the handler that was there before."""
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, sockets: Iterable[Any], stats: Counter[str]
+    ):
+        self._loop, self._stats = loop, stats
+        self._fds = {s.fileno() for s in sockets}
+        self._summary = SummaryLog("accept failed (out of descriptors or memory); backing off")
+        self._previous = loop.get_exception_handler()
+        loop.set_exception_handler(self._handle)
+
+    def _handle(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        sock, exc = context.get("socket"), context.get("exception")
+        if (
+            isinstance(exc, OSError)
+            and str(context.get("message", "")).startswith("socket.accept()")
+            and sock is not None
+            and sock.fileno() in self._fds
+        ):
+            self._stats["accept_failed"] += 1
+            self._summary.refused(errno.errorcode.get(exc.errno or 0, str(exc.errno)))
+            return
+        if self._previous is not None:
+            self._previous(loop, context)
+        else:
+            loop.default_exception_handler(context)
+
+    def close(self) -> None:
+        if self._loop.get_exception_handler() == self._handle:
+            self._loop.set_exception_handler(self._previous)
 
 
 def address_group(address: Any) -> str:

@@ -28,9 +28,10 @@ from websockets.http11 import Request, Response
 from hearthnet import constants as C
 from hearthnet.bus.bus import CapabilityBus
 from hearthnet.bus.handshake import check_hello, make_hello, sign_auth, transcript, verify_auth
-from hearthnet.bus.limits import FrameLimits, SummaryLog, address_group
+from hearthnet.bus.limits import AcceptErrors, FrameLimits, SummaryLog, address_group
 from hearthnet.bus.peer import EventPolicy, PeerConnection, RemoteSubscription
 from hearthnet.bus.protocol import Auth, Hello, decode, encode
+from hearthnet.bus.tls import client_context, listener_binding, server_context
 from hearthnet.config import NodeConfig, PeerConfig
 from hearthnet.errors import ErrorCode, HearthnetError
 from hearthnet.eventlog import EventLog
@@ -108,6 +109,9 @@ class Transport:
         self._per_address: Counter[str] = Counter()
         self._refusals = SummaryLog()
         self._handshake_failures = SummaryLog("handshakes failed")
+        self._tls, self._binding = server_context(identity)
+        self._tls_client = client_context()
+        self._accept_errors: AcceptErrors | None = None
         bus.remote = self
 
     def on_peer(self, hook: PeerHook) -> None:
@@ -122,10 +126,19 @@ class Transport:
         host, port = self.config.listen.host, self.config.listen.port
         try:
             self._server = await serve(
-                self._accept, host, port, process_request=self._admit_connection, **_WS_OPTIONS
+                self._accept,
+                host,
+                port,
+                process_request=self._admit_connection,
+                ssl=self._tls,
+                ssl_handshake_timeout=C.HANDSHAKE_TIMEOUT_S,
+                **_WS_OPTIONS,
             )
         except OSError as exc:
             raise listen_error(host, port, exc) from None
+        self._accept_errors = AcceptErrors(
+            asyncio.get_running_loop(), self._server.sockets, self.stats
+        )
         for peer in self.config.peers:
             self._spawn(self._dial_loop(peer))
 
@@ -146,6 +159,8 @@ class Transport:
         if self._server is not None:
             await self._server.wait_closed()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._accept_errors is not None:
+            self._accept_errors.close()
 
     def _spawn(self, coro: Any) -> asyncio.Task[None]:
         task: asyncio.Task[None] = asyncio.ensure_future(coro)
@@ -185,7 +200,8 @@ class Transport:
                     raise HearthnetError(ErrorCode.HANDSHAKE_FAILED, "expected hello")
                 check_hello(theirs, net, "listener")
                 self._admit(theirs.node, expected)
-                data = transcript(mine, theirs)
+                channel = listener_binding(ws.transport.get_extra_info("ssl_object"), theirs.node)
+                data = transcript(mine, theirs, channel)
                 limits.expect_auth(theirs, data)
             else:
                 theirs = await self._recv_control(ws)
@@ -194,7 +210,7 @@ class Transport:
                 check_hello(theirs, net, "dialer")
                 self._admit(theirs.node, None)
                 mine = make_hello(self.identity, net, "listener")
-                data = transcript(theirs, mine)
+                data = transcript(theirs, mine, self._binding)
                 limits.expect_auth(theirs, data)
                 await ws.send(encode(mine))
             await ws.send(encode(sign_auth(self.identity, role, data)))
@@ -313,7 +329,13 @@ class Transport:
                 continue
             started = time.monotonic()
             try:
-                async with connect(cfg.url, proxy=None, **_WS_OPTIONS) as ws:
+                async with connect(
+                    cfg.url,
+                    proxy=None,
+                    ssl=self._tls_client,
+                    ssl_handshake_timeout=C.HANDSHAKE_TIMEOUT_S,
+                    **_WS_OPTIONS,
+                ) as ws:
                     node = await self._handshake(ws, "dialer", cfg.node_id)
                     self._url_node[cfg.url] = node
                     await self._serve_peer(ws, node, dialer=self.identity.node_id)

@@ -58,20 +58,24 @@ def test_oversize_frame():
 
 def test_handshake_transcript_binds_everything():
     a, b = NodeIdentity.generate(), NodeIdentity.generate()
+    CH = "cd" * 32  # the listener certificate's SHA-256
     ha, hb = make_hello(a, "net", "dialer"), make_hello(b, "net", "listener")
     check_hello(ha, "net", "dialer")
-    data = transcript(ha, hb)
+    data = transcript(ha, hb, CH)
     auth = sign_auth(a, "dialer", data)
     verify_auth(ha, data, auth)
     # The same signature does not verify under another listener nonce (replay) ...
     hb2 = make_hello(b, "net", "listener")
     with raises_code(ErrorCode.HANDSHAKE_FAILED):
-        verify_auth(ha, transcript(ha, hb2), auth)
+        verify_auth(ha, transcript(ha, hb2, CH), auth)
+    # ... nor over another TLS channel (a relay that terminates TLS shows another certificate) ...
+    with raises_code(ErrorCode.HANDSHAKE_FAILED):
+        verify_auth(ha, transcript(ha, hb, "ef" * 32), auth)
     # ... nor reflected as the other role, nor for another network.
     with raises_code(ErrorCode.HANDSHAKE_FAILED):
         verify_auth(hb.model_copy(update={"node": a.node_id}), data, auth)
     with raises_code(ErrorCode.HANDSHAKE_FAILED):
-        verify_auth(ha, transcript(ha.model_copy(update={"net": "other"}), hb), auth)
+        verify_auth(ha, transcript(ha.model_copy(update={"net": "other"}), hb, CH), auth)
     for bad, role in [
         (ha.model_copy(update={"net": "x"}), "dialer"),
         (ha.model_copy(update={"v": "hearthnet/0"}), "dialer"),
@@ -82,7 +86,7 @@ def test_handshake_transcript_binds_everything():
             check_hello(bad, "net", role)
         assert exc.value.code is ErrorCode.HANDSHAKE_FAILED
     with raises_code(ErrorCode.HANDSHAKE_FAILED):
-        transcript(ha, ha.model_copy(update={"role": "listener"}))  # nonce reuse
+        transcript(ha, ha.model_copy(update={"role": "listener"}), CH)  # nonce reuse
 
 
 def test_frames_with_too_many_json_values_are_refused_before_parsing():

@@ -24,7 +24,7 @@ from hearthnet.identity import NodeIdentity
 from hearthnet.node import Empty, NodeInfo
 from tests.helpers import raises_code
 
-from .conftest import RawPeer
+from .conftest import TLS, RawPeer
 
 
 class Echo(BaseModel):
@@ -221,7 +221,7 @@ async def test_replayed_and_forged_handshakes_fail(make_node):
     # Replay the recorded dialer hello and auth on a fresh connection.
     from websockets.asyncio.client import connect
 
-    async with connect(a.listen_url, proxy=None) as ws:
+    async with connect(a.listen_url, proxy=None, ssl=TLS) as ws:
         await ws.send(encode(recorded.hello))
         theirs = decode(await ws.recv())
         assert isinstance(theirs, Hello) and theirs.nonce != recorded.theirs.nonce
@@ -230,7 +230,7 @@ async def test_replayed_and_forged_handshakes_fail(make_node):
         with pytest.raises(ConnectionClosed):  # the node refuses the replay and closes
             await asyncio.wait_for(ws.recv(), 5)
     # A hello naming someone else's NodeID cannot produce a valid signature.
-    async with connect(a.listen_url, proxy=None) as ws:
+    async with connect(a.listen_url, proxy=None, ssl=TLS) as ws:
         victim = NodeIdentity.generate().node_id
         forged = recorded.hello.model_copy(update={"node": victim, "nonce": "ab" * 32})
         await ws.send(encode(forged))
@@ -411,7 +411,9 @@ async def _upgrade(
     port: int, source: str = "127.0.0.1"
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, int]:
     """A bare WebSocket upgrade by hand, so a test can then write any bytes (partial frames)."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", port, local_addr=(source, 0), ssl=TLS
+    )
     key = base64.b64encode(os.urandom(16)).decode()
     writer.write(
         (
@@ -530,14 +532,14 @@ async def test_connections_beyond_the_per_address_caps_are_refused(make_node, ca
     a = await make_node("a")
     attacker = {"local_addr": ("127.0.0.2", 0)}
     held = [
-        await websockets_connect(a.listen_url, proxy=None, **attacker)
+        await websockets_connect(a.listen_url, proxy=None, ssl=TLS, **attacker)
         for _ in range(C.MAX_HANDSHAKES_PER_ADDRESS)
     ]
     capfd.readouterr()
     for _ in range(10):
         started = asyncio.get_running_loop().time()
         with pytest.raises(InvalidStatus) as refused:
-            await websockets_connect(a.listen_url, proxy=None, **attacker)
+            await websockets_connect(a.listen_url, proxy=None, ssl=TLS, **attacker)
         assert refused.value.response.status_code == 503
         assert asyncio.get_running_loop().time() - started < 1.0
     assert capfd.readouterr().out.count("connections refused") == 1  # one line, not ten
@@ -552,7 +554,7 @@ async def test_connections_beyond_the_per_address_caps_are_refused(make_node, ca
     async with asyncio.timeout(5):
         while True:
             try:
-                ws = await websockets_connect(a.listen_url, proxy=None, **attacker)
+                ws = await websockets_connect(a.listen_url, proxy=None, ssl=TLS, **attacker)
                 break
             except InvalidStatus:
                 await asyncio.sleep(0.05)
@@ -587,25 +589,26 @@ async def test_a_ping_flood_before_auth_is_cut_off_and_buffers_nothing(make_node
 
     a = await make_node("a")
     port = int(a.listen_url.rsplit(":", 1)[1])
-    loop = asyncio.get_running_loop()
     burst = Frame(Opcode.PING, b"p" * 125).serialize(mask=True, extensions=[]) * 4000
     upgrade = (
         b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
         b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
     )
-    socks = []
+    writers = []
     start_rss = psutil.Process().memory_info().rss
     for _ in range(8):
         s = socket.create_connection(("127.0.0.1", port))
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # and never read
-        s.sendall(upgrade)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         s.setblocking(False)
-        socks.append(s)
+        _, writer = await asyncio.open_connection(sock=s, ssl=TLS, server_hostname="")
+        writer.transport.pause_reading()  # and never read
+        writer.write(upgrade)
+        writers.append(writer)
     try:
         for _ in range(40):
-            for s in socks:
-                with contextlib.suppress(OSError):
-                    await loop.sock_sendall(s, burst)
+            for w in writers:
+                if not w.is_closing() and w.transport.get_write_buffer_size() < 4 * C.MIB:
+                    w.write(burst)
             await asyncio.sleep(0.05)
         await asyncio.sleep(0.5)
         backlog = sum(c.transport.get_write_buffer_size() for c in a.transport._inbound)
@@ -617,8 +620,8 @@ async def test_a_ping_flood_before_auth_is_cut_off_and_buffers_nothing(make_node
         assert a.transport.stats["handshake_failed"] == C.MAX_HANDSHAKES_PER_ADDRESS  # rest: 503
         assert capfd.readouterr().out.count("handshakes failed") == 1  # one line, not one each
     finally:
-        for s in socks:
-            s.close()
+        for w in writers:
+            w.transport.abort()
 
 
 async def test_an_upgrade_request_with_too_many_or_too_long_headers_is_refused(make_node):
@@ -630,7 +633,7 @@ async def test_an_upgrade_request_with_too_many_or_too_long_headers_is_refused(m
         "".join(f"X-Pad-{i}: y\r\n" for i in range(C.HTTP_MAX_HEADERS + 1)),
         f"X-Long: {'y' * C.HTTP_MAX_LINE_BYTES}\r\n",
     ):
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=TLS)
         writer.write(
             (
                 f"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"

@@ -55,7 +55,7 @@ def node_config_for(
         {
             "node": {"name": name, "data_dir": str(tmp / name), "network_id": "test-net"},
             "listen": {"host": "127.0.0.1", "port": port},
-            "peers": [{"url": u} for u in peers],
+            "peers": [{"url": u, "any_node": True} for u in peers],
             "trust": {"roster": [i.node_id for i in identities.values()]},
             "experimental": {"fedlearn": flag},
             "fedlearn": {"min_round_participants": 1, **(fedlearn or {})},

@@ -235,6 +235,82 @@ async def test_takeover_reproduces_the_coordinators_sha(tmp_path, tiny_model_dir
         await stop_cluster(c)
 
 
+async def test_a_takeover_node_refuses_a_result_its_handed_submissions_disprove(
+    tmp_path, tiny_model_dir
+):
+    """Issue 13: after the takeover, the other participant (whose turn it now is) pushes the
+    taker a signed takeover result under the real manifest (so it passes `check_adapter`) with
+    other adapter values, then one listing the taker's own submission under another SHA. The
+    taker holds every listed submission: it recomputes and refuses the first, refuses the second
+    on its own entry, records a security event, and installs and serves neither."""
+    from hearthnet.fedlearn.participant import preference
+    from hearthnet.fedlearn.publish import adapter_bytes, check_adapter
+
+    c = await start_cluster(tmp_path, ["alice", "bob", "carol", "dave"], tiny_model_dir)
+    try:
+        ann = await _announce(c, deadline_in_s=25)
+        await _bob_and_carol_submit_dave_drops_out(c, ann.round_id)
+        await c["alice"].stop()
+        for name in ("bob", "carol"):
+            assert (await wait_status(c, name, ann.round_id, 90)).stage == "completed"
+        taken = _result(await wait_status(c, "bob", ann.round_id, 5))
+        x, y = ("bob", "carol") if taken.aggregator == c["bob"].node_id else ("carol", "bob")
+        taker = c[x].fedlearn.participant
+        member = taker.members[ann.round_id]
+        assert set(member.handed) == {c[y].node_id}  # what the takeover was handed is kept
+        signed = member.signed
+
+        real, _ = read_adapter(c[x].blobs.get(taken.aggregated_delta_sha))
+        forged = adapter_bytes({k: v * 2 for k, v in real.items()}, signed)
+        shapes = c[x].fedlearn.ctx.model_shapes()
+        check_adapter(forged, signed, c[x].fedlearn.ctx.roster, shapes)  # looks like an adapter
+        forged_sha = c[y].blobs.put(forged)
+        c[y].fedlearn.participant.published.add(forged_sha)  # the hostile member serves it
+
+        order = preference(ann.round_id, member.participants | {c[x].node_id})
+        turn = (
+            C.FEDLEARN_TAKEOVER_GRACE_S
+            + order.index(c[y].node_id) * C.FEDLEARN_TAKEOVER_STAGGER_S
+            - C.FEDLEARN_CLOCK_SKEW_S
+        )
+        wait = (signed.manifest.deadline_at - datetime.now(UTC)).total_seconds() + turn + 0.5
+        await asyncio.sleep(max(0.0, wait))  # now it is y's turn in the public order
+
+        def push(result: RoundResult):
+            doc = SignedDoc.sign(c[y].identity, result)
+            return c[y].bus.call(
+                CAP + "round.result", {"result": doc.model_dump()}, peer=c[x].node_id
+            )
+
+        base = taken.model_copy(update={"aggregator": c[y].node_id, "download_url": "h://y"})
+        with pytest.raises(HearthnetError) as exc:
+            await push(base.model_copy(update={"aggregated_delta_sha": forged_sha}))
+        assert exc.value.code is ErrorCode.FEDLEARN_AGGREGATION_FAILED
+        assert "not the aggregate" in exc.value.message
+        wrong = [
+            r.model_copy(update={"delta_sha": "00" * 32}) if r.participant == c[x].node_id else r
+            for r in taken.submissions
+        ]
+        with pytest.raises(HearthnetError) as exc:
+            await push(
+                base.model_copy(update={"aggregated_delta_sha": forged_sha, "submissions": wrong})
+            )
+        assert exc.value.code is ErrorCode.SIGNATURE_INVALID
+        assert "another delta SHA" in exc.value.message
+
+        assert forged_sha not in taker.published and not c[x].blobs.has(forged_sha)
+        assert member.result.claimed(RoundResult).aggregated_delta_sha == (
+            taken.aggregated_delta_sha
+        )
+        events = await c[x].eventlog.read_all("security.signature.invalid")
+        assert any(
+            e.payload["object"] == "round result content" and e.payload["peer"] == c[y].node_id
+            for e in events
+        )
+    finally:
+        await stop_cluster(c)
+
+
 def _forged_submission(node: Node, signed, delta, samples=5, steps=None):
     data = serialize_delta(
         delta, manifest_sha=signed.manifest_sha, round_id=signed.round_id, participant=node.node_id
@@ -562,7 +638,7 @@ async def test_coordinator_killed_and_restarted_mid_round_completes(tmp_path, ti
         await up()
         for name in ("bob", "carol"):
             write_corpus(tmp_path / name / "training", name, "village")
-            cfg = node_config_for(tmp_path, name, tiny_model_dir, ids, [f"ws://127.0.0.1:{port}"])
+            cfg = node_config_for(tmp_path, name, tiny_model_dir, ids, [f"wss://127.0.0.1:{port}"])
             node = Node(cfg, ids[name])
             await node.start()
             await node.wait_for_peer(ids["alice"].node_id)
