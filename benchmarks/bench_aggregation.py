@@ -32,18 +32,19 @@ import torch
 
 from benchmarks._common import PeakRSS, write_result
 from hearthnet.config import FedLearnConfig
-from hearthnet.fedlearn.aggregator import FedAvgAggregator
-from hearthnet.fedlearn.delta import LazyDelta, ParticipantSubmission, serialize_delta
-from hearthnet.fedlearn.exact import exact_weighted_means, plan_groups
-from hearthnet.fedlearn.lora import expected_shapes
-from hearthnet.fedlearn.manifest import RoundManifestDraft, SignedManifest
-from hearthnet.fedlearn.secure import (
-    MaskingKey,
+from hearthnet.fedlearn.aggregation.aggregator import FedAvgAggregator
+from hearthnet.fedlearn.aggregation.exact import exact_weighted_means, plan_groups
+from hearthnet.fedlearn.aggregation.secure import (
     SecureFedAvgAggregator,
     deserialize_masked,
     mask_delta,
     serialize_masked,
 )
+from hearthnet.fedlearn.delta import LazyDelta, serialize_delta
+from hearthnet.fedlearn.lora import expected_shapes
+from hearthnet.fedlearn.manifest import RoundManifestDraft, SignedManifest
+from hearthnet.fedlearn.masks import MaskingKey
+from hearthnet.fedlearn.submission import ParticipantSubmission
 from hearthnet.identity import NodeIdentity
 
 RANK, OUT, IN = 16, 4096, 4096

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from benchmarks._common import write_result
-from hearthnet.config import FedLearnConfig, LLMSection
+from hearthnet.config import LLMSection
 from hearthnet.llm.quant import cpu_packing_supported, pack_as_inference, set_cpu_packing, unpack
 from hearthnet.llm.service import LLMService
 
@@ -59,7 +59,7 @@ def main() -> None:
 
     supported = cpu_packing_supported()
     with tempfile.TemporaryDirectory(prefix="hn-bench-gen-") as tmp:
-        svc = LLMService(LLMSection(), Path(tmp), FedLearnConfig())
+        svc = LLMService(LLMSection(), Path(tmp))
         svc.load()
         model = svc._model
         svc.generate(PROMPTS[0], None, max_new_tokens=4)  # warm-up (and, where supported, pack)

@@ -1,8 +1,8 @@
 """Cost of the robust rules: milliseconds per rule, and as a ratio to baselines in the same run.
 
 For n participants and P parameters (one flat float32 tensor each), every rule runs through the
-functional entry point `hearthnet.fedlearn.robust.aggregate` (finiteness check included) and is
-compared with, in the same process and on the same tensors:
+functional entry point `hearthnet.fedlearn.aggregation.robust.aggregate` (finiteness check
+included) and is compared with, in the same process and on the same tensors:
 - `mean`: a plain `torch.stack(xs).mean(0)` (`ratio_to_mean`);
 - `sort`: the straightforward coordinate-wise implementation, `torch.stack` then
   `torch.sort(dim=0)` then the mean of the kept rows (trimmed mean) or the middle row(s)
@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from benchmarks._common import write_result
-from hearthnet.fedlearn.robust import aggregate
+from hearthnet.fedlearn.aggregation.robust import aggregate
 
 BETA = 0.2
 

@@ -44,11 +44,12 @@ from hearthnet import constants as C
 from hearthnet.config import FedLearnConfig
 from hearthnet.demo import _ASKS, _DAYS, _PLACES, _THINGS, _TIMES
 from hearthnet.errors import ErrorCode, HearthnetError
-from hearthnet.fedlearn.aggregator import FedAvgAggregator
-from hearthnet.fedlearn.delta import ParticipantSubmission, serialize_delta, validate_delta
+from hearthnet.fedlearn.aggregation.aggregator import FedAvgAggregator
+from hearthnet.fedlearn.delta import serialize_delta, validate_delta
 from hearthnet.fedlearn.lora import A_SUFFIX, complete_adapter
 from hearthnet.fedlearn.manifest import AggregationSpec, RoundManifest, RoundManifestDraft
-from hearthnet.fedlearn.robust import RuleSpec
+from hearthnet.fedlearn.rules.spec import RuleSpec
+from hearthnet.fedlearn.submission import ParticipantSubmission
 from hearthnet.fedlearn.trainer import QLoRATrainer
 from hearthnet.identity import NodeIdentity
 from hearthnet.llm import model as M

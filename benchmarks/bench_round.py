@@ -22,10 +22,10 @@ from typing import Any
 import torch
 
 from benchmarks._common import write_result
+from hearthnet.fedlearn.aggregation.run import aggregate_submissions
 from hearthnet.fedlearn.delta import serialize_delta
 from hearthnet.fedlearn.lora import expected_shapes
 from hearthnet.fedlearn.participant import RoundParticipant
-from hearthnet.fedlearn.publish import aggregate_submissions
 from hearthnet.fedlearn.state import Membership
 from tests.fedlearn.rounds import small_draft, start_cluster, stop_cluster
 

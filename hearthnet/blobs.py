@@ -26,22 +26,28 @@ def check_sha(sha: str) -> str:
 
 
 class BlobStore:
+    """Content-addressed files under the data directory: deltas, adapters and other large bytes,
+    named by their SHA-256 so a name can be checked against its content."""
+
     def __init__(self, root: Path, max_bytes: int = BLOB_MAX_BYTES):
         self.root = Path(root)
         self.max_bytes = max_bytes
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
 
     def path(self, sha: str) -> Path:
+        """Where blob `sha` lives (`<root>/<first two hex>/<sha>`); refuses anything not a SHA."""
         check_sha(sha)
         return self.root / sha[:2] / sha
 
     def has(self, sha: str) -> bool:
+        """Whether blob `sha` is stored (False for a malformed SHA rather than an error)."""
         try:
             return self.path(sha).is_file()
         except HearthnetError:
             return False
 
     def put(self, data: bytes) -> str:
+        """Store `data` atomically under its SHA-256 and return the SHA; bounded by `max_bytes`."""
         if len(data) > self.max_bytes:
             raise HearthnetError(
                 ErrorCode.PAYLOAD_TOO_LARGE,
@@ -70,6 +76,7 @@ class BlobStore:
         return sha
 
     def get(self, sha: str) -> bytes:
+        """The bytes of blob `sha`, re-hashed on read: `blob_corrupt` if the file was altered."""
         path = self.path(sha)
         try:
             data = path.read_bytes()

@@ -27,10 +27,12 @@ def canonical_bytes(obj: Any) -> bytes:
 
 
 def sha256_hex(data: bytes) -> str:
+    """Hex SHA-256, the one digest every hash in hearthnet uses."""
     return hashlib.sha256(data).hexdigest()
 
 
 def canonical_sha256(obj: Any) -> str:
+    """SHA-256 of `obj`'s JCS bytes: the identity of a signed document."""
     return sha256_hex(canonical_bytes(obj))
 
 

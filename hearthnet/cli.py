@@ -37,6 +37,7 @@ def _toml_str(value: str) -> str:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
+    """`hearthnet init`: create a data directory with a key and a starter config."""
     data_dir = Path(args.data_dir).resolve()
     name = args.name or data_dir.name
     config_path = data_dir / CONFIG_FILE_NAME
@@ -78,12 +79,14 @@ def _load(args: argparse.Namespace) -> tuple[NodeConfig, NodeIdentity]:
 
 
 def cmd_id(args: argparse.Namespace) -> int:
+    """`hearthnet id`: print this node's NodeID (what peers pin in `[[peers]] node_id`)."""
     _, identity = _load(args)
     print(identity.node_id)
     return 0
 
 
 def cmd_events(args: argparse.Namespace) -> int:
+    """`hearthnet events`: print or `--verify` the node's log (read-only, beside a running node)."""
     config, identity = _load(args)
     path = config.data_dir / EVENTLOG_FILE_NAME
     if not path.exists():
@@ -121,6 +124,7 @@ def cmd_events(args: argparse.Namespace) -> int:
 
 
 def cmd_node_start(args: argparse.Namespace) -> int:
+    """`hearthnet node start`: run the node in the foreground until a signal."""
     from hearthnet.node import run_node
 
     config = load_config(Path(args.config))
@@ -136,6 +140,7 @@ def _control(args: argparse.Namespace) -> Path:
 
 
 def cmd_node_status(args: argparse.Namespace) -> int:
+    """`hearthnet node status`: the running node's peers and counters, via the control socket."""
     status = control_call(_control(args), "node.status")
     if args.json:
         print(json.dumps(status, indent=2, sort_keys=True))
@@ -156,6 +161,7 @@ def cmd_node_status(args: argparse.Namespace) -> int:
 
 
 def cmd_call(args: argparse.Namespace) -> int:
+    """`hearthnet call`: call any capability on the node or, with `--peer`, through it on a peer."""
     try:
         body = json.loads(args.json_body) if args.json_body else {}
     except json.JSONDecodeError as exc:
@@ -168,6 +174,7 @@ def cmd_call(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The argument parser for every `hearthnet` command (fedlearn's come from cli_fedlearn)."""
     parser = argparse.ArgumentParser(
         prog="hearthnet", description="hearthnet peer-to-peer node daemon and operator tool"
     )
@@ -220,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The `hearthnet` entry point: run a command; a HearthnetError prints its code and message."""
     args = build_parser().parse_args(argv)
     handler: Handler = args.handler
     try:

@@ -18,6 +18,8 @@ from hearthnet.config import load_config
 from hearthnet.constants import CONTROL_SOCKET_NAME
 from hearthnet.control import control_call
 from hearthnet.errors import ErrorCode, HearthnetError
+from hearthnet.fedlearn.rules.registry import RULES
+from hearthnet.fedlearn.rules.spec import parameter_names
 
 CAP = "experimental.fedlearn."
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd]?)$")
@@ -35,6 +37,8 @@ def _out(args: argparse.Namespace, data: Any, text: str) -> int:
 
 
 def duration(text: str) -> float:
+    """Parse `90s` / `10m` / `2h` / `1d` for deadline flags; `bad_request` showing the format
+    otherwise."""
     match = _DURATION.match(text.strip())
     if not match:
         raise HearthnetError(ErrorCode.BAD_REQUEST, f"not a duration: {text!r} (e.g. 90s, 10m)")
@@ -135,6 +139,7 @@ def rule_params(items: list[str]) -> dict[str, Any]:
 
 
 def cmd_announce(args: argparse.Namespace) -> int:
+    """`fedlearn announce`: sign and offer a round draft built from the flags."""
     try:
         res = _call(args, CAP + "round.announce", {"draft": draft_fields(args)})
     except HearthnetError as err:
@@ -157,11 +162,13 @@ def _table(rounds: list[dict[str, Any]]) -> str:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    """`fedlearn list`: rounds this node knows, optionally of one topic."""
     res = _call(args, CAP + "round.list", {"topic": args.topic})
     return _out(args, res, _table(res["rounds"]))
 
 
 def cmd_pending(args: argparse.Namespace) -> int:
+    """`fedlearn pending`: offers waiting for this operator's consent."""
     res = _call(args, CAP + "round.pending", {})
     text = _table(res["rounds"])
     if res["rounds"]:
@@ -170,6 +177,7 @@ def cmd_pending(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    """`fedlearn status`: one round's phase and progress, optionally waiting for a change."""
     body = {"round_id": args.round_id, "wait": args.wait, "timeout_s": args.timeout}
     res = _call(args, CAP + "round.status", body, timeout=args.timeout + 10)
     lines = [
@@ -215,6 +223,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_reputation(args: argparse.Namespace) -> int:
+    """`fedlearn reputation`: participants' scores as this node keeps them."""
     res = _call(args, CAP + "reputation", {})
     rows = res["participants"]
     if not rows:
@@ -230,6 +239,7 @@ def cmd_reputation(args: argparse.Namespace) -> int:
 
 
 def cmd_consent(args: argparse.Namespace) -> int:
+    """`fedlearn consent`: show the round's terms, then record consent and join."""
     res = _call(args, CAP + "round.list", {})
     match = [r for r in res["rounds"] if r["round_id"] == args.round_id]
     if not match:
@@ -256,6 +266,7 @@ def cmd_consent(args: argparse.Namespace) -> int:
 
 
 def cmd_join(args: argparse.Namespace) -> int:
+    """`fedlearn join`: join a round already consented to."""
     res = _call(args, CAP + "round.join", {"round_id": args.round_id, "consent": False}, 120.0)
     return _out(args, res, f"joined round {args.round_id}")
 
@@ -266,11 +277,13 @@ def _result_text(res: dict[str, Any]) -> str:
 
 
 def cmd_finalize(args: argparse.Namespace) -> int:
+    """`fedlearn finalize`: the coordinator aggregates now instead of at the deadline."""
     res = _call(args, CAP + "round.finalize", {"round_id": args.round_id}, 600.0)
     return _out(args, res, _result_text(res))
 
 
 def cmd_takeover(args: argparse.Namespace) -> int:
+    """`fedlearn takeover`: a participant finishes a round whose coordinator is gone."""
     res = _call(args, CAP + "round.finalize_takeover", {"round_id": args.round_id}, 600.0)
     return _out(args, res, _result_text(res) + " (takeover)")
 
@@ -289,11 +302,13 @@ def _judgement_text(ev: dict[str, Any]) -> str:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    """`fedlearn evaluate`: judge an adapter on this node's held-out text."""
     res = _call(args, CAP + "adapter.evaluate", {"sha": args.sha}, 600.0)
     return _out(args, res, _judgement_text(res))
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
+    """`fedlearn apply`: use an adapter in a session or as the node default."""
     body = {"sha": args.sha, "scope": args.scope, "force": args.force}
     res = _call(args, CAP + "adapter.apply", body, 600.0)
     where = f"session {res['session_id']}" if res["scope"] == "session" else "the node default"
@@ -307,6 +322,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
 
 def cmd_adapters(args: argparse.Namespace) -> int:
+    """`fedlearn adapters`: the base model and the adapters this node holds."""
     res = _call(args, "llm.adapter.list", {})
     lines = [f"base model {res['base_model_id']} ({res['base_model_sha'][:16]}…)"]
     for a in res["adapters"]:
@@ -320,6 +336,7 @@ def cmd_adapters(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    """`llm generate`: generate text with the node's model, optionally with an adapter."""
     body = {
         "prompt": args.prompt,
         "adapter_sha": args.adapter,
@@ -330,6 +347,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub: Any) -> None:
+    """Add the `fedlearn` and `llm` subcommands to the CLI's parser."""
+
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--config", required=True, help="node config file")
         p.add_argument("--json", action="store_true", help="JSON output")
@@ -357,15 +376,13 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--secure", action="store_true", help="secure (masked) aggregation")
     p.add_argument(
         "--rule",
-        help="aggregation rule: fedavg (default), trimmed_mean, median, krum, multi_krum, "
-        "geometric_median",
+        help=f"aggregation rule: {', '.join(RULES)} (default fedavg)",
     )
     p.add_argument(
         "--rule-param",
         action="append",
         metavar="KEY=VALUE",
-        help="a rule parameter (beta, f, m, max_iter, tol, norm_bound, norm_action, "
-        "reputation_weighted); repeatable",
+        help=f"a rule parameter ({', '.join(parameter_names())}); repeatable",
     )
     p.add_argument("--min-reputation", type=float, help="refuse joins below this score")
     p.add_argument("--lora-aggregation", choices=["frozen_a", "product_svd", "fedavg_ab"])

@@ -43,7 +43,9 @@ class _Section(BaseModel):
 
 
 class FedLearnConfig(_Section):
-    """Spec M28 §7. The master switch is `[experimental] fedlearn` (one switch, not two)."""
+    """`[fedlearn]`: the operator's limits on rounds this node runs or joins (each bounded by a
+    ceiling in `hearthnet.constants`). The master switch is `[experimental] fedlearn` (one
+    switch, not two: docs/decisions.md, "One master switch")."""
 
     max_lora_rank: Annotated[
         int, Field(ge=C.FEDLEARN_MIN_LORA_RANK, le=C.FEDLEARN_MAX_LORA_RANK)
@@ -98,11 +100,14 @@ class FedLearnConfig(_Section):
     ] = C.FEDLEARN_APPLY_MAX_PPL_RATIO_DEFAULT
 
     def model_post_init(self, _context: Any) -> None:
+        """Refuse a minimum number of participants above the maximum."""
         if self.min_round_participants > self.max_round_participants:
             raise ValueError("min_round_participants exceeds max_round_participants")
 
 
 class NodeSection(_Section):
+    """`[node]`: the node's name, where its data lives, and the network it belongs to."""
+
     name: Annotated[str, Field(min_length=1, max_length=C.NODE_NAME_MAX_LEN, pattern=r"^[\w.-]+$")]
     data_dir: PathField
     network_id: Annotated[
@@ -111,6 +116,8 @@ class NodeSection(_Section):
 
 
 class ListenSection(_Section):
+    """`[listen]`: the address peers dial (`wss://host:port`)."""
+
     host: Annotated[str, Field(min_length=1, max_length=255)] = C.DEFAULT_LISTEN_HOST
     port: Annotated[int, Field(ge=0, le=65535)] = C.DEFAULT_LISTEN_PORT
 
@@ -146,6 +153,8 @@ class PeerConfig(_Section):
 
 
 class TrustSection(_Section):
+    """`[trust]`: who may connect; with `members_only`, only NodeIDs in `roster`."""
+
     members_only: bool = False
     roster: Annotated[list[NodeIDField], Field(max_length=C.MAX_ROSTER_SIZE)] = []
 
@@ -155,15 +164,21 @@ class TrustSection(_Section):
 
 
 class LogSection(_Section):
+    """`[log]`: structured log format and level."""
+
     format: Literal["console", "json"] = "console"
     level: Literal["debug", "info", "warning", "error"] = "info"
 
 
 class ExperimentalSection(_Section):
+    """`[experimental]`: feature flags; `fedlearn` gates the `experimental.fedlearn.*` namespace."""
+
     fedlearn: bool = False
 
 
 class LLMSection(_Section):
+    """`[llm]`: which base model, on which device, and whether to load its weights at start."""
+
     # Load the base model at start (needed to train, generate and evaluate).
     enabled: bool = False
     # A local Hugging Face model directory or a .gguf file; unset means the bundled SmolLM2.
@@ -175,6 +190,8 @@ class LLMSection(_Section):
 
 
 class NodeConfig(_Section):
+    """The whole validated config file: one section model per TOML table, all strict and frozen."""
+
     node: NodeSection
     listen: ListenSection = ListenSection()
     peers: Annotated[list[PeerConfig], Field(max_length=C.MAX_PEERS)] = []
@@ -186,14 +203,17 @@ class NodeConfig(_Section):
 
     @property
     def data_dir(self) -> Path:
+        """The node's data directory (absolute once loaded)."""
         return self.node.data_dir
 
     @property
     def key_path(self) -> Path:
+        """The node's private key file inside the data directory."""
         return self.node.data_dir / C.KEY_FILE_NAME
 
     @property
     def features(self) -> dict[str, bool]:
+        """The feature flags the capability bus gates namespaces by."""
         return {"experimental.fedlearn": self.experimental.fedlearn}
 
 
@@ -234,6 +254,7 @@ def config_from_dict(data: dict[str, Any], base_dir: Path) -> NodeConfig:
 
 
 def load_config(path: Path) -> NodeConfig:
+    """Read and validate a TOML config file; `config_invalid` naming the key on any problem."""
     path = Path(path)
     try:
         size = path.stat().st_size

@@ -1,7 +1,8 @@
 """Every limit hearthnet enforces, in one place.
 
 Validation, config defaults and documentation all read these names; no limit is written anywhere
-else. The FEDLEARN_* values are those of spec M28 §7.
+else. The FEDLEARN_* values bound and default the `[fedlearn]` config keys: an operator may
+tighten a ceiling, never raise it (docs/architecture.md, "Where things go").
 """
 
 from typing import Final
@@ -9,7 +10,7 @@ from typing import Final
 KIB: Final = 1024
 MIB: Final = 1024 * KIB
 
-# --- fedlearn (spec M28 §7) -------------------------------------------------------------------
+# --- fedlearn: bounds and defaults of [fedlearn] ---------------------------------------------
 FEDLEARN_MIN_LORA_RANK: Final = 4
 FEDLEARN_MAX_LORA_RANK: Final = 64
 FEDLEARN_MAX_LORA_TARGET_MODULES: Final = 8
@@ -93,7 +94,7 @@ FEDLEARN_MODULE_NAME_MAX_LEN: Final = 64
 FEDLEARN_RULE_PARAMS_MAX: Final = 16
 # JCS integers must stay within 2^53; the seed is such an integer.
 FEDLEARN_MAX_SEED: Final = 2**53 - 1
-# Weighting (DESIGN §4, issue 4): a participant's weight is its claimed num_samples, capped at
+# Weighting (issue 4): a participant's weight is its claimed num_samples, capped at
 # FEDLEARN_MAX_NUM_SAMPLES and at FEDLEARN_WEIGHT_MEDIAN_CAP times the (lower) median claim, so
 # no single participant can outweigh the rest by inflating its sample count.
 FEDLEARN_MAX_NUM_SAMPLES: Final = 2**20
@@ -125,9 +126,9 @@ FEDLEARN_MAX_ROUNDS: Final = 1024
 FEDLEARN_PEER_CALL_TIMEOUT_S: Final = 10.0
 # Submissions and handovers carry a blob of up to FEDLEARN_SUBMISSION_MAX_BYTES.
 FEDLEARN_BLOB_CALL_TIMEOUT_S: Final = 120.0
-# Takeover (spec §5.7): after the deadline plus this grace, with the coordinator unreachable,
-# participants take over in their preference order, each waiting this much longer than the one
-# before it, so normally exactly one does the work.
+# Takeover (README.md, Federated rounds): after the deadline plus this grace, with the
+# coordinator unreachable, participants take over in their preference order, each waiting this
+# much longer than the one before it, so normally exactly one does the work.
 FEDLEARN_TAKEOVER_GRACE_S: Final = 3.0
 FEDLEARN_TAKEOVER_STAGGER_S: Final = 5.0
 # How far apart two nodes' clocks may be when one checks that a takeover's turn has come

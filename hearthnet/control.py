@@ -27,12 +27,16 @@ log = get_logger("hearthnet.control")
 
 
 class ControlServer:
+    """The operator's unix socket: one JSON call per connection, run as the node itself, so
+    local-only capabilities are reachable here and from no peer."""
+
     def __init__(self, path: Path, bus: CapabilityBus):
         self.path = path
         self.bus = bus
         self._server: asyncio.AbstractServer | None = None
 
     async def start(self) -> None:
+        """Bind the socket mode 0600, replacing one a killed node left behind (not a live one)."""
         if self.path.exists():
             if _is_live(self.path):
                 raise HearthnetError(
@@ -49,6 +53,7 @@ class ControlServer:
         os.chmod(self.path, 0o600)
 
     async def stop(self) -> None:
+        """Close the socket and remove its file."""
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()

@@ -134,6 +134,9 @@ def clean_up(workdir: Path, own: bool, keep: bool, ok: bool) -> str:
 
 
 class Demo:
+    """The three-node demo: sets up nodes in a work directory, runs them as processes and drives
+    one round through the real CLI, printing every command it runs."""
+
     def __init__(self, workdir: Path, steps: int):
         self.workdir = workdir
         self.steps = steps
@@ -141,6 +144,7 @@ class Demo:
         self.hearthnet = [sys.executable, "-m", "hearthnet.cli"]
 
     def config(self, name: str) -> str:
+        """The config file path of node `name`."""
         return str(self.workdir / name / CONFIG_FILE_NAME)
 
     def run(
@@ -177,6 +181,8 @@ class Demo:
     # --- setup ------------------------------------------------------------------------------------
 
     def setup(self) -> None:
+        """Create three nodes (keys, configs that pin each other, private training text) and the
+        shared model cache."""
         from hearthnet.llm import model as M
 
         cache = self.workdir / "models"
@@ -213,6 +219,7 @@ class Demo:
         (self.workdir / "held-out.json").write_text(json.dumps(notices(999, 12)))
 
     def start(self) -> None:
+        """Start every node as a process and wait until each is connected to the other two."""
         for name in NAMES:
             cmd = ["hearthnet", "node", "start", "--config", f"{name}/{CONFIG_FILE_NAME}"]
             print(f"$ {shlex.join(cmd)} > {name}.log 2>&1 &")
@@ -272,6 +279,7 @@ class Demo:
     # --- the round --------------------------------------------------------------------------------
 
     def perplexity(self, adapter: str | None) -> float:
+        """The held-out perplexity on alice under `adapter` (None: the base model)."""
         held_out = json.loads((self.workdir / "held-out.json").read_text())
         body = json.dumps({"texts": held_out, "adapter_sha": adapter})
         request = f"perplexity-{'base' if adapter is None else 'adapter'}.json"
@@ -286,6 +294,7 @@ class Demo:
         return float(json.loads(out)["perplexity"])
 
     def round(self) -> None:
+        """Run one round end to end and show the model before and after."""
         base_ppl = self.perplexity(None)
         before = self.run_json("alice", "llm", "generate", PROMPT, "--max-new-tokens", "48")["text"]
         announced = self.run(
@@ -345,6 +354,8 @@ class Demo:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`python -m hearthnet.demo`: run the demo; 1 when a step failed or a node did not exit
+    cleanly."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--workdir", help="where to put the nodes; kept, and its model cache reused next time"

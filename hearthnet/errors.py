@@ -1,8 +1,8 @@
 """The one exception type that crosses module and wire boundaries.
 
-Callers match on `code`, never on message text, so every failure carries one of the spec's codes
-(M28 §6) or a code the issues add. `to_dict`/`from_dict` let an error travel over the wire and
-arrive with the code it was raised with.
+Callers match on `code`, never on message text, so every failure carries one of the codes in
+`ErrorCode` (listed with their meaning in docs/architecture.md, "Errors"). `to_dict`/`from_dict`
+let an error travel over the wire and arrive with the code it was raised with.
 """
 
 from __future__ import annotations
@@ -15,7 +15,9 @@ if TYPE_CHECKING:
 
 
 class ErrorCode(StrEnum):
-    # spec M28 §6
+    """Every error code a caller can match on, local or from a peer; values are wire strings."""
+
+    # federated rounds
     EXPERIMENTAL_DISABLED = "experimental_disabled"
     SIGNATURE_INVALID = "signature_invalid"
     BASE_MODEL_MISMATCH = "base_model_mismatch"
@@ -75,6 +77,7 @@ class HearthnetError(Exception):
         self.detail = detail
 
     def to_dict(self) -> dict[str, Any]:
+        """The error as JSON for the wire or the control socket; `from_dict` reverses it."""
         out: dict[str, Any] = {"code": self.code.value, "message": self.message}
         if self.detail is not None:
             out["detail"] = self.detail

@@ -13,6 +13,9 @@ from collections import Counter
 
 
 class FairShare:
+    """A pool shared by peers: each is guaranteed a floor (for the first `reserved_peers`), and may
+    borrow from a shared part up to a per-peer cap, so one peer cannot use up what others need."""
+
     def __init__(self, per_peer: int, guaranteed: int, reserved_peers: int, shared: int):
         if not 0 <= guaranteed <= per_peer:
             raise ValueError("guaranteed must be between 0 and per_peer")
@@ -26,9 +29,11 @@ class FairShare:
 
     @property
     def capacity(self) -> int:
+        """Units in the pool: the reserved floors plus the shared part."""
         return self.reserve + self.shared
 
     def held(self, peer: str) -> int:
+        """Units `peer` holds now."""
         return self._held.get(peer, 0)
 
     def _shared_used(self) -> int:
@@ -52,6 +57,7 @@ class FairShare:
         return None
 
     def release(self, peer: str) -> None:
+        """Give one of `peer`'s units back (a no-op when it holds none)."""
         held = self.held(peer)
         if held <= 0:
             return

@@ -35,6 +35,7 @@ def _checksum(public_key: bytes) -> bytes:
 
 
 def node_id_from_public_key(public_key: bytes) -> NodeID:
+    """The NodeID of an Ed25519 public key: `hn` + base32 of key and checksum."""
     if len(public_key) != _PUBLIC_KEY_BYTES:
         raise HearthnetError(ErrorCode.IDENTITY_INVALID, "an Ed25519 public key is 32 bytes")
     body = base64.b32encode(public_key + _checksum(public_key)).rstrip(b"=").decode().lower()
@@ -67,11 +68,13 @@ def public_key_from_node_id(node_id: str) -> bytes:
 
 
 def parse_node_id(node_id: str) -> NodeID:
+    """`node_id` as a NodeID once it parses; `identity_invalid` saying why otherwise."""
     public_key_from_node_id(node_id)
     return NodeID(node_id)
 
 
 def is_node_id(value: object) -> bool:
+    """Whether `value` is a well-formed NodeID (for validation that must not raise)."""
     try:
         public_key_from_node_id(value)  # type: ignore[arg-type]
     except HearthnetError:
@@ -108,9 +111,11 @@ class NodeIdentity:
 
     @classmethod
     def generate(cls) -> NodeIdentity:
+        """A fresh random identity (`hearthnet init` saves one)."""
         return cls(Ed25519PrivateKey.generate())
 
     def sign(self, data: bytes) -> bytes:
+        """Ed25519 signature over `data`; every signed record in hearthnet comes through here."""
         return self._key.sign(data)
 
     def encrypted_pem(self, password: bytes) -> bytes:

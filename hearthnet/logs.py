@@ -22,6 +22,8 @@ REDACTED = "[redacted]"
 def redact_secrets(
     _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
 ) -> MutableMapping[str, Any]:
+    """structlog processor that blanks fields whose names suggest a secret (key, token, seed …),
+    so a careless log call cannot write one to disk."""
     for key in list(event_dict):
         if any(marker in key.lower() for marker in _SECRET_MARKERS):
             event_dict[key] = REDACTED
@@ -29,6 +31,7 @@ def redact_secrets(
 
 
 def configure_logging(fmt: LogFormat = "console", level: str = "info") -> None:
+    """Set up structlog once per process: console or JSON lines at `level`."""
     renderer: Any
     if fmt == "json":
         renderer = structlog.processors.JSONRenderer()
@@ -52,4 +55,5 @@ def configure_logging(fmt: LogFormat = "console", level: str = "info") -> None:
 
 
 def get_logger(name: str) -> Any:
+    """A named structlog logger; modules log key=value events, never formatted strings."""
     return structlog.get_logger(name)

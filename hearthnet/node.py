@@ -43,10 +43,14 @@ EventRule = Callable[[NodeID, Event], bool]
 
 
 class Empty(BaseModel):
+    """A request with no fields (extra ones refused)."""
+
     model_config = ConfigDict(extra="forbid")
 
 
 class NodeInfo(BaseModel):
+    """`node.info`: who this node is and which features it runs."""
+
     node_id: str
     name: str
     version: str
@@ -55,17 +59,23 @@ class NodeInfo(BaseModel):
 
 
 class Ping(BaseModel):
+    """`node.ping`: an optional nonce, echoed back."""
+
     model_config = ConfigDict(extra="forbid")
     nonce: str = ""
 
 
 class Pong(BaseModel):
+    """The echoed nonce, the responder's NodeID and its clock."""
+
     nonce: str
     node_id: str
     time: float
 
 
 class NodeStatus(BaseModel):
+    """`node.status` (operator only): listen address, peers, counters and the log's head."""
+
     node_id: str
     name: str
     listen: str
@@ -77,6 +87,9 @@ class NodeStatus(BaseModel):
 
 
 class Node:
+    """One hearthnet node: owns the identity, event log, blob store, bus, transport, control socket
+    and the optional model and fedlearn service, and starts and stops them in order."""
+
     def __init__(
         self,
         config: NodeConfig,
@@ -120,6 +133,7 @@ class Node:
     # --- lifecycle ----------------------------------------------------------------------------
 
     async def start(self) -> None:
+        """Open everything and start listening; on any failure what was opened is closed again."""
         await check_listen(self.config.listen.host, self.config.listen.port)
         data = self.config.data_dir
         data.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -128,12 +142,12 @@ class Node:
         try:
             self.blobs = BlobStore(data / C.BLOBS_DIR_NAME)
             if self.config.llm.enabled and self.llm is None:
-                self.llm = LLMService(self.config.llm, data, self.config.fedlearn)
+                self.llm = LLMService(self.config.llm, data)
                 await asyncio.to_thread(self.llm.load)
                 register_llm(self.bus, self.llm)
             if self.config.experimental.fedlearn and self.llm is None:
                 # A coordinator needs the base model's identity and shapes, not its weights.
-                self.llm = LLMService(self.config.llm, data, self.config.fedlearn)
+                self.llm = LLMService(self.config.llm, data)
                 await asyncio.to_thread(self.llm.prepare)
             self.transport = Transport(
                 self.identity, self.config, self.bus, self.eventlog, self._policy
@@ -185,6 +199,7 @@ class Node:
         self.transport.on_peer(self.fedlearn.peer_connected)
 
     async def stop(self) -> None:
+        """Stop in reverse order of start and record `node.stopped`; safe after a failed start."""
         if self.fedlearn is not None:
             await self.fedlearn.stop()
         if self._control is not None:
@@ -221,17 +236,20 @@ class Node:
 
     @property
     def listen_url(self) -> str:
+        """The `wss://` URL peers dial to reach this node."""
         assert self.transport is not None
         host, port = self.transport.listen_address
         return f"wss://{host}:{port}"
 
     async def wait_for_peer(self, node: str, timeout: float = 10.0) -> None:
+        """Wait until a session with `node` is up."""
         assert self.transport is not None
         await self.transport.wait_for_peer(node, timeout)
 
     async def subscribe_remote(
         self, peer: str, prefix: str, after_seq: int | None = None
     ) -> RemoteSubscription:
+        """Follow a connected peer's events under `prefix`."""
         assert self.transport is not None
         return await self.transport.subscribe(peer, prefix, after_seq)
 
@@ -279,7 +297,7 @@ class Node:
             listen=self.listen_url,
             peers=self.transport.peer_info(),
             features=self.config.features,
-            counters={**self.transport.stats, **self._security_counts()},
+            counters={**self.transport.stats, **self._security_counts(), **self.eventlog.stats},
             event_head=self.eventlog.head_seq,
             uptime_s=round(time.monotonic() - self._started, 3),
         )
@@ -295,6 +313,7 @@ def private_dir(path: Path) -> None:
 
 
 def run_node(config: NodeConfig) -> int:
+    """`hearthnet node start`: configure logging and run the node until a signal."""
     configure_logging(config.log.format, config.log.level)
     asyncio.run(Node(config).run_until_signal())
     return 0

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from hearthnet.config import FedLearnConfig, LLMSection
+from hearthnet.config import LLMSection
 from hearthnet.errors import ErrorCode, HearthnetError
 from hearthnet.llm.service import LLMService
 
@@ -28,6 +28,6 @@ def raises_code(
 
 def loaded_service(model_dir: Path, data_dir: Path) -> LLMService:
     """An LLMService on `model_dir`, CPU, default limits, weights loaded."""
-    svc = LLMService(LLMSection(base_model=model_dir, device="cpu"), data_dir, FedLearnConfig())
+    svc = LLMService(LLMSection(base_model=model_dir, device="cpu"), data_dir)
     svc.load()
     return svc

@@ -98,7 +98,10 @@ def test_events_verify_names_a_deleted_tail(tmp_path):
 
     (data / "events.sqlite3.head").unlink()
     result = run("events", "--config", config, "--verify")
-    assert result.returncode == 1 and result.stdout.startswith("BROKEN: no head checkpoint")
+    assert result.returncode == 1 and result.stdout.startswith(
+        "BROKEN: the log records a head checkpoint from event 1 on, but there is none: "
+        "it was deleted; restore"
+    )
 
 
 def test_init_refuses_to_overwrite(tmp_path):

@@ -31,6 +31,9 @@ _NAME_RE = re.compile(r"^[a-z0-9_]+(\.[a-z0-9_]+)*$")
 
 @dataclass
 class CallContext:
+    """Who is calling a handler: the session's authenticated NodeID (never a payload field), whether
+    the call is local, and the blob that came with it."""
+
     caller: NodeID
     local: bool
     blob: bytes | None = None
@@ -42,6 +45,8 @@ Handler = Callable[[CallContext, Any], Awaitable[HandlerResult]]
 
 @dataclass(frozen=True)
 class Capability:
+    """One registered capability: its handler and the models that validate what goes in and out."""
+
     name: str
     handler: Handler
     request_model: type[BaseModel]
@@ -51,9 +56,13 @@ class Capability:
 
 
 class RemoteCaller(Protocol):
+    """What the bus needs from a transport to reach a peer; `Transport` implements it."""
+
     async def call_remote(
         self, peer: str, name: str, body: dict[str, Any], timeout: float, blob: bytes | None
-    ) -> tuple[dict[str, Any], bytes | None]: ...
+    ) -> tuple[dict[str, Any], bytes | None]:
+        """Run capability `name` on `peer` and return its raw response body and blob."""
+        ...
 
 
 def _inflight_share() -> FairShare:
@@ -67,6 +76,11 @@ def _inflight_share() -> FairShare:
 
 @dataclass
 class CapabilityBus:
+    """The node's table of named capabilities, called locally or by peers through one path.
+
+    Every call, from the control socket, a module or a peer, goes through `dispatch`, so
+    validation, feature gates and error wrapping are the same for all of them."""
+
     node_id: NodeID
     features: Mapping[str, bool] = field(default_factory=dict)
     remote: RemoteCaller | None = None
@@ -76,6 +90,7 @@ class CapabilityBus:
     _missing: dict[str, HearthnetError] = field(default_factory=dict)
 
     def disabled_namespace(self, name: str) -> str | None:
+        """The gated namespace `name` falls under while its feature flag is off, else None."""
         for flag, prefix in FEATURE_NAMESPACES.items():
             if name.startswith(prefix) and not self.features.get(flag, False):
                 return prefix
@@ -107,6 +122,7 @@ class CapabilityBus:
         local_only: bool = False,
         description: str = "",
     ) -> None:
+        """Add a capability; a gated one is refused while its flag is off, so none can reach it."""
         if len(name) > C.CAPABILITY_NAME_MAX_LEN or not _NAME_RE.match(name):
             raise ValueError(f"invalid capability name {name!r}")
         if name in self._caps:
@@ -117,6 +133,7 @@ class CapabilityBus:
         )
 
     def describe(self) -> list[dict[str, Any]]:
+        """Every capability with its JSON schemas, for operators and tools discovering the node."""
         return [
             {
                 "name": cap.name,
@@ -208,6 +225,7 @@ class CapabilityBus:
         blob: bytes | None = None,
         response_model: type[BaseModel] | None = None,
     ) -> Any:
+        """Call `name` and return its response alone (see `call_blob` for one with a blob)."""
         response, _ = await self.call_blob(
             name, request, peer=peer, timeout=timeout, blob=blob, response_model=response_model
         )

@@ -20,6 +20,7 @@ from hearthnet.identity import NodeIdentity, is_node_id, verify
 
 
 def make_hello(identity: NodeIdentity, network_id: str, role: str) -> Hello:
+    """This node's hello for `role`, with a fresh nonce that makes the transcript unique."""
     return Hello(
         t="hello",
         v=C.PROTOCOL_VERSION,
@@ -31,6 +32,7 @@ def make_hello(identity: NodeIdentity, network_id: str, role: str) -> Hello:
 
 
 def check_hello(hello: Hello, network_id: str, expected_role: str) -> None:
+    """Refuse a hello for another protocol version, network or role, or with a malformed NodeID."""
     if hello.v != C.PROTOCOL_VERSION:
         raise HearthnetError(ErrorCode.HANDSHAKE_FAILED, f"unsupported protocol {hello.v[:32]!r}")
     if hello.net != network_id:
@@ -65,9 +67,11 @@ def _signed_part(role: str, data: bytes) -> bytes:
 
 
 def sign_auth(identity: NodeIdentity, role: str, data: bytes) -> Auth:
+    """Sign the transcript as `role`; the role inside stops a signature being reflected back."""
     return Auth(t="auth", sig=identity.sign(_signed_part(role, data)).hex())
 
 
 def verify_auth(peer: Hello, data: bytes, auth: Auth) -> None:
+    """Check the peer's signature over the transcript as the role it claimed in its hello."""
     if not verify(peer.node, _signed_part(peer.role, data), bytes.fromhex(auth.sig)):
         raise HearthnetError(ErrorCode.HANDSHAKE_FAILED, "handshake signature does not verify")

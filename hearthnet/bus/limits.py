@@ -120,6 +120,7 @@ class SummaryLog:
         self._counts: Counter[str] = Counter()
 
     def refused(self, reason: str, **context: str) -> None:
+        """Count one refusal; log a line only when the interval since the last one has passed."""
         self._counts[reason] += 1
         now = time.monotonic()
         if now - self._last >= C.CONNECTION_REFUSAL_LOG_INTERVAL_S:
@@ -165,6 +166,7 @@ class AcceptErrors:
             loop.default_exception_handler(context)
 
     def close(self) -> None:
+        """Put back the event loop's previous exception handler."""
         if self._loop.get_exception_handler() == self._handle:
             self._loop.set_exception_handler(self._previous)
 

@@ -93,6 +93,7 @@ class RemoteSubscription:
         return item
 
     async def close(self) -> None:
+        """Tell the peer to stop the feed and end iteration here."""
         if self._peer._subs_out.pop(self._id, None) is not None:
             with contextlib.suppress(ConnectionClosed, HearthnetError):
                 await self._peer._send(Unsubscribe(t="unsub", id=self._id))
@@ -100,6 +101,10 @@ class RemoteSubscription:
 
 
 class PeerConnection:
+    """One authenticated session with a peer: requests and blobs both ways, event feeds.
+
+    The transport creates it after the handshake and runs `run` until the socket closes."""
+
     def __init__(
         self,
         ws: Connection,
@@ -169,6 +174,8 @@ class PeerConnection:
     async def request(
         self, cap: str, body: dict[str, Any], timeout: float, blob: bytes | None
     ) -> tuple[dict[str, Any], bytes | None]:
+        """Call `cap` on the peer and wait for its answer; bounded by the pending-call cap and
+        `timeout`."""
         if self.closed.is_set():
             raise HearthnetError(ErrorCode.PEER_NOT_CONNECTED, f"peer {self.node_id} disconnected")
         if len(self._pending) >= C.MAX_PENDING_CALLS_PER_PEER:
@@ -206,6 +213,7 @@ class PeerConnection:
             self._pending.pop(req_id, None)
 
     async def subscribe(self, prefix: str, after_seq: int | None = None) -> RemoteSubscription:
+        """Follow the peer's events under `prefix` (the backlog after `after_seq`, then live)."""
         if len(self._subs_out) >= C.MAX_SUBSCRIPTIONS_PER_PEER:
             raise HearthnetError(ErrorCode.OVERLOADED, "too many subscriptions to this peer")
         sub_id = next(self._ids)
@@ -448,4 +456,5 @@ class PeerConnection:
             self._bad("event_invalid", exc.message)
 
     async def close(self, code: int = 1000, reason: str = "") -> None:
+        """Close the WebSocket; `run` then fails whatever still waits on this peer."""
         await self.ws.close(code, reason)

@@ -24,11 +24,15 @@ class _Msg(BaseModel):
 
 
 class BlobRef(_Msg):
+    """Announces the binary frame that follows: its SHA-256 and size, checked on arrival."""
+
     sha: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
     size: Annotated[int, Field(ge=0)]
 
 
 class Hello(_Msg):
+    """The first frame each side sends: version, network, role, NodeID and a fresh nonce."""
+
     t: Literal["hello"]
     v: str
     net: Annotated[str, Field(max_length=C.NETWORK_ID_MAX_LEN)]
@@ -38,11 +42,15 @@ class Hello(_Msg):
 
 
 class Auth(_Msg):
+    """The handshake signature over the transcript (see handshake.py)."""
+
     t: Literal["auth"]
     sig: Annotated[str, Field(pattern=r"^[0-9a-f]{128}$")]
 
 
 class Request(_Msg):
+    """A capability call; `id` pairs it with its `Response`."""
+
     t: Literal["req"]
     id: Annotated[int, Field(ge=0, le=2**53 - 1)]
     cap: Annotated[str, Field(max_length=C.CAPABILITY_NAME_MAX_LEN, pattern=_CAP)]
@@ -52,6 +60,8 @@ class Request(_Msg):
 
 
 class Response(_Msg):
+    """The answer to the `Request` with the same `id`: a body, or an error dict."""
+
     t: Literal["res"]
     id: Annotated[int, Field(ge=0, le=2**53 - 1)]
     ok: bool
@@ -61,6 +71,8 @@ class Response(_Msg):
 
 
 class Subscribe(_Msg):
+    """Ask for the peer's events under `prefix`, with the backlog after `after_seq` if given."""
+
     t: Literal["sub"]
     id: Annotated[int, Field(ge=0, le=2**53 - 1)]
     prefix: Annotated[str, Field(max_length=C.EVENT_TYPE_MAX_LEN)]
@@ -68,6 +80,8 @@ class Subscribe(_Msg):
 
 
 class Unsubscribe(_Msg):
+    """End the subscription `id`."""
+
     t: Literal["unsub"]
     id: Annotated[int, Field(ge=0, le=2**53 - 1)]
 
@@ -124,4 +138,5 @@ def decode(text: str | bytes) -> Message:
 
 
 def encode(msg: _Msg) -> str:
+    """The compact JSON text frame for `msg` (fields left at None are not sent)."""
     return json.dumps(msg.model_dump(exclude_none=True), separators=(",", ":"), allow_nan=False)

@@ -98,11 +98,13 @@ def client_context() -> ssl.SSLContext:
 
 
 def binding(cert_der: bytes) -> str:
+    """The channel binding of a certificate: hex SHA-256 of its DER bytes."""
     return hashlib.sha256(cert_der).hexdigest()
 
 
-def listener_binding(ssl_object: ssl.SSLObject | None, claimed: str) -> str:
-    """The binding of the listener's certificate, once its key is the NodeID it claims."""
+def listener_identity(ssl_object: ssl.SSLObject | None) -> tuple[str, str]:
+    """The NodeID whose key the listener's certificate holds, and the certificate's binding.
+    Known right after TLS, so a dialer that pins a NodeID can hang up before saying anything."""
     der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
     if not der:
         raise HearthnetError(ErrorCode.HANDSHAKE_FAILED, "the listener presented no certificate")
@@ -110,9 +112,17 @@ def listener_binding(ssl_object: ssl.SSLObject | None, claimed: str) -> str:
         key = x509.load_der_x509_certificate(der).public_key()
     except ValueError:
         raise HearthnetError(ErrorCode.HANDSHAKE_FAILED, "unreadable TLS certificate") from None
-    if not isinstance(key, Ed25519PublicKey) or node_id_from_public_key(_raw(key)) != claimed:
+    if not isinstance(key, Ed25519PublicKey):
+        raise HearthnetError(ErrorCode.HANDSHAKE_FAILED, "the listener's TLS key is not Ed25519")
+    return node_id_from_public_key(_raw(key)), binding(der)
+
+
+def listener_binding(ssl_object: ssl.SSLObject | None, claimed: str) -> str:
+    """The binding of the listener's certificate, once its key is the NodeID it claims."""
+    node, channel = listener_identity(ssl_object)
+    if node != claimed:
         raise HearthnetError(
             ErrorCode.HANDSHAKE_FAILED,
             "the listener's TLS key is not the NodeID it claims (a relay in between?)",
         )
-    return binding(der)
+    return channel

@@ -15,7 +15,6 @@ import random
 import time
 from collections import Counter
 from collections.abc import Callable
-from http import HTTPStatus
 from typing import Any
 
 from websockets.asyncio.client import connect
@@ -23,15 +22,15 @@ from websockets.asyncio.connection import Connection
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 from websockets.frames import CloseCode
-from websockets.http11 import Request, Response
 
 from hearthnet import constants as C
 from hearthnet.bus.bus import CapabilityBus
+from hearthnet.bus.gate import ConnectionGate, GatedConnection, gated
 from hearthnet.bus.handshake import check_hello, make_hello, sign_auth, transcript, verify_auth
-from hearthnet.bus.limits import AcceptErrors, FrameLimits, SummaryLog, address_group
+from hearthnet.bus.limits import AcceptErrors, FrameLimits, SummaryLog
 from hearthnet.bus.peer import EventPolicy, PeerConnection, RemoteSubscription
 from hearthnet.bus.protocol import Auth, Hello, decode, encode
-from hearthnet.bus.tls import client_context, listener_binding, server_context
+from hearthnet.bus.tls import client_context, listener_identity, server_context
 from hearthnet.config import NodeConfig, PeerConfig
 from hearthnet.errors import ErrorCode, HearthnetError
 from hearthnet.eventlog import EventLog
@@ -84,6 +83,9 @@ async def check_listen(host: str, port: int) -> None:
 
 
 class Transport:
+    """Every connection of the node: the listener, a dial loop per configured peer, the caps on
+    connections and handshakes, and the table of live sessions the bus calls through."""
+
     def __init__(
         self,
         identity: NodeIdentity,
@@ -104,10 +106,7 @@ class Transport:
         self._url_node: dict[str, NodeID] = {}
         self._changed = asyncio.Condition()
         self._peer_hooks: list[PeerHook] = []
-        self._inbound: set[ServerConnection] = set()
-        self._handshaking: set[ServerConnection] = set()
-        self._per_address: Counter[str] = Counter()
-        self._refusals = SummaryLog()
+        self.gate = ConnectionGate()
         self._handshake_failures = SummaryLog("handshakes failed")
         self._tls, self._binding = server_context(identity)
         self._tls_client = client_context()
@@ -123,15 +122,14 @@ class Transport:
     # --- lifecycle ----------------------------------------------------------------------------
 
     async def start(self) -> None:
+        """Listen (TLS) and start dialling every `[[peers]]` entry with backoff."""
         host, port = self.config.listen.host, self.config.listen.port
         try:
             self._server = await serve(
                 self._accept,
                 host,
                 port,
-                process_request=self._admit_connection,
-                ssl=self._tls,
-                ssl_handshake_timeout=C.HANDSHAKE_TIMEOUT_S,
+                create_connection=gated(self.gate, self._tls, self._refused, self._tls_failed),
                 **_WS_OPTIONS,
             )
         except OSError as exc:
@@ -144,11 +142,13 @@ class Transport:
 
     @property
     def listen_address(self) -> tuple[str, int]:
+        """The bound (host, port); the real port when the config asked for port 0."""
         assert self._server is not None
         host, port = self._server.sockets[0].getsockname()[:2]
         return str(host), int(port)
 
     async def stop(self) -> None:
+        """Stop dialling, close every session and the listener, and wait for their tasks."""
         for task in list(self._tasks):
             task.cancel()
         if self._server is not None:
@@ -176,13 +176,9 @@ class Transport:
             raise HearthnetError(ErrorCode.HANDSHAKE_FAILED, "binary frame during the handshake")
         return decode(frame)
 
-    def _admit(self, node: str, expected: str | None) -> None:
-        if node == self.identity.node_id:
-            raise HearthnetError(ErrorCode.HANDSHAKE_FAILED, "connected to itself")
-        if expected is not None and node != expected:
-            raise HearthnetError(
-                ErrorCode.HANDSHAKE_FAILED, "peer is not the NodeID its [[peers]] node_id names"
-            )
+    def _admit(self, node: str) -> None:
+        """After both signatures verify: checked last, so an outsider claiming a NodeID learns
+        nothing about the roster from how far its handshake gets."""
         if not self.config.trust.allows(node):
             raise HearthnetError(
                 ErrorCode.FORBIDDEN, "peer is not a member of this community ([trust] roster)"
@@ -193,14 +189,28 @@ class Transport:
         limits = FrameLimits(ws.protocol, ws.transport.get_write_buffer_size)
         async with asyncio.timeout(C.HANDSHAKE_TIMEOUT_S):
             if role == "dialer":
+                # Who answered is known from TLS: a pinned peer is checked before we say who
+                # we are (our hello names our NodeID and network).
+                node, channel = listener_identity(ws.transport.get_extra_info("ssl_object"))
+                if expected is not None and node != expected:
+                    raise HearthnetError(
+                        ErrorCode.HANDSHAKE_FAILED,
+                        f"the node answering is {node}, not the {expected} that [[peers]] "
+                        "node_id pins: fix node_id (`hearthnet id` on the peer) or the url",
+                    )
+                if node == self.identity.node_id:
+                    raise HearthnetError(ErrorCode.HANDSHAKE_FAILED, "connected to itself")
                 mine = make_hello(self.identity, net, "dialer")
                 await ws.send(encode(mine))
                 theirs = await self._recv_control(ws)
                 if not isinstance(theirs, Hello):
                     raise HearthnetError(ErrorCode.HANDSHAKE_FAILED, "expected hello")
                 check_hello(theirs, net, "listener")
-                self._admit(theirs.node, expected)
-                channel = listener_binding(ws.transport.get_extra_info("ssl_object"), theirs.node)
+                if theirs.node != node:
+                    raise HearthnetError(
+                        ErrorCode.HANDSHAKE_FAILED,
+                        "the listener's TLS key is not the NodeID it claims (a relay in between?)",
+                    )
                 data = transcript(mine, theirs, channel)
                 limits.expect_auth(theirs, data)
             else:
@@ -208,7 +218,8 @@ class Transport:
                 if not isinstance(theirs, Hello):
                     raise HearthnetError(ErrorCode.HANDSHAKE_FAILED, "expected hello")
                 check_hello(theirs, net, "dialer")
-                self._admit(theirs.node, None)
+                if theirs.node == self.identity.node_id:
+                    raise HearthnetError(ErrorCode.HANDSHAKE_FAILED, "connected to itself")
                 mine = make_hello(self.identity, net, "listener")
                 data = transcript(theirs, mine, self._binding)
                 limits.expect_auth(theirs, data)
@@ -218,8 +229,17 @@ class Transport:
             if not isinstance(auth, Auth):
                 raise HearthnetError(ErrorCode.HANDSHAKE_FAILED, "expected auth")
             verify_auth(theirs, data, auth)
+            self._admit(theirs.node)
         limits.open()  # normally done already, before their next frame; here for odd framings
         return NodeID(theirs.node)
+
+    def _refused(self, reason: str) -> None:
+        """A connection beyond the caps, aborted at TCP accept: counted, one line per 10 s."""
+        self.stats["connection_refused"] += 1
+        self.gate.refusals.refused(reason)
+
+    def _tls_failed(self, exc: BaseException, address: str) -> None:
+        self._handshake_failed(exc, f"TLS from {address}")
 
     def _handshake_failed(self, exc: BaseException, where: str) -> None:
         kind = (
@@ -233,49 +253,18 @@ class Transport:
 
     # --- connections --------------------------------------------------------------------------
 
-    def _admit_connection(self, ws: ServerConnection, request: Request) -> Response | None:
-        """Refuse a connection beyond the caps before the WebSocket upgrade (HTTP 503)."""
-        address = address_group(ws.remote_address)
-        reason = None
-        if len(self._inbound) >= C.MAX_INBOUND_CONNECTIONS:
-            reason = "too many connections"
-        elif self._per_address[address] >= C.MAX_CONNECTIONS_PER_ADDRESS:
-            reason = "too many connections from one address"
-        elif len(self._handshaking) >= C.MAX_HANDSHAKES_IN_FLIGHT:
-            reason = "too many handshakes in flight"
-        elif (
-            sum(address_group(w.remote_address) == address for w in self._handshaking)
-            >= C.MAX_HANDSHAKES_PER_ADDRESS
-        ):
-            reason = "too many handshakes in flight from one address"
-        if reason is not None:
-            self.stats["connection_refused"] += 1
-            self._refusals.refused(reason)
-            return ws.respond(HTTPStatus.SERVICE_UNAVAILABLE, reason + "\n")
-        self._inbound.add(ws)
-        self._handshaking.add(ws)
-        self._per_address[address] += 1
-
-        def release(_: object) -> None:
-            self._inbound.discard(ws)
-            self._handshaking.discard(ws)
-            self._per_address[address] -= 1
-            if self._per_address[address] <= 0:
-                del self._per_address[address]
-
-        ws.connection_lost_waiter.add_done_callback(release)
-        return None
-
     async def _accept(self, ws: ServerConnection) -> None:
+        where = f"from {_host_port(ws.remote_address)}"  # gone once the socket closes
         try:
             node = await self._handshake(ws, "listener")
         except (HearthnetError, TimeoutError, ConnectionClosed) as exc:
-            self._handshake_failed(exc, f"from {ws.remote_address}")
+            self._handshake_failed(exc, where)
             with contextlib.suppress(Exception):
                 await ws.close(1008, "handshake failed")
             return
         finally:
-            self._handshaking.discard(ws)
+            if isinstance(ws, GatedConnection):
+                ws.handshake_finished()
         await self._serve_peer(ws, node, dialer=node)
 
     async def _serve_peer(self, ws: Connection, node: NodeID, dialer: NodeID) -> None:
@@ -367,18 +356,22 @@ class Transport:
     async def call_remote(
         self, peer: str, name: str, body: dict[str, Any], timeout: float, blob: bytes | None
     ) -> tuple[dict[str, Any], bytes | None]:
+        """Route a bus call to the connected peer `peer`; `peer_not_connected` when it is not."""
         return await self._peer(peer).request(name, body, timeout, blob)
 
     async def subscribe(
         self, peer: str, prefix: str, after_seq: int | None = None
     ) -> RemoteSubscription:
+        """Subscribe to a connected peer's events under `prefix`."""
         return await self._peer(peer).subscribe(prefix, after_seq)
 
     async def wait_for_peer(self, node: str, timeout: float) -> None:
+        """Wait until a session with `node` is up (tests and the CLI use it before calling)."""
         async with asyncio.timeout(timeout), self._changed:
             await self._changed.wait_for(lambda: node in self.peers)
 
     def peer_info(self) -> list[dict[str, Any]]:
+        """The live sessions for `node.status`: who, from where, and which side dialled."""
         return [
             {
                 "node_id": p.node_id,

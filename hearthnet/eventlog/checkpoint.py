@@ -7,28 +7,42 @@ the database (`events.sqlite3.head`); `EventLog.verify` then fails a log that en
 checkpoint's seq, or whose event at that seq has another hash. It is written only after the
 append is committed, so it is never ahead of the durable log. See docs/decisions.md.
 
+Deleting the file must not undo this, so the log itself says that it has one: a log created
+with checkpoints starts its chain from CHECKPOINTED_GENESIS_HASH instead of the all-zero
+genesis (in event 1's signed header, so no event is added), and an older log gets an
+`eventlog.head.adopted` event when its head is first checkpointed. A log holding either marker
+but no checkpoint (or one from before the marker) fails verify, and the node will not start.
+
 The encoding, signing and comparison below do no I/O; `read_checkpoint`/`write_checkpoint` do.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import stat
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from hearthnet.canonical import canonical_bytes, parse_canonical
+from hearthnet.canonical import canonical_bytes, parse_canonical, sha256_hex
 from hearthnet.errors import ErrorCode, HearthnetError
 from hearthnet.identity import NodeID, NodeIdentity, verify
 
 CHECKPOINT_FORMAT_VERSION = 1
 CHECKPOINT_SUFFIX = ".head"
 CHECKPOINT_MAX_BYTES = 4096
+# Event 1's prev_hash in a log created with checkpoints: the signed mark that this log has had a
+# checkpoint from its first event on (a log from before them links event 1 to GENESIS_HASH).
+CHECKPOINTED_GENESIS_HASH = sha256_hex(b"hearthnet.eventlog.genesis.checkpointed")
 # Signed bodies name their purpose, so this signature can never pass for an event header's.
 _PURPOSE = "hearthnet.eventlog.head"
 
 
 @dataclass(frozen=True)
 class Checkpoint:
+    """A verified head checkpoint: the log of `owner` reached `seq`, whose event hash is `hash`."""
+
     owner: NodeID
     seq: int
     hash: str
@@ -110,30 +124,77 @@ def check_head(checkpoint: Checkpoint, last_seq: int, hash_at_seq: str | None) -
     return None
 
 
+def check_marker(marker_seq: int | None, checkpoint: Checkpoint | None) -> str | None:
+    """Why a log whose own events say it has been checkpointed since `marker_seq` (1 for a log
+    created with checkpoints, the `eventlog.head.adopted` event's seq for an older one; None
+    when it has neither) cannot be holding `checkpoint`, or None.
+
+    The writer signs the head before the marker at `marker_seq` (at creation, or the old head
+    before adopting), so from then on a checkpoint of at least `marker_seq - 1` exists."""
+    if marker_seq is None:
+        return None
+    if checkpoint is None:
+        return (
+            f"the log records a head checkpoint from event {marker_seq} on, but there is none: "
+            "it was deleted"
+        )
+    if checkpoint.seq < marker_seq - 1:
+        return (
+            f"the head checkpoint (seq {checkpoint.seq}) is older than the log's record of "
+            f"checkpoints from event {marker_seq} on: it was replaced"
+        )
+    return None
+
+
 def read_checkpoint(path: Path, owner: str) -> Checkpoint | None:
-    """The checkpoint at `path`, None when there is no file; `eventlog_invalid` when unusable."""
+    """The checkpoint at `path`, None when there is no file; `eventlog_invalid` when unusable.
+
+    Opened without following a link and without blocking, and anything but a regular file is
+    refused: a FIFO or device planted at the path must fail verify, not hang it."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
     try:
-        with open(path, "rb") as fh:
-            data = fh.read(CHECKPOINT_MAX_BYTES + 1)
+        fd = os.open(path, flags)
     except FileNotFoundError:
         return None
     except OSError as exc:
-        raise _invalid(f"{path} cannot be read: {exc.strerror}") from None
+        if os.path.islink(path):
+            raise _invalid("is a symbolic link, not a regular file") from None
+        raise _invalid(f"cannot be read: {exc.strerror}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise _invalid("is not a regular file")
+        data = b""
+        while len(data) <= CHECKPOINT_MAX_BYTES:
+            chunk = os.read(fd, CHECKPOINT_MAX_BYTES + 1 - len(data))
+            if not chunk:
+                break
+            data += chunk
+    except OSError as exc:
+        raise _invalid(f"cannot be read: {exc.strerror}") from None
+    finally:
+        os.close(fd)
     return decode_checkpoint(data, owner)
 
 
 def write_checkpoint(path: Path, data: bytes) -> None:
     """Replace the checkpoint atomically (a reader sees the old file or the new, whole).
 
-    The new file is fsynced before the rename so a crash cannot leave an empty or partial one
-    (which verify would fail as unreadable); the directory is not, so after a crash the rename
-    may be lost and the previous checkpoint come back, which is behind the log, never ahead."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    The new file gets a fresh random name beside the checkpoint (`mkstemp`: O_EXCL, mode 0600),
+    so nothing planted in the directory can redirect or block the write. It is fsynced before
+    the rename so a crash cannot leave an empty or partial one (which verify would fail as
+    unreadable); the directory is not, so after a crash the rename may be lost and the previous
+    checkpoint come back, which is behind the log, never ahead."""
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
-        os.fchmod(fd, 0o600)  # a stale tmp file keeps its mode through O_TRUNC
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise

@@ -24,6 +24,9 @@ _TYPE_RE = re.compile(r"^[a-z0-9_]+(\.[a-z0-9_]+)*$")
 
 @dataclass(frozen=True)
 class Event:
+    """One sealed event: its header fields, the exact payload bytes that were hashed, the chain
+    link and the actor's signature. Immutable: what was signed is what is kept."""
+
     seq: int
     ts: str
     type: str
@@ -35,11 +38,13 @@ class Event:
 
     @property
     def payload(self) -> dict[str, Any]:
+        """The payload parsed from its stored bytes (parsed each time: the bytes are the record)."""
         value = parse_json(self.payload_bytes, EVENT_PAYLOAD_MAX_BYTES)
         assert isinstance(value, dict)
         return value
 
     def to_dict(self) -> dict[str, Any]:
+        """The event as JSON-safe values, for `hearthnet events` and status output."""
         return {
             "seq": self.seq,
             "ts": self.ts,
@@ -53,6 +58,7 @@ class Event:
 
 
 def check_event_type(event_type: str) -> str:
+    """Refuse a type that is not dotted lower-case words; types are matched by prefix."""
     if (
         not isinstance(event_type, str)
         or len(event_type) > EVENT_TYPE_MAX_LEN
@@ -65,6 +71,7 @@ def check_event_type(event_type: str) -> str:
 
 
 def encode_payload(payload: dict[str, Any]) -> bytes:
+    """The payload's JCS bytes, bounded by EVENT_PAYLOAD_MAX_BYTES: what gets hashed and stored."""
     if not isinstance(payload, dict):
         raise HearthnetError(ErrorCode.EVENTLOG_INVALID, "event payload must be a JSON object")
     data = canonical_bytes(payload)
@@ -79,6 +86,7 @@ def encode_payload(payload: dict[str, Any]) -> bytes:
 def header_bytes(
     seq: int, ts: str, event_type: str, actor: str, payload_bytes: bytes, prev_hash: str
 ) -> bytes:
+    """The signed header: JCS of the fields, with the payload by its SHA-256."""
     return canonical_bytes(
         {
             "v": EVENT_FORMAT_VERSION,
@@ -93,6 +101,7 @@ def header_bytes(
 
 
 def now_ts() -> str:
+    """An event timestamp: UTC, microseconds, `Z` suffix (informative only; `seq` orders)."""
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
@@ -104,6 +113,7 @@ def seal(
     payload_bytes: bytes,
     ts: str,
 ) -> Event:
+    """Make the event at `seq` after `prev_hash`: hash its header and sign it with `identity`."""
     header = header_bytes(seq, ts, event_type, identity.node_id, payload_bytes, prev_hash)
     return Event(
         seq=seq,

@@ -31,6 +31,9 @@ class _Window:
 
 
 class SecurityEvents:
+    """Writes security events (bad input from a peer) with at most one per peer and type per
+    interval; `total` counts every occurrence for `node.status`."""
+
     def __init__(
         self,
         eventlog: EventLog,

@@ -35,8 +35,10 @@ from hearthnet.constants import (
 )
 from hearthnet.errors import ErrorCode, HearthnetError
 from hearthnet.eventlog.checkpoint import (
+    CHECKPOINTED_GENESIS_HASH,
     Checkpoint,
     check_head,
+    check_marker,
     checkpoint_path,
     encode_checkpoint,
     read_checkpoint,
@@ -56,10 +58,12 @@ from hearthnet.logs import get_logger
 
 T = TypeVar("T")
 _log = get_logger("hearthnet.eventlog")
-# Recorded when a writer opens a non-empty log that has no head checkpoint (one from before
-# checkpoints, or one whose checkpoint was moved aside): the log itself says from where on a
-# deleted tail is detectable.
+# Recorded when a writer opens a non-empty log from before head checkpoints: the log itself
+# says from where on a deleted tail is detectable, and that a checkpoint must exist from then on.
 HEAD_ADOPTED_EVENT = "eventlog.head.adopted"
+# A checkpoint that cannot be written is logged at error at most once per interval (with the
+# count since the last line) and counted in `stats`, so a node whose checkpoint goes stale says so.
+CHECKPOINT_FAILURE_LOG_INTERVAL_S = 10.0
 # At most one checkpoint write (an fsync + rename, ~0.25 ms) per interval while appends stream
 # in; the first append after a pause is checkpointed at once. See docs/decisions.md.
 CHECKPOINT_MIN_INTERVAL_S = 0.02
@@ -82,6 +86,9 @@ _COLUMNS = "seq, ts, type, actor, payload, prev_hash, hash, signature"
 
 @dataclass(frozen=True)
 class VerifyResult:
+    """The outcome of `EventLog.verify`: how many events checked out and, if not ok, the first
+    bad seq and why."""
+
     ok: bool
     checked: int
     first_bad_seq: int | None = None
@@ -122,6 +129,7 @@ class Subscription:
             self._queue.put_nowait(None)
 
     def close(self) -> None:
+        """Stop receiving and give the subscription's fair-share unit back."""
         if not self._closed:
             self._closed = True
             self._log._release(self)
@@ -146,6 +154,11 @@ class Subscription:
 
 
 class EventLog:
+    """The node's own log: append signed events, read them back, follow them live, verify the chain.
+
+    Only the owner appends (one writer per file); peers see events through subscriptions filtered
+    by the node's event policy."""
+
     def __init__(self, path: Path, identity: NodeIdentity):
         """Open (creating if needed) `identity`'s log for writing; one writer per file."""
         self._identity: NodeIdentity | None = identity
@@ -181,6 +194,9 @@ class EventLog:
         self._head_pending: tuple[int, str] | None = None
         self._head_written_at = 0.0
         self._closing = threading.Event()  # cuts the interval short so close writes at once
+        self.checkpoint_failures = 0
+        self._failures_unlogged = 0
+        self._failure_logged_at = -float("inf")
         if readonly and not path.exists():
             raise HearthnetError(ErrorCode.EVENTLOG_INVALID, f"no event log at {path}")
         if not readonly:
@@ -240,49 +256,76 @@ class EventLog:
         return db
 
     def _read_head(self) -> tuple[int, str]:
+        """The last event's seq and hash; for an empty log, the genesis its first event links
+        to, which marks the log as checkpointed from its start (checkpoint.py)."""
         row = self._db.execute("SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1").fetchone()
-        return (0, GENESIS_HASH) if row is None else (int(row[0]), str(row[1]))
+        return (0, CHECKPOINTED_GENESIS_HASH) if row is None else (int(row[0]), str(row[1]))
+
+    def _marker_seq(self) -> int | None:
+        """From which event on the log's own signed events say it has a checkpoint: 1 for a log
+        created with checkpoints, the first adoption event for an older one, None for neither."""
+        row = self._db.execute("SELECT prev_hash FROM events WHERE seq = 1").fetchone()
+        if row is not None and row[0] == CHECKPOINTED_GENESIS_HASH:
+            return 1
+        row = self._db.execute(
+            "SELECT min(seq) FROM events WHERE type = ?", (HEAD_ADOPTED_EVENT,)
+        ).fetchone()
+        return None if row is None or row[0] is None else int(row[0])
 
     def _hash_at(self, seq: int) -> str | None:
         row = self._db.execute("SELECT hash FROM events WHERE seq = ?", (seq,)).fetchone()
         return None if row is None else str(row[0])
 
     def _open_checkpoint(self) -> None:
-        """Refuse to write on a log that ends before its checkpoint (appending would overwrite
-        the evidence); give a log without one a checkpoint, recording that in the log."""
+        """Refuse to write on a log that ends before its checkpoint, or that records having one
+        it lacks (appending would overwrite the evidence); give a log from before checkpoints
+        one, recording that in the log."""
         assert self._identity is not None
-        fix = f"restore the log from a backup, or move {self.checkpoint_path} aside to accept it"
+        fix = (
+            f"restore {self.path} and {self.checkpoint_path} from a backup of this node's "
+            f"data_dir, or move {self.path}* aside to start a new, empty log"
+        )
         try:
             checkpoint = read_checkpoint(self.checkpoint_path, self.owner)
         except HearthnetError as exc:
             raise HearthnetError(ErrorCode.EVENTLOG_INVALID, f"{exc.message}; {fix}") from None
         seq, prev = self._head
-        if checkpoint is not None:
+        marker = self._marker_seq()
+        reason = check_marker(marker, checkpoint)
+        if checkpoint is not None and reason is None:
             reason = check_head(checkpoint, seq, self._hash_at(checkpoint.seq))
-            if reason is not None:
-                raise HearthnetError(ErrorCode.EVENTLOG_INVALID, f"{self.path}: {reason}; {fix}")
-            if checkpoint.seq == seq:
-                return
-        elif seq > 0:
-            _log.warning("event log has no head checkpoint; adopting its head", seq=seq)
-            adopted = seal(
-                self._identity,
-                seq + 1,
-                prev,
-                HEAD_ADOPTED_EVENT,
-                encode_payload({"seq": seq, "hash": prev}),
-                now_ts(),
-            )
-            self._insert(adopted)
-            self._head = (adopted.seq, adopted.hash)
+        if reason is not None:
+            raise HearthnetError(ErrorCode.EVENTLOG_INVALID, f"{self.path}: {reason}; {fix}")
         try:
-            self._checkpoint(self._head)
+            if checkpoint is None or checkpoint.seq != seq:
+                self._checkpoint(self._head)
+            if marker is None and seq > 0:
+                self._adopt(seq, prev)
         except OSError as exc:
             raise HearthnetError(
                 ErrorCode.EVENTLOG_INVALID,
                 f"cannot write the head checkpoint {self.checkpoint_path}: {exc.strerror} "
                 "(is the data directory writable by this user?)",
             ) from None
+
+    def _adopt(self, seq: int, prev: str) -> None:
+        """Mark a log from before checkpoints as checkpointed from here on, in the log itself.
+
+        Its head is already checkpointed (by the caller), so the file is never missing or
+        behind the marker, even after a crash between the two."""
+        assert self._identity is not None
+        _log.warning("event log predates head checkpoints; adopting its head", seq=seq)
+        adopted = seal(
+            self._identity,
+            seq + 1,
+            prev,
+            HEAD_ADOPTED_EVENT,
+            encode_payload({"seq": seq, "hash": prev}),
+            now_ts(),
+        )
+        self._insert(adopted)
+        self._head = (adopted.seq, adopted.hash)
+        self._checkpoint(self._head)
 
     def _checkpoint(self, head: tuple[int, str]) -> None:
         """Sign a committed head into the checkpoint file; only ever given one after its
@@ -308,7 +351,8 @@ class EventLog:
     def _flush_checkpoints(self) -> None:
         """Write pending heads until none is left. One that cannot be written leaves the
         previous checkpoint (behind the log, never ahead): the append still stands, verify
-        still passes, and the next append tries again."""
+        still passes, and the next append tries again; the failure is counted (`stats`) and
+        logged at error, once per CHECKPOINT_FAILURE_LOG_INTERVAL_S."""
         while True:
             wait = self._head_written_at + CHECKPOINT_MIN_INTERVAL_S - time.monotonic()
             if wait > 0:
@@ -320,19 +364,42 @@ class EventLog:
             try:
                 self._checkpoint(head)
             except OSError as exc:
-                _log.warning(
-                    "head checkpoint not written", path=str(self.checkpoint_path), error=str(exc)
-                )
+                self._checkpoint_failed(exc)
             self._head_written_at = time.monotonic()
             with self._head_lock:
                 if self._head_pending == head:
                     self._head_pending = None
+
+    def _checkpoint_failed(self, exc: OSError) -> None:
+        self.checkpoint_failures += 1
+        self._failures_unlogged += 1
+        now = time.monotonic()
+        if now - self._failure_logged_at >= CHECKPOINT_FAILURE_LOG_INTERVAL_S:
+            _log.error(
+                "head checkpoint not written: a deleted tail of the log may go undetected",
+                path=str(self.checkpoint_path),
+                error=str(exc),
+                failures=self._failures_unlogged,
+                interval_s=CHECKPOINT_FAILURE_LOG_INTERVAL_S,
+            )
+            self._failure_logged_at = now
+            self._failures_unlogged = 0
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Counters for `node status`: checkpoint writes that failed (only once there is one)."""
+        return (
+            {"eventlog_checkpoint_failed": self.checkpoint_failures}
+            if self.checkpoint_failures
+            else {}
+        )
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     @property
     def head_seq(self) -> int:
+        """The seq of the last committed event (0 for an empty log)."""
         return self._head[0]
 
     async def append(self, event_type: str, payload: dict[str, Any]) -> Event:
@@ -432,21 +499,20 @@ class EventLog:
     async def verify(self) -> VerifyResult:
         """Walk the whole chain; name the first event that is missing, altered or forged; then
         hold its end to the signed head checkpoint, so a deleted tail is named too. A log with
-        no checkpoint fails: without one a deleted tail cannot be told from a short log."""
+        no checkpoint fails: without one a deleted tail cannot be told from a short log; one
+        whose events record that it had one says the checkpoint was deleted."""
 
         def walk() -> VerifyResult:
             # Read before the chain: the writer checkpoints only committed events, so this is
             # never ahead of the snapshot the SELECT below sees, even with the node running.
             checkpoint: Checkpoint | None = None
-            no_checkpoint = (
-                f"no head checkpoint {self.checkpoint_path}: a deleted tail cannot be detected "
-                "(a log from before checkpoints gets one when its node next starts)"
-            )
+            unreadable: str | None = None
             try:
                 checkpoint = read_checkpoint(self.checkpoint_path, self.owner)
             except HearthnetError as exc:
-                no_checkpoint = f"{exc.message} ({self.checkpoint_path})"
+                unreadable = f"{exc.message} ({self.checkpoint_path})"
             hash_at_checkpoint: str | None = None
+            marker: int | None = None
             expected_seq, prev, checked = 1, GENESIS_HASH, 0
             cursor = self._db.execute(f"SELECT {_COLUMNS} FROM events ORDER BY seq")  # noqa: S608
             while True:
@@ -462,14 +528,28 @@ class EventLog:
                         event = _row_to_event(row)
                     except (TypeError, ValueError):
                         return VerifyResult(False, checked, int(row[0]), "malformed row")
+                    if expected_seq == 1 and event.prev_hash == CHECKPOINTED_GENESIS_HASH:
+                        prev, marker = CHECKPOINTED_GENESIS_HASH, 1
                     reason = check_link(event, expected_seq, prev, self.owner)
                     if reason is not None:
                         bad = min(expected_seq, event.seq)
                         return VerifyResult(False, checked, bad, reason)
+                    if marker is None and event.type == HEAD_ADOPTED_EVENT:
+                        marker = event.seq
                     expected_seq, prev, checked = event.seq + 1, event.hash, checked + 1
                     if checkpoint is not None and event.seq == checkpoint.seq:
                         hash_at_checkpoint = event.hash
+            if unreadable is not None:
+                return VerifyResult(False, checked, None, unreadable)
+            reason = check_marker(marker, checkpoint)
+            if reason is not None:
+                restore = f"restore {self.checkpoint_path} from a backup of this node's data_dir"
+                return VerifyResult(False, checked, None, f"{reason}; {restore}")
             if checkpoint is None:
+                no_checkpoint = (
+                    f"no head checkpoint {self.checkpoint_path}: a deleted tail cannot be "
+                    "detected (a log from before checkpoints gets one when its node next starts)"
+                )
                 return VerifyResult(False, checked, None, no_checkpoint)
             reason = check_head(checkpoint, expected_seq - 1, hash_at_checkpoint)
             if reason is not None:
@@ -493,6 +573,7 @@ class EventLog:
         return await self._run(walk)
 
     async def close(self) -> None:
+        """End subscriptions, close the database and write the last head checkpoint, then unlock."""
         for sub in list(self._subscribers):
             sub.close()
         with contextlib.suppress(RuntimeError):

@@ -15,25 +15,24 @@ from typing import Any
 
 from hearthnet import constants as C
 from hearthnet.errors import ErrorCode, HearthnetError
+from hearthnet.fedlearn.aggregation.run import (
+    aggregate_submissions,
+    check_payload,
+    observations,
+    receipt_influence,
+)
 from hearthnet.fedlearn.context import FedContext
-from hearthnet.fedlearn.delta import ParticipantSubmission
 from hearthnet.fedlearn.manifest import RoundManifestDraft, SignedManifest, format_ts
+from hearthnet.fedlearn.masks import MaskKeyAnnouncement, check_roster
 from hearthnet.fedlearn.protocol import (
     Exclusion,
     JoinReceipt,
     SignedDoc,
     SubmitReceipt,
 )
-from hearthnet.fedlearn.publish import (
-    Aggregate,
-    aggregate_submissions,
-    build_result,
-    check_payload,
-    observations,
-    receipt_influence,
-)
-from hearthnet.fedlearn.secure import MaskKeyAnnouncement, check_roster
+from hearthnet.fedlearn.publish import Aggregate, build_result
 from hearthnet.fedlearn.state import ROUND_PREFIX, Phase, RoundRecord, fold_rounds
+from hearthnet.fedlearn.submission import ParticipantSubmission
 from hearthnet.logs import get_logger
 
 log = get_logger("hearthnet.fedlearn.coordinator")

@@ -12,22 +12,19 @@ from __future__ import annotations
 import os
 import struct
 from collections.abc import Iterator, Mapping
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from hearthnet import constants as C
-from hearthnet.canonical import canonical_bytes, parse_json, sha256_hex
+from hearthnet.canonical import canonical_bytes, parse_json
 from hearthnet.errors import ErrorCode, HearthnetError
 from hearthnet.fedlearn.lora import ModelShapes, expected_shapes
-from hearthnet.fedlearn.manifest import RoundManifest, format_ts
-from hearthnet.identity import NodeID, NodeIdentity, verify
+from hearthnet.fedlearn.manifest import RoundManifest
 
 ALLOWED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _ALLOWED_HEADER_DTYPES = frozenset({"F32", "F16", "BF16"})
@@ -212,73 +209,3 @@ def validate_delta(
             raise _invalid(f"shape {tuple(tensor.shape)} != expected {shape}", key)
         if not bool(torch.isfinite(tensor).all()):
             raise _invalid("tensor has NaN or Inf values", key)
-
-
-class ParticipantSubmission(BaseModel):
-    """A participant's signed claim about its delta (spec §4.1); the bytes travel as a blob.
-
-    The signature covers the JCS of (purpose, round_id, participant, delta_sha, num_samples)
-    plus `steps` (training steps run, of the manifest's `train_steps`) when present — absent
-    only in submissions from before it was added, which still verify; `train_loss` and
-    `submitted_at` are telemetry and are not signed.
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
-
-    round_id: Annotated[str, Field(min_length=26, max_length=26)]
-    participant: Annotated[str, Field(max_length=128)]
-    delta_sha: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
-    num_samples: Annotated[int, Field(ge=1, le=C.FEDLEARN_MAX_NUM_SAMPLES)]
-    train_loss: Annotated[float, Field(allow_inf_nan=False)]
-    submitted_at: str
-    signature: Annotated[str, Field(pattern=r"^[0-9a-f]{128}$")]
-    steps: Annotated[int, Field(ge=1, le=C.FEDLEARN_MAX_TRAIN_STEPS)] | None = None
-
-    @staticmethod
-    def signing_bytes(
-        round_id: str, participant: str, delta_sha: str, num_samples: int, steps: int | None
-    ) -> bytes:
-        signed: dict[str, str | int] = {
-            "purpose": C.FEDLEARN_SUBMISSION_PURPOSE,
-            "round_id": round_id,
-            "participant": participant,
-            "delta_sha": delta_sha,
-            "num_samples": num_samples,
-        }
-        if steps is not None:
-            signed["steps"] = steps
-        return canonical_bytes(signed)
-
-    @classmethod
-    def create(
-        cls,
-        identity: NodeIdentity,
-        round_id: str,
-        delta_bytes: bytes,
-        num_samples: int,
-        train_loss: float,
-        now: datetime | None = None,
-        steps: int | None = None,
-    ) -> ParticipantSubmission:
-        delta_sha = sha256_hex(delta_bytes)
-        data = cls.signing_bytes(round_id, identity.node_id, delta_sha, num_samples, steps)
-        return cls(
-            round_id=round_id,
-            participant=identity.node_id,
-            delta_sha=delta_sha,
-            num_samples=num_samples,
-            train_loss=float(train_loss),
-            submitted_at=format_ts(now or datetime.now(UTC)),
-            signature=identity.sign(data).hex(),
-            steps=steps,
-        )
-
-    def verify(self, delta_bytes: bytes | None = None) -> None:
-        """`signature_invalid` unless the participant signed this; with bytes, check their SHA."""
-        data = self.signing_bytes(
-            self.round_id, self.participant, self.delta_sha, self.num_samples, self.steps
-        )
-        if not verify(NodeID(self.participant), data, bytes.fromhex(self.signature)):
-            raise HearthnetError(ErrorCode.SIGNATURE_INVALID, "submission signature is invalid")
-        if delta_bytes is not None and sha256_hex(delta_bytes) != self.delta_sha:
-            raise _invalid("delta bytes do not match the signed delta_sha")

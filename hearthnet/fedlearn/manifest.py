@@ -20,7 +20,7 @@ from hearthnet import constants as C
 from hearthnet.canonical import canonical_bytes, parse_canonical, sha256_hex
 from hearthnet.config import FedLearnConfig
 from hearthnet.errors import ErrorCode, HearthnetError, first_problem
-from hearthnet.fedlearn.robust import RuleSpec
+from hearthnet.fedlearn.rules.spec import RuleSpec
 from hearthnet.identity import NodeID, NodeIdentity, is_node_id, verify
 
 RoundID = NewType("RoundID", str)

@@ -27,15 +27,20 @@ from hearthnet import constants as C
 from hearthnet.canonical import sha256_hex
 from hearthnet.errors import ErrorCode, HearthnetError
 from hearthnet.eventlog import Event
+from hearthnet.fedlearn.aggregation.run import (
+    aggregate_submissions,
+    check_payload,
+    observations,
+    receipt_influence,
+)
+from hearthnet.fedlearn.aggregation.secure import mask_delta, serialize_masked
 from hearthnet.fedlearn.context import FedContext
 from hearthnet.fedlearn.coordinator import RoundCoordinator
 from hearthnet.fedlearn.data import TrainingDataProvider
-from hearthnet.fedlearn.delta import (
-    ParticipantSubmission,
-    deserialize_delta,
-    serialize_delta,
-)
+from hearthnet.fedlearn.delta import deserialize_delta, serialize_delta
 from hearthnet.fedlearn.manifest import SignedManifest
+from hearthnet.fedlearn.masks import MaskingKey, MaskKeyAnnouncement, check_roster
+from hearthnet.fedlearn.peft_adapter import write_peft_adapter
 from hearthnet.fedlearn.protocol import (
     EnrollResponse,
     Exclusion,
@@ -47,22 +52,8 @@ from hearthnet.fedlearn.protocol import (
     SignedDoc,
     SubmitReceipt,
 )
-from hearthnet.fedlearn.publish import (
-    aggregate_submissions,
-    build_result,
-    check_adapter,
-    check_payload,
-    observations,
-    read_adapter,
-    receipt_influence,
-)
-from hearthnet.fedlearn.secure import (
-    MaskingKey,
-    MaskKeyAnnouncement,
-    check_roster,
-    mask_delta,
-    serialize_masked,
-)
+from hearthnet.fedlearn.publish import build_result, check_adapter, read_adapter
+from hearthnet.fedlearn.requirements import check_base_model, check_resources
 from hearthnet.fedlearn.state import (
     CONSENT_EVENT,
     MEMBER_PREFIX,
@@ -73,6 +64,7 @@ from hearthnet.fedlearn.state import (
     Submitted,
     fold_memberships,
 )
+from hearthnet.fedlearn.submission import ParticipantSubmission
 from hearthnet.fedlearn.verify import check_listing, check_recomputed, held_for_recompute
 from hearthnet.logs import get_logger
 
@@ -204,8 +196,8 @@ class RoundParticipant:
         except HearthnetError:
             await self._security_event(m.coordinator, "manifest")
             raise
-        self.ctx.llm.check_base_model(m)
-        self.ctx.llm.check_resources(m)
+        check_base_model(m, self.ctx.llm)
+        check_resources(m, self.ctx.llm, self.ctx.config.fedlearn)
         samples = await asyncio.to_thread(self.provider.samples, m.topic)
         response = await self.ctx.bus.call(
             CAP + "round.enroll",
@@ -574,7 +566,7 @@ class RoundParticipant:
         """What this node can check of a signed result beyond its signature: its own entry
         always; the adapter SHA by recomputation when it holds every submission listed."""
         me = self.ctx.node_id
-        check_listing(result, me, member.submission)
+        check_listing(result, me, member.submission, member.participants)
         if result.aggregator == me:
             return  # this node aggregated it itself
         held, receipts, masks = self._held(member)
@@ -670,8 +662,6 @@ class RoundParticipant:
     async def install_adapter(self, sha: str) -> SignedManifest:
         """Make a stored adapter blob usable by the LLM service (a PEFT directory); returns the
         manifest of the round that made it."""
-        from hearthnet.llm.adapters import write_peft_adapter
-
         if not self.ctx.blobs.has(sha):
             raise HearthnetError(ErrorCode.ADAPTER_NOT_FOUND, f"no adapter {sha}")
         data = await asyncio.to_thread(self.ctx.blobs.get, sha)

@@ -14,8 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from hearthnet import constants as C
 from hearthnet.canonical import canonical_bytes, parse_canonical, sha256_hex
 from hearthnet.errors import ErrorCode, HearthnetError
-from hearthnet.fedlearn.delta import ParticipantSubmission
-from hearthnet.fedlearn.secure import MaskKeyAnnouncement
+from hearthnet.fedlearn.masks import MaskKeyAnnouncement
+from hearthnet.fedlearn.submission import ParticipantSubmission
 from hearthnet.identity import NodeID, NodeIdentity, verify
 
 Sha = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]

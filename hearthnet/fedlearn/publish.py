@@ -1,17 +1,15 @@
-"""Aggregation of a round's stored submissions, and the published adapter and result.
+"""The published adapter and round result (docs/decisions.md).
 
-`aggregate_submissions` is what both the coordinator and a takeover node run: the same signed
-submissions in → the same adapter bytes out (DESIGN.md §4), because participants are taken in
-NodeID order, the means are exact, and the adapter file holds nothing node- or time-specific.
-The adapter file carries its signed manifest, so anyone who fetches it by SHA can apply it.
+The adapter file carries its signed manifest, so anyone who fetches it by SHA can apply it; it
+holds nothing node- or time-specific, so every node that aggregates the same submissions
+(`aggregation/run.py`) publishes the same bytes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 
 import torch
 from safetensors.torch import load as torch_load
@@ -20,125 +18,24 @@ from safetensors.torch import save as torch_save
 from hearthnet import constants as C
 from hearthnet.canonical import parse_canonical, sha256_hex
 from hearthnet.errors import ErrorCode, HearthnetError
-from hearthnet.fedlearn.aggregator import FedAvgAggregator
-from hearthnet.fedlearn.delta import (
-    LazyDelta,
-    ParticipantSubmission,
-    canonical_safetensors,
-    deserialize_delta,
-    read_header,
-    validate_delta,
-)
+from hearthnet.fedlearn.delta import canonical_safetensors, read_header
 from hearthnet.fedlearn.lora import A_SUFFIX, B_SUFFIX, ModelShapes, target_layers
 from hearthnet.fedlearn.manifest import RoundManifest, SignedManifest, format_ts
-from hearthnet.fedlearn.protocol import (
-    AuditEntry,
-    Exclusion,
-    JoinReceipt,
-    RoundResult,
-    SignedDoc,
-    SubmissionRef,
-)
-from hearthnet.fedlearn.reputation import Observation, influence
-from hearthnet.fedlearn.secure import (
-    MaskKeyAnnouncement,
-    SecureFedAvgAggregator,
-    deserialize_masked,
-    masked_length,
-)
+from hearthnet.fedlearn.protocol import AuditEntry, Exclusion, RoundResult, SubmissionRef
 
 FETCH_CAPABILITY = "experimental.fedlearn.adapter.fetch"
 
 
-def check_payload(
-    signed: SignedManifest, participant: str, data: bytes, model_shapes: ModelShapes, limit: int
-) -> None:
-    """A submission's bytes as the coordinator and a takeover node both require them: a masked
-    vector of the right length (secure rounds) or a valid delta, naming this round, manifest
-    and participant. `delta_invalid` otherwise. Blocking: run it in a thread."""
-    m = signed.manifest
-    if m.secure:
-        _, meta = deserialize_masked(data, masked_length(m, model_shapes), limit)
-    else:
-        delta, meta = deserialize_delta(data, limit)
-        validate_delta(delta, m, model_shapes, len(data), limit)
-    if (
-        meta.get("round_id") != m.round_id
-        or meta.get("manifest_sha") != signed.manifest_sha
-        or meta.get("participant") != participant
-    ):
-        raise HearthnetError(ErrorCode.DELTA_INVALID, "delta metadata names another round")
-
-
 @dataclass(frozen=True)
 class Aggregate:
+    """A round's aggregated adapter and what went into it."""
+
     adapter: bytes
     included: list[str]
     total_samples: int
     audit: list[AuditEntry] = field(default_factory=list)
     # participant -> (delta_sha, num_samples) of the signed submission that went in
     signed: dict[str, tuple[str, int]] = field(default_factory=dict)
-
-
-def receipt_influence(receipts: Mapping[str, SignedDoc]) -> dict[str, float]:
-    """Each participant's influence min(score³, cap) from the score its (already verified)
-    join receipt carries."""
-    return {p: influence(doc.claimed(JoinReceipt).reputation) for p, doc in receipts.items()}
-
-
-def aggregate_submissions(
-    signed: SignedManifest,
-    submissions: Mapping[str, ParticipantSubmission],
-    blob_path: Callable[[str], Path],
-    model_shapes: ModelShapes,
-    masks: Mapping[str, MaskKeyAnnouncement] | None = None,
-    influence: Mapping[str, float] | None = None,
-) -> Aggregate:
-    """Blocking (run it in a thread). Every submission must already have been validated.
-    `influence` (from the join receipts) matters only to a `reputation_weighted` rule."""
-    manifest = signed.manifest
-    order = sorted(submissions)
-    if manifest.secure:
-        secure = SecureFedAvgAggregator(manifest, model_shapes, masks or {}, signed.manifest_sha)
-        for p in order:
-            sub = submissions[p]
-            data = blob_path(sub.delta_sha).read_bytes()
-            vec, _ = deserialize_masked(data, secure.length)
-            secure.add(sub, vec)
-        tensors = secure.aggregate()
-        audit: list[AuditEntry] = []
-    else:
-        plain = FedAvgAggregator(manifest, model_shapes, influence)
-        for p in order:
-            sub = submissions[p]
-            plain.add(sub, LazyDelta(blob_path(sub.delta_sha)))
-        tensors, verdicts = plain.aggregate_audited()
-        audit = [
-            AuditEntry(
-                participant=p,
-                action=v.action,
-                influence=v.influence,
-                deviation=v.deviation,
-                reason=v.reason,
-            )
-            for p, v in verdicts.items()
-        ]
-    total = sum(submissions[p].num_samples for p in order)
-    used = {p: (submissions[p].delta_sha, submissions[p].num_samples) for p in order}
-    return Aggregate(adapter_bytes(tensors, signed), order, total, audit, used)
-
-
-def observations(aggregate: Aggregate, rejected: Mapping[str, str]) -> list[Observation]:
-    """What a round showed about each participant, for the reputation table: the rule's
-    verdicts for included updates, a rejection for participants with none included."""
-    seen = [Observation(a.participant, a.action, a.deviation, a.reason) for a in aggregate.audit]
-    included = set(aggregate.included)
-    seen += [
-        Observation(p, "rejected", 0.0, reason)
-        for p, reason in sorted(rejected.items())
-        if p not in included
-    ]
-    return seen
 
 
 def adapter_bytes(tensors: Mapping[str, torch.Tensor], signed: SignedManifest) -> bytes:

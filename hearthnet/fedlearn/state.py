@@ -15,10 +15,10 @@ from typing import Any
 from hearthnet.canonical import parse_canonical
 from hearthnet.errors import ErrorCode, HearthnetError
 from hearthnet.eventlog import Event
-from hearthnet.fedlearn.delta import ParticipantSubmission
 from hearthnet.fedlearn.manifest import RoundManifest, SignedManifest
+from hearthnet.fedlearn.masks import MaskKeyAnnouncement
 from hearthnet.fedlearn.protocol import SignedDoc
-from hearthnet.fedlearn.secure import MaskKeyAnnouncement
+from hearthnet.fedlearn.submission import ParticipantSubmission
 
 ROUND_PREFIX = "fedlearn.round."
 MEMBER_PREFIX = "fedlearn.participant."

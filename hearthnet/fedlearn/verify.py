@@ -9,24 +9,41 @@ SHAs (docs/decisions.md, "Hostile peers").
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 from hearthnet.errors import ErrorCode, HearthnetError
-from hearthnet.fedlearn.delta import ParticipantSubmission
 from hearthnet.fedlearn.protocol import RoundResult
+from hearthnet.fedlearn.submission import ParticipantSubmission
 
 
-def check_listing(result: RoundResult, me: str, mine: ParticipantSubmission | None) -> None:
-    """The result's list of submissions is consistent, and this node's own submission (`mine`,
-    accepted by the coordinator before the deadline) is in it exactly as signed, or the result
-    excludes this node by name. `signature_invalid` otherwise."""
+def check_listing(
+    result: RoundResult,
+    me: str,
+    mine: ParticipantSubmission | None,
+    participants: Collection[str],
+) -> None:
+    """The result's list of submissions is consistent — one entry per included participant, in
+    order, no duplicates, samples adding up, every one a participant this node knows joined
+    (`participants`) — and this node's own submission (`mine`, accepted by the coordinator
+    before the deadline) is in it exactly as signed, or the result excludes this node by name.
+    A result that could dodge recomputation by listing nothing, or a phantom participant nobody
+    holds, is refused like any other inconsistency: `signature_invalid`."""
     listed = [ref.participant for ref in result.submissions]
-    if result.submissions and (
+    if (
         listed != list(result.included)
+        or len(set(listed)) != len(listed)
         or sum(ref.num_samples for ref in result.submissions) != result.total_samples
+        or {e.participant for e in result.excluded} & set(listed)
     ):
         raise HearthnetError(
             ErrorCode.SIGNATURE_INVALID, "result's submissions do not match its included list"
+        )
+    strangers = sorted(set(listed) - set(participants) - {me})
+    if strangers:
+        raise HearthnetError(
+            ErrorCode.SIGNATURE_INVALID,
+            f"result includes {strangers[0][:16]}…, which this node never saw join the round",
+            {"strangers": strangers},
         )
     if mine is None:
         return
@@ -63,8 +80,6 @@ def held_for_recompute(
             missing.append(ref.participant)
         else:
             use[ref.participant] = sub
-    if not result.submissions:
-        missing = list(result.included)
     return use, missing
 
 

@@ -26,6 +26,8 @@ class _Req(BaseModel):
 
 
 class GenerateRequest(_Req):
+    """`llm.generate`: a prompt, in a session or with a one-off adapter."""
+
     prompt: Annotated[str, Field(min_length=1, max_length=C.LLM_MAX_PROMPT_CHARS)]
     max_new_tokens: Annotated[int, Field(ge=1, le=C.LLM_MAX_NEW_TOKENS)] = 64
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 0.0
@@ -34,22 +36,30 @@ class GenerateRequest(_Req):
 
 
 class GenerateResponse(BaseModel):
+    """The generated text and the session (and adapter) it ran in."""
+
     text: str
     session_id: str
     adapter_sha: str | None
 
 
 class ApplyAdapterRequest(_Req):
+    """`llm.session.apply_adapter`: switch a session (or a new one) to an adapter, or to none."""
+
     session_id: str | None = None  # none: open a new session
     sha: _SHA | None = None  # none: the base model without an adapter
 
 
 class SessionResponse(BaseModel):
+    """A session and the adapter it now uses."""
+
     session_id: str
     adapter_sha: str | None
 
 
 class AdapterListResponse(BaseModel):
+    """`llm.adapter.list`: the base model's identity and the adapters this node holds."""
+
     base_model_id: str
     base_model_sha: str
     node_default: str | None
@@ -57,10 +67,14 @@ class AdapterListResponse(BaseModel):
 
 
 class SetDefaultRequest(_Req):
+    """Operator only: the adapter new sessions start with (None: the base model)."""
+
     sha: _SHA | None = None
 
 
 class PerplexityRequest(_Req):
+    """Perplexity of texts under the base model or an adapter (the held-out check uses it)."""
+
     texts: Annotated[
         list[Annotated[str, Field(max_length=C.DATA_MAX_SAMPLE_CHARS)]],
         Field(min_length=1, max_length=C.LLM_EVAL_MAX_TEXTS),
@@ -69,11 +83,15 @@ class PerplexityRequest(_Req):
 
 
 class PerplexityResponse(BaseModel):
+    """The perplexity measured and the adapter it was measured with."""
+
     perplexity: float
     adapter_sha: str | None
 
 
 def register_llm(bus: CapabilityBus, service: LLMService) -> None:
+    """Register the `llm.*` capabilities on `bus`, backed by `service`."""
+
     def session(session_id: str | None, adapter_sha: str | None = None) -> Any:
         if session_id is None:
             return service.open_session(adapter_sha)

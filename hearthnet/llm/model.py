@@ -33,11 +33,14 @@ log = get_logger("hearthnet.llm")
 
 @dataclass(frozen=True)
 class ModelSource:
+    """Where the base model comes from: a `.gguf` file or a Hugging Face directory."""
+
     kind: str  # "gguf" | "hf"
     path: Path
 
     @property
     def model_id(self) -> str:
+        """A human name for the model (file stem or directory name); the SHA is its identity."""
         return self.path.stem if self.kind == "gguf" else self.path.name
 
 
@@ -56,6 +59,8 @@ def bundled_gguf() -> Path:
 
 
 def resolve_source(base_model: Path | None) -> ModelSource:
+    """The configured `[llm] base_model`, or the bundled SmolLM2 when unset; `model_unavailable`
+    when it is neither a .gguf file nor a model directory."""
     path = bundled_gguf() if base_model is None else Path(base_model)
     if path.is_file() and path.suffix == ".gguf":
         return ModelSource("gguf", path)
@@ -130,6 +135,7 @@ def model_dir(source: ModelSource, cache_root: Path, sha: str) -> Path:
 
 
 def compute_device(preference: str) -> str:
+    """The device for `[llm] device`: `auto` takes CUDA when present; `cuda` without one fails."""
     if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise HearthnetError(ErrorCode.MODEL_UNAVAILABLE, "device = cuda, but no CUDA device")
@@ -157,6 +163,7 @@ def load_4bit(directory: Path, device: str) -> Any:
 
 
 def load_tokenizer(directory: Path) -> Any:
+    """The model's tokenizer, with a pad token (EOS) so batches can be padded."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(directory))

@@ -19,44 +19,46 @@ from typing import Any
 import torch
 
 from hearthnet import constants as C
-from hearthnet.config import FedLearnConfig, LLMSection
+from hearthnet.config import LLMSection
 from hearthnet.errors import ErrorCode, HearthnetError
-from hearthnet.fedlearn.lora import target_layers
-from hearthnet.fedlearn.manifest import RoundManifest
 from hearthnet.llm import model as M
 from hearthnet.logs import get_logger
 
 log = get_logger("hearthnet.llm")
 
 
-@dataclass(frozen=True)
-class ResourceEstimate:
-    vram_mb: int
-    disk_mb: int
-
-
 @dataclass
 class Session:
+    """One client's conversation state: the adapter its requests run with (or none)."""
+
     id: str
     adapter_sha: str | None
     service: LLMService = field(repr=False)
 
     def generate(self, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0) -> str:
+        """Generate with this session's adapter."""
         return self.service.generate(prompt, self.adapter_sha, max_new_tokens, temperature)
 
     def apply_adapter(self, sha: str | None) -> None:
+        """Switch this session to `sha` (a known adapter) or to the base model (None)."""
         if sha is not None:
             self.service.require_adapter(sha)
         self.adapter_sha = sha
 
     def close(self) -> None:
+        """Forget the session, freeing its slot under LLM_MAX_SESSIONS."""
         self.service.sessions.pop(self.id, None)
 
 
 class LLMService:
-    def __init__(self, llm: LLMSection, data_dir: Path, fedlearn: FedLearnConfig):
+    """The node's base model and its sessions. It knows nothing of rounds: it reports plain
+    facts about the model (`base_model_sha`, `model_shapes`, `hidden_size`, `num_layers`) and
+    serves PEFT directories registered by sha; the join checks and the adapter writer are in
+    `hearthnet.fedlearn` (`requirements`, `peft_adapter`), which imports this, never the
+    reverse."""
+
+    def __init__(self, llm: LLMSection, data_dir: Path):
         self.settings = llm
-        self.fedlearn = fedlearn
         self.cache_root = llm.cache_dir or data_dir / C.LLM_CACHE_DIR_NAME
         self.adapter_root = data_dir / C.ADAPTERS_DIR_NAME
         self.sessions: dict[str, Session] = {}
@@ -86,6 +88,7 @@ class LLMService:
 
     @property
     def prepared(self) -> bool:
+        """Whether the base model's identity and shapes are known (`prepare` ran)."""
         return hasattr(self, "model_shapes")
 
     @property
@@ -100,6 +103,7 @@ class LLMService:
         return M.model_dir(self.source, self.cache_root, self.base_model_sha)
 
     def load(self) -> None:
+        """Prepare, then load tokenizer and 4-bit weights (slow: run off the event loop)."""
         self.prepare()
         self.tokenizer = M.load_tokenizer(self.model_dir)
         self._model = M.load_4bit(self.model_dir, self.device)
@@ -113,15 +117,18 @@ class LLMService:
     # --- adapters -----------------------------------------------------------------------------
 
     def register_adapter(self, sha: str, directory: Path) -> None:
+        """Make the PEFT adapter in `directory` available under its SHA."""
         self._known[sha] = directory
 
     def require_adapter(self, sha: str) -> Path:
+        """The directory of adapter `sha`; `adapter_not_found` when this node does not hold it."""
         directory = self._known.get(sha)
         if directory is None:
             raise HearthnetError(ErrorCode.ADAPTER_NOT_FOUND, f"no adapter {sha}")
         return directory
 
     def adapters(self) -> list[dict[str, Any]]:
+        """The adapters held, whether each is loaded, and which is the node default."""
         return [
             {"sha": sha, "loaded": sha in self._loaded, "node_default": sha == self.node_default}
             for sha in sorted(self._known)
@@ -174,6 +181,7 @@ class LLMService:
     # --- sessions and generation --------------------------------------------------------------
 
     def open_session(self, adapter_sha: str | None = None) -> Session:
+        """A new session with `adapter_sha` (or the node default); bounded by LLM_MAX_SESSIONS."""
         if len(self.sessions) >= C.LLM_MAX_SESSIONS:
             raise HearthnetError(ErrorCode.INSUFFICIENT_RESOURCES, "too many open sessions")
         sha = adapter_sha if adapter_sha is not None else self.node_default
@@ -190,6 +198,7 @@ class LLMService:
         max_new_tokens: int = 64,
         temperature: float = 0.0,
     ) -> str:
+        """Generate a continuation of `prompt` with adapter `adapter_sha` (None: the base model)."""
         if not 1 <= max_new_tokens <= C.LLM_MAX_NEW_TOKENS:
             raise HearthnetError(ErrorCode.BAD_REQUEST, "max_new_tokens out of range")
         if len(prompt) > C.LLM_MAX_PROMPT_CHARS:
@@ -243,46 +252,3 @@ class LLMService:
             return math.exp(mean) if mean < C.LLM_MAX_LOG_PERPLEXITY else math.inf
 
         return float(self._run(adapter_sha, run))
-
-    # --- resources ----------------------------------------------------------------------------
-
-    def estimate_training_resources(self, manifest: RoundManifest) -> ResourceEstimate:
-        """Spec §5.3: from rank × target modules × hidden size, plus the 4-bit base and the
-        activations of one batch."""
-        layers = target_layers(manifest, self.model_shapes)
-        lora_params = sum(manifest.lora_rank * (o + i) for o, i in layers.values())
-        base_params = sum(o * i for o, i in self.model_shapes.values())
-        activations = (
-            manifest.batch_size
-            * C.TRAIN_MAX_SEQ_TOKENS
-            * self.hidden_size
-            * self.num_layers
-            * C.TRAIN_ACTIVATION_BYTES_PER_TOKEN_UNIT
-        )
-        mem = base_params // 2 + lora_params * C.TRAIN_BYTES_PER_LORA_PARAM + activations
-        disk = lora_params * 4 * 2  # the delta and its adapter directory
-        return ResourceEstimate(vram_mb=math.ceil(mem / C.MIB), disk_mb=math.ceil(disk / C.MIB))
-
-    def check_resources(self, manifest: RoundManifest) -> ResourceEstimate:
-        est = self.estimate_training_resources(manifest)
-        if (
-            est.vram_mb > self.fedlearn.training_vram_budget_mb
-            or est.disk_mb > self.fedlearn.training_disk_budget_mb
-        ):
-            raise HearthnetError(
-                ErrorCode.INSUFFICIENT_RESOURCES,
-                f"training needs ~{est.vram_mb} MB memory and {est.disk_mb} MB disk; the budget "
-                f"is {self.fedlearn.training_vram_budget_mb} MB and "
-                f"{self.fedlearn.training_disk_budget_mb} MB ([fedlearn] training_vram_budget_mb "
-                "and training_disk_budget_mb)",
-                {"vram_mb": est.vram_mb, "disk_mb": est.disk_mb},
-            )
-        return est
-
-    def check_base_model(self, manifest: RoundManifest) -> None:
-        if manifest.base_model_sha != self.base_model_sha:
-            raise HearthnetError(
-                ErrorCode.BASE_MODEL_MISMATCH,
-                "the round's base model differs from this node's; nothing is downloaded",
-                {"local": self.base_model_sha, "round": manifest.base_model_sha},
-            )

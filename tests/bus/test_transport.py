@@ -7,13 +7,13 @@ import gc
 import hashlib
 import json
 import os
-import struct
+import time
 
 import psutil
 import pytest
 from pydantic import BaseModel, ConfigDict
 from websockets.asyncio.client import connect as websockets_connect
-from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.exceptions import ConnectionClosed
 
 from hearthnet import constants as C
 from hearthnet.bus.bus import CallContext
@@ -24,6 +24,8 @@ from hearthnet.identity import NodeIdentity
 from hearthnet.node import Empty, NodeInfo
 from tests.helpers import raises_code
 
+from .attackers import frame_header as _frame_header
+from .attackers import run_attackers
 from .conftest import TLS, RawPeer
 
 
@@ -407,55 +409,6 @@ async def test_compression_is_never_negotiated(make_node):
 # --- bounded before trust (issue 13) ----------------------------------------------------------
 
 
-async def _upgrade(
-    port: int, source: str = "127.0.0.1"
-) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, int]:
-    """A bare WebSocket upgrade by hand, so a test can then write any bytes (partial frames)."""
-    reader, writer = await asyncio.open_connection(
-        "127.0.0.1", port, local_addr=(source, 0), ssl=TLS
-    )
-    key = base64.b64encode(os.urandom(16)).decode()
-    writer.write(
-        (
-            f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
-            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        ).encode()
-    )
-    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-    return reader, writer, int(head.split(b" ", 2)[1])
-
-
-def _frame_header(opcode: int, length: int) -> bytes:
-    """A masked client frame header declaring `length` payload bytes."""
-    return bytes([0x80 | opcode, 0x80 | 127]) + struct.pack("!Q", length) + os.urandom(4)
-
-
-async def _partial_frame_attack(port: int, push: int, source: str = "127.0.0.1") -> str:
-    """Upgrade, declare a 60 MiB frame without authenticating, and push `push` bytes of it."""
-    try:
-        reader, writer, status = await _upgrade(port, source)
-    except (OSError, asyncio.IncompleteReadError):
-        return "reset"
-    if status != 101:
-        writer.close()
-        return f"http {status}"
-    chunk = b"\0" * (256 * C.KIB)
-    try:
-        writer.write(_frame_header(0x2, 60 * C.MIB))
-        for _ in range(push // len(chunk)):
-            writer.write(chunk)
-            await writer.drain()
-        # Still open after everything was pushed: the node kept reading the frame.
-        rest = await asyncio.wait_for(reader.read(), 5)
-        return "cut" if not rest or rest[:1] == b"\x88" else "open"
-    except TimeoutError:  # before OSError, of which it is a subclass
-        return "open"
-    except (OSError, asyncio.IncompleteReadError):
-        return "cut"  # the node closed the socket while we were still writing
-    finally:
-        writer.close()
-
-
 def _sample_rss(peak: list[int], stop: asyncio.Event) -> asyncio.Task[None]:
     proc = psutil.Process()
 
@@ -479,7 +432,8 @@ async def test_unauthenticated_partial_frames_are_cut_off_and_memory_stays_bound
     # 20 connections at once from 5 addresses (within the per-address handshake cap), each
     # trying to push 8 MiB of a declared 60 MiB frame before auth.
     sources = [f"127.0.0.{10 + i // C.MAX_HANDSHAKES_PER_ADDRESS}" for i in range(20)]
-    outcomes = await asyncio.gather(*(_partial_frame_attack(port, 8 * C.MIB, s) for s in sources))
+    # The attackers run in their own process: what is measured is the node's memory only.
+    outcomes = await run_attackers("partial", port, str(8 * C.MIB), *sources)
     stop.set()
     await sampler
     grown = peak[0] - before
@@ -528,7 +482,8 @@ async def test_the_first_large_frame_right_after_the_handshake_is_accepted(make_
 
 async def test_connections_beyond_the_per_address_caps_are_refused(make_node, capfd):
     """Silent handshakes from one address (127.0.0.2) fill only that address's share: further
-    ones get 503 at once, one log line; a peer from another address still connects."""
+    ones are cut at TCP accept, before any TLS, at once, one log line; a peer from another
+    address still connects."""
     a = await make_node("a")
     attacker = {"local_addr": ("127.0.0.2", 0)}
     held = [
@@ -538,9 +493,8 @@ async def test_connections_beyond_the_per_address_caps_are_refused(make_node, ca
     capfd.readouterr()
     for _ in range(10):
         started = asyncio.get_running_loop().time()
-        with pytest.raises(InvalidStatus) as refused:
+        with pytest.raises(OSError):  # reset or EOF in the TLS handshake: never encrypted
             await websockets_connect(a.listen_url, proxy=None, ssl=TLS, **attacker)
-        assert refused.value.response.status_code == 503
         assert asyncio.get_running_loop().time() - started < 1.0
     assert capfd.readouterr().out.count("connections refused") == 1  # one line, not ten
     assert (await a.bus.call("node.status")).counters["connection_refused"] == 10
@@ -556,9 +510,39 @@ async def test_connections_beyond_the_per_address_caps_are_refused(make_node, ca
             try:
                 ws = await websockets_connect(a.listen_url, proxy=None, ssl=TLS, **attacker)
                 break
-            except InvalidStatus:
+            except OSError:
                 await asyncio.sleep(0.05)
     await ws.close()
+
+
+async def test_sockets_stalled_before_tls_are_cut_at_accept_and_cost_little(make_node):
+    """A review held 2,000 sockets in half-sent TLS handshakes from one address: asyncio's TLS
+    layer took ~256 KiB each (309 → 972 MiB) before any cap applied. Now the caps apply at TCP
+    accept: beyond 4 handshakes from the address the socket is aborted before TLS begins."""
+    a = await make_node("a")
+    port = a.transport.listen_address[1]
+    gc.collect()
+    before = psutil.Process().memory_info().rss
+    peak, stop = [before], asyncio.Event()
+    sampler = _sample_rss(peak, stop)
+    # 600 stalled TLS handshakes from one address, held for 2 s by a separate process.
+    attack = asyncio.ensure_future(run_attackers("pre_tls", port, "600", "127.0.0.3"))
+    await asyncio.sleep(1.0)
+    started = time.monotonic()
+    good = await make_node("good", peers=[a.listen_url])  # another address is not locked out
+    await a.wait_for_peer(good.node_id, timeout=10)
+    joined_in = time.monotonic() - started
+    (outcome,) = await attack
+    stop.set()
+    await sampler
+    grown = peak[0] - before
+    cut = int(outcome.split()[1])
+    print(f"pre-TLS flood: {outcome} of 600, rss_growth={grown / C.MIB:.1f} MiB")
+    print(f"an honest peer connected in {joined_in:.2f} s")
+    assert cut >= 600 - C.MAX_HANDSHAKES_PER_ADDRESS
+    assert a.transport.stats["connection_refused"] >= 600 - C.MAX_HANDSHAKES_PER_ADDRESS
+    assert grown < 16 * C.MIB  # 600 x 256 KiB would be 150 MiB
+    assert joined_in < 5.0
 
 
 def test_per_address_caps_group_ipv6_by_its_64():
@@ -600,7 +584,11 @@ async def test_a_ping_flood_before_auth_is_cut_off_and_buffers_nothing(make_node
         s = socket.create_connection(("127.0.0.1", port))
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         s.setblocking(False)
-        _, writer = await asyncio.open_connection(sock=s, ssl=TLS, server_hostname="")
+        try:
+            _, writer = await asyncio.open_connection(sock=s, ssl=TLS, server_hostname="")
+        except OSError:  # beyond the per-address handshake cap: cut at accept, before TLS
+            s.close()
+            continue
         writer.transport.pause_reading()  # and never read
         writer.write(upgrade)
         writers.append(writer)
@@ -611,13 +599,14 @@ async def test_a_ping_flood_before_auth_is_cut_off_and_buffers_nothing(make_node
                     w.write(burst)
             await asyncio.sleep(0.05)
         await asyncio.sleep(0.5)
-        backlog = sum(c.transport.get_write_buffer_size() for c in a.transport._inbound)
+        backlog = sum(c.transport.get_write_buffer_size() for c in a.transport.gate.live)
         assert backlog < 1 * C.MIB
         assert psutil.Process().memory_info().rss - start_rss < 32 * C.MIB
         async with asyncio.timeout(15):  # every flooder is failed and let go
-            while a.transport._inbound:
+            while a.transport.gate.live:
                 await asyncio.sleep(0.1)
-        assert a.transport.stats["handshake_failed"] == C.MAX_HANDSHAKES_PER_ADDRESS  # rest: 503
+        assert len(writers) == C.MAX_HANDSHAKES_PER_ADDRESS  # the rest were cut at accept
+        assert a.transport.stats["handshake_failed"] == C.MAX_HANDSHAKES_PER_ADDRESS
         assert capfd.readouterr().out.count("handshakes failed") == 1  # one line, not one each
     finally:
         for w in writers:

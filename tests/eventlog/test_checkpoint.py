@@ -2,8 +2,10 @@
 
 import asyncio
 import json
+import os
 import sqlite3
 import stat
+import time
 
 import pytest
 
@@ -20,7 +22,7 @@ from hearthnet.eventlog.checkpoint import (
     read_checkpoint,
 )
 from hearthnet.eventlog.event import encode_payload, now_ts, seal
-from hearthnet.eventlog.store import HEAD_ADOPTED_EVENT
+from hearthnet.eventlog.store import _SCHEMA, HEAD_ADOPTED_EVENT
 from hearthnet.identity import NodeIdentity
 from hearthnet.node import Node
 from tests.helpers import raises_code
@@ -135,7 +137,9 @@ async def test_deleted_tail_rows_fail_verify_naming_the_range(tmp_path, identity
     # A writer would overwrite the evidence: the node refuses to start, and says how to go on.
     with raises_code(ErrorCode.EVENTLOG_INVALID, f"events {head - 3}..{head} missing") as info:
         await Node(config, identity).start()
-    assert "move" in info.value.message and ".head aside" in info.value.message
+    assert (
+        "restore" in info.value.message and "aside to start a new, empty log" in info.value.message
+    )
     assert await _head(config, identity) == head - 4  # nothing was appended
 
 
@@ -197,30 +201,193 @@ async def test_checkpoint_is_private_and_intact_after_restart(tmp_path, identity
     checkpoint = read_checkpoint(path, identity.node_id)
     assert checkpoint is not None and checkpoint.seq == second
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    assert not path.with_name(path.name + ".tmp").exists()
+    assert list(path.parent.glob(path.name + ".*")) == []  # no temp file left behind
     result = await _verify(config, identity)
     assert result.ok and result.checked == second
 
 
-async def test_missing_checkpoint_fails_verify_until_the_writer_adopts_the_head(tmp_path, identity):
-    """A log from before checkpoints (or with its checkpoint moved aside) fails verify; the
-    node's next start adopts its head and says so in the log itself."""
+def _legacy_log(config, identity, events: int) -> int:
+    """A log as written before head checkpoints: event 1 links to the all-zero genesis and no
+    `.head` file exists. Real sealed events in the real schema; returns its head seq."""
+    path = config.data_dir / EVENTLOG_FILE_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(path)
+    db.executescript(_SCHEMA)
+    prev = GENESIS_HASH
+    for seq in range(1, events + 1):
+        event = seal(identity, seq, prev, "old.event", encode_payload({"i": seq}), now_ts())
+        db.execute(
+            "INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                seq,
+                event.ts,
+                event.type,
+                event.actor,
+                event.payload_bytes,
+                prev,
+                event.hash,
+                event.signature,
+            ),
+        )
+        prev = event.hash
+    db.commit()
+    db.close()
+    return events
+
+
+async def _adoptions(config, identity) -> list[tuple[int, int]]:
+    log = EventLog.open_readonly(config.data_dir / EVENTLOG_FILE_NAME, identity.node_id)
+    try:
+        return [(e.seq, e.payload["seq"]) for e in await log.read(types=[HEAD_ADOPTED_EVENT])]
+    finally:
+        await log.close()
+
+
+async def test_a_log_from_before_checkpoints_is_adopted_once_and_then_guarded(tmp_path, identity):
+    """A log from before checkpoints fails verify until its node's next start adopts its head,
+    saying so in the log itself; from then on deleting the checkpoint no longer re-adopts."""
     config = _config(tmp_path)
-    head = await _run_node(config, identity, 2)
+    head = _legacy_log(config, identity, 4)
     path = checkpoint_path(config.data_dir / EVENTLOG_FILE_NAME)
-    path.unlink()
     result = await _verify(config, identity)
     assert not result.ok and result.first_bad_seq is None
     assert (result.reason or "").startswith(f"no head checkpoint {path}")
-    after = await _run_node(config, identity, 0)
-    log = EventLog.open_readonly(config.data_dir / EVENTLOG_FILE_NAME, identity.node_id)
-    try:
-        adopted = await log.read(head, types=[HEAD_ADOPTED_EVENT])
-    finally:
-        await log.close()
-    assert [(e.seq, e.payload["seq"]) for e in adopted] == [(head + 1, head)]
+    after = await _run_node(config, identity, 2)
+    assert await _adoptions(config, identity) == [(head + 1, head)]
     result = await _verify(config, identity)
     assert result.ok and result.checked == after
+    # The adoption event is the marker now: truncating after it and deleting the file is named.
+    _sql(config, "DELETE FROM events WHERE seq > ?", (head + 2,))
+    path.unlink()
+    result = await _verify(config, identity)
+    assert not result.ok and result.first_bad_seq is None
+    assert (result.reason or "").startswith(
+        f"the log records a head checkpoint from event {head + 1} on, but there is none"
+    )
+    with raises_code(ErrorCode.EVENTLOG_INVALID, "it was deleted"):
+        await Node(config, identity).start()
+    assert await _adoptions(config, identity) == [(head + 1, head)]
+
+
+# --- the attacks of the security review (issue 13), against a real node and its real log ------
+
+
+async def test_truncating_and_deleting_the_checkpoint_refuses_the_restart(tmp_path, identity):
+    """F2: truncate the log, delete the `.head` file, restart. Before, the node adopted the
+    short log's head and verify passed; now the log's own first event says it had a
+    checkpoint, so verify fails and the node refuses to start, saying how to recover."""
+    config = _config(tmp_path)
+    head = await _run_node(config, identity, 10)
+    _sql(config, "DELETE FROM events WHERE seq > ?", (head - 5,))
+    path = checkpoint_path(config.data_dir / EVENTLOG_FILE_NAME)
+    path.unlink()
+    result = await _verify(config, identity)
+    assert not result.ok and result.checked == head - 5
+    assert result.reason == (
+        "the log records a head checkpoint from event 1 on, but there is none: it was deleted; "
+        f"restore {path} from a backup of this node's data_dir"
+    )
+    with raises_code(ErrorCode.EVENTLOG_INVALID, "it was deleted") as info:
+        await Node(config, identity).start()
+    assert f"restore {config.data_dir / EVENTLOG_FILE_NAME} and {path}" in info.value.message
+    assert "aside to start a new, empty log" in info.value.message
+    assert await _head(config, identity) == head - 5  # nothing was appended, nothing adopted
+    assert await _adoptions(config, identity) == []
+    assert not (await _verify(config, identity)).ok
+    # The documented remaining edge: emptied log and deleted checkpoint look like a new node.
+    _sql(config, "DELETE FROM events")
+    assert await _run_node(config, identity, 0) == 2  # node.started, node.stopped
+    assert (await _verify(config, identity)).ok
+
+
+async def test_a_checkpoint_from_before_the_marker_is_refused(tmp_path, identity):
+    """A head file older than the log's adoption event cannot be one this log's writer left."""
+    config = _config(tmp_path)
+    _legacy_log(config, identity, 3)
+    path = checkpoint_path(config.data_dir / EVENTLOG_FILE_NAME)
+    await _run_node(config, identity, 0)  # adopts at seq 4
+    assert await _adoptions(config, identity) == [(4, 3)]
+    db = sqlite3.connect(config.data_dir / EVENTLOG_FILE_NAME)
+    (hash2,) = db.execute("SELECT hash FROM events WHERE seq = 2").fetchone()
+    db.close()
+    path.write_bytes(encode_checkpoint(identity, 2, hash2))
+    result = await _verify(config, identity)
+    assert not result.ok and "older than the log's record of checkpoints from event 4" in (
+        result.reason or ""
+    )
+    with raises_code(ErrorCode.EVENTLOG_INVALID, "it was replaced"):
+        await Node(config, identity).start()
+
+
+async def test_a_symlink_at_the_old_temp_name_does_not_stop_checkpoints(tmp_path, identity):
+    """F4: a symlink planted at the fixed `events.sqlite3.head.tmp` made every later write fail
+    (ELOOP) and the checkpoint go stale. Writes now use a fresh random name beside it."""
+    config = _config(tmp_path)
+    first = await _run_node(config, identity, 1)
+    path = checkpoint_path(config.data_dir / EVENTLOG_FILE_NAME)
+    target = tmp_path / "precious"
+    target.write_text("precious")
+    planted = path.with_name(path.name + ".tmp")
+    planted.symlink_to(target)
+    after = await _run_node(config, identity, 5)
+    checkpoint = read_checkpoint(path, identity.node_id)
+    assert checkpoint is not None and checkpoint.seq == after > first
+    assert target.read_text() == "precious" and planted.is_symlink()
+    assert sorted(p.name for p in path.parent.glob(path.name + ".*")) == [planted.name]
+    assert (await _verify(config, identity)).ok
+
+
+async def test_a_failing_checkpoint_write_is_counted_and_logged(tmp_path, identity, capsys):
+    """A checkpoint that cannot be written must not go stale silently: `node status` counts it
+    and the log says so at error, once per interval however many fail."""
+    config = _config(tmp_path)
+    node = Node(config, identity)
+    await node.start()
+    try:
+        log = node.eventlog
+        assert log is not None and log.stats == {}
+        # A directory where the checkpoint goes: every rename onto it fails (even for root).
+        log.checkpoint_path.unlink()
+        log.checkpoint_path.mkdir()
+        try:
+            for i in range(20):
+                await log.append("test.event", {"i": i})
+                await asyncio.sleep(0.03)  # past the write interval: each append is tried
+        finally:
+            log.checkpoint_path.rmdir()
+        failed = log.stats["eventlog_checkpoint_failed"]
+        assert failed >= 20  # each append was tried: the interval had passed before each
+        status = await node._status(None, None)  # type: ignore[arg-type]
+        assert status.counters["eventlog_checkpoint_failed"] >= failed
+    finally:
+        await node.stop()
+    lines = [line for line in capsys.readouterr().out.splitlines() if "not written" in line]
+    assert len(lines) == 1 and "[error" in lines[0] and "failures=1" in lines[0]
+    assert (await _verify(config, identity)).ok  # the stop writes the last head once it can
+
+
+@pytest.mark.parametrize("kind", ["fifo", "symlink to a fifo", "directory"])
+async def test_a_fifo_at_the_checkpoint_path_fails_fast(tmp_path, identity, kind):
+    """F5: a FIFO at the head path hung verify and start (open blocks for a writer). It is now
+    opened without blocking or following links and refused unless it is a regular file."""
+    config = _config(tmp_path)
+    await _run_node(config, identity, 2)
+    path = checkpoint_path(config.data_dir / EVENTLOG_FILE_NAME)
+    path.unlink()
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "directory":
+        path.mkdir()
+    else:
+        os.mkfifo(tmp_path / "fifo")
+        path.symlink_to(tmp_path / "fifo")
+    why = "is a symbolic link" if kind.startswith("symlink") else "is not a regular file"
+    started = time.monotonic()
+    result = await asyncio.wait_for(_verify(config, identity), 1.0)
+    assert not result.ok and why in (result.reason or "")
+    with raises_code(ErrorCode.EVENTLOG_INVALID, why):
+        await asyncio.wait_for(Node(config, identity).start(), 1.0)
+    assert time.monotonic() - started < 1.0
 
 
 async def test_verify_beside_a_busy_writer_never_sees_the_checkpoint_ahead(tmp_path, identity):

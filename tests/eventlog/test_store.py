@@ -11,6 +11,7 @@ import pytest
 from hearthnet.constants import EVENTLOG_SUBSCRIBER_QUEUE_MAX, GENESIS_HASH
 from hearthnet.errors import ErrorCode, HearthnetError
 from hearthnet.eventlog import EventLog
+from hearthnet.eventlog.checkpoint import CHECKPOINTED_GENESIS_HASH
 from hearthnet.identity import NodeIdentity
 from tests.helpers import raises_code
 
@@ -26,7 +27,8 @@ async def test_append_returns_stored_event(log, identity):
     e1 = await log.append("fedlearn.round.announced", {"round": "r1", "n": 3})
     e2 = await log.append("fedlearn.round.joined", {"round": "r1"})
     assert (e1.seq, e2.seq) == (1, 2)
-    assert e1.prev_hash == GENESIS_HASH and e2.prev_hash == e1.hash
+    # A new log's chain starts from the genesis that marks it as checkpointed (checkpoint.py).
+    assert e1.prev_hash == CHECKPOINTED_GENESIS_HASH != GENESIS_HASH and e2.prev_hash == e1.hash
     assert e1.actor == identity.node_id
     assert e1.payload == {"round": "r1", "n": 3}
     assert e1.ts.endswith("Z")

@@ -8,10 +8,11 @@ from hypothesis import strategies as st
 
 from hearthnet import constants as C
 from hearthnet.errors import ErrorCode, HearthnetError
-from hearthnet.fedlearn.aggregator import FedAvgAggregator, capped_weights
-from hearthnet.fedlearn.delta import ParticipantSubmission, serialize_delta
-from hearthnet.fedlearn.exact import exact_weighted_mean
+from hearthnet.fedlearn.aggregation.aggregator import FedAvgAggregator
+from hearthnet.fedlearn.aggregation.exact import exact_weighted_mean
+from hearthnet.fedlearn.delta import serialize_delta
 from hearthnet.fedlearn.lora import derive_lora_a
+from hearthnet.fedlearn.submission import ParticipantSubmission, capped_weights
 from hearthnet.identity import NodeIdentity
 from tests.helpers import raises_code
 
@@ -243,7 +244,7 @@ PINNED_A_DIGEST = "e2065137be0acd2143e4bbb2c21805fef3348f3ea322403b8d4c617d29f0d
 
 def _formula(column, weights):
     """The defining formula, evaluated plainly in float64 (exact: every value is an integer)."""
-    from hearthnet.fedlearn.exact import grid_shift, max_abs
+    from hearthnet.fedlearn.aggregation.exact import grid_shift, max_abs
 
     shift = grid_shift(max_abs(column))
     if shift is None:
@@ -254,7 +255,7 @@ def _formula(column, weights):
 
 
 def test_every_path_equals_the_formula_bit_for_bit():
-    from hearthnet.fedlearn.exact import exact_weighted_means
+    from hearthnet.fedlearn.aggregation.exact import exact_weighted_means
 
     gen = torch.Generator().manual_seed(3)
     weights = [5, 1, 9, 2]
@@ -316,7 +317,7 @@ def test_aggregation_streams_one_key_at_a_time(make_manifest):
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf"), -float("nan")])
 @pytest.mark.parametrize("where", [0, 1, 2])
 def test_any_non_finite_value_in_any_key_fails(bad, where):
-    from hearthnet.fedlearn.exact import exact_weighted_means
+    from hearthnet.fedlearn.aggregation.exact import exact_weighted_means
 
     columns = [[torch.randn(5000) for _ in range(3)] for _ in range(3)]
     columns[where][where][4999 - where] = bad
@@ -436,7 +437,7 @@ def _digest(tensors):
 
 
 def test_reputation_weighting_scales_each_claim_by_its_influence(make_manifest):
-    from hearthnet.fedlearn.aggregator import influenced_weights
+    from hearthnet.fedlearn.aggregation.aggregator import influenced_weights
     from hearthnet.fedlearn.manifest import AggregationSpec
 
     signed = make_manifest(

@@ -6,13 +6,9 @@ import torch
 from safetensors.torch import save as st_save
 
 from hearthnet.errors import ErrorCode, HearthnetError
-from hearthnet.fedlearn.delta import (
-    ParticipantSubmission,
-    deserialize_delta,
-    serialize_delta,
-    validate_delta,
-)
+from hearthnet.fedlearn.delta import deserialize_delta, serialize_delta, validate_delta
 from hearthnet.fedlearn.lora import expected_shapes
+from hearthnet.fedlearn.submission import ParticipantSubmission
 from hearthnet.identity import NodeIdentity
 from tests.helpers import raises_code
 

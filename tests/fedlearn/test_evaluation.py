@@ -6,7 +6,7 @@ import pytest
 
 from hearthnet.eventlog import EventLog
 from hearthnet.fedlearn import evaluation
-from hearthnet.llm.adapters import write_peft_adapter
+from hearthnet.fedlearn.peft_adapter import write_peft_adapter
 from tests.helpers import loaded_service
 from tests.llm.test_service import random_adapter
 

@@ -12,7 +12,9 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from hearthnet.errors import ErrorCode, HearthnetError
-from hearthnet.fedlearn.robust import RuleSpec, TensorUpdates, aggregate, krum_scores, run_rule
+from hearthnet.fedlearn.aggregation.robust import aggregate, run_rule
+from hearthnet.fedlearn.aggregation.robust_ops import TensorUpdates, krum_scores
+from hearthnet.fedlearn.rules.spec import RuleSpec
 from tests.helpers import raises_code
 
 

@@ -5,16 +5,16 @@ from scipy.stats import chisquare
 
 from hearthnet import constants as C
 from hearthnet.errors import ErrorCode, HearthnetError
-from hearthnet.fedlearn.aggregator import FedAvgAggregator, capped_weights
-from hearthnet.fedlearn.delta import ParticipantSubmission
-from hearthnet.fedlearn.privacy import clip_gradient
-from hearthnet.fedlearn.secure import (
-    MaskingKey,
+from hearthnet.fedlearn.aggregation.aggregator import FedAvgAggregator
+from hearthnet.fedlearn.aggregation.secure import (
     SecureFedAvgAggregator,
     deserialize_masked,
     mask_delta,
     serialize_masked,
 )
+from hearthnet.fedlearn.masks import MaskingKey
+from hearthnet.fedlearn.privacy import clip_gradient
+from hearthnet.fedlearn.submission import ParticipantSubmission, capped_weights
 from hearthnet.identity import NodeIdentity
 from tests.helpers import raises_code
 

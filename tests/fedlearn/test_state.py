@@ -35,7 +35,7 @@ def test_membership_stages_in_order(make_manifest):
 
 
 def test_steps_run_are_folded_from_the_events(make_manifest):
-    from hearthnet.fedlearn.delta import ParticipantSubmission
+    from hearthnet.fedlearn.submission import ParticipantSubmission
     from hearthnet.identity import NodeIdentity
 
     signed = make_manifest()

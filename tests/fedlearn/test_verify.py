@@ -4,9 +4,11 @@ import torch
 
 from hearthnet.canonical import sha256_hex
 from hearthnet.errors import ErrorCode
-from hearthnet.fedlearn.delta import ParticipantSubmission, serialize_delta
+from hearthnet.fedlearn.aggregation.run import aggregate_submissions
+from hearthnet.fedlearn.delta import serialize_delta
 from hearthnet.fedlearn.protocol import Exclusion, SubmissionRef
-from hearthnet.fedlearn.publish import adapter_bytes, aggregate_submissions, build_result
+from hearthnet.fedlearn.publish import adapter_bytes, build_result
+from hearthnet.fedlearn.submission import ParticipantSubmission
 from hearthnet.fedlearn.verify import check_listing, check_recomputed, held_for_recompute
 from hearthnet.identity import NodeIdentity
 from tests.helpers import raises_code
@@ -37,8 +39,8 @@ def test_a_result_lists_what_went_in_and_recomputes_to_its_sha(tmp_path, make_ma
     signed, people, subs, paths, _, result = _round(tmp_path, make_manifest)
     assert [r.participant for r in result.submissions] == result.included == sorted(subs)
     for ident in people:  # every participant finds its own signed submission, unchanged
-        check_listing(result, ident.node_id, subs[ident.node_id])
-    check_listing(result, "outsider", None)
+        check_listing(result, ident.node_id, subs[ident.node_id], set(subs))
+    check_listing(result, "outsider", None, set(subs))
     use, missing = held_for_recompute(result, subs)
     assert missing == [] and use == subs
     again = aggregate_submissions(signed, use, paths.__getitem__, MODEL_SHAPES)
@@ -67,7 +69,7 @@ def test_own_entry_must_be_what_this_node_signed(tmp_path, make_manifest):
         for r in result.submissions
     ]
     with raises_code(ErrorCode.SIGNATURE_INVALID) as exc:
-        check_listing(result.model_copy(update={"submissions": refs}), me, subs[me])
+        check_listing(result.model_copy(update={"submissions": refs}), me, subs[me], set(subs))
     assert "another delta SHA" in exc.value.message
     fewer = [
         r.model_copy(update={"num_samples": r.num_samples + 1}) if r.participant == me else r
@@ -77,11 +79,45 @@ def test_own_entry_must_be_what_this_node_signed(tmp_path, make_manifest):
         update={"submissions": fewer, "total_samples": result.total_samples + 1}
     )
     with raises_code(ErrorCode.SIGNATURE_INVALID):
-        check_listing(bumped, me, subs[me])
+        check_listing(bumped, me, subs[me], set(subs))
     with raises_code(ErrorCode.SIGNATURE_INVALID):  # totals that do not add up
-        check_listing(result.model_copy(update={"total_samples": 1}), "outsider", None)
+        check_listing(result.model_copy(update={"total_samples": 1}), "outsider", None, set(subs))
     with raises_code(ErrorCode.SIGNATURE_INVALID):  # included but not listed
-        check_listing(result.model_copy(update={"submissions": []}), me, subs[me])
+        check_listing(result.model_copy(update={"submissions": []}), me, subs[me], set(subs))
+
+
+def test_a_result_cannot_dodge_recomputation_by_its_listing(tmp_path, make_manifest):
+    """A review's bypasses: a phantom participant nobody holds (so no node could recompute), an
+    empty listing, a duplicate entry, a participant both included and excluded."""
+    _, people, subs, _, _, result = _round(tmp_path, make_manifest)
+    me = people[1].node_id
+    phantom = NodeIdentity.generate().node_id
+    ghost = SubmissionRef(participant=phantom, delta_sha="ab" * 32, num_samples=1)
+    forged = [
+        result.model_copy(
+            update={
+                "included": [*result.included, phantom],
+                "submissions": [*result.submissions, ghost],
+                "total_samples": result.total_samples + 1,
+            }
+        ),
+        result.model_copy(update={"submissions": []}),
+        result.model_copy(
+            update={
+                "included": [*result.included, result.included[0]],
+                "submissions": [*result.submissions, result.submissions[0]],
+                "total_samples": result.total_samples + result.submissions[0].num_samples,
+            }
+        ),
+        result.model_copy(
+            update={"excluded": [Exclusion(participant=result.included[0], reason="x")]}
+        ),
+    ]
+    for bad in forged:
+        with raises_code(ErrorCode.SIGNATURE_INVALID):
+            check_listing(bad, me, subs[me], set(subs))
+        with raises_code(ErrorCode.SIGNATURE_INVALID):  # a bystander refuses it too
+            check_listing(bad, "outsider", None, set(subs))
 
 
 def test_leaving_out_a_submitter_needs_an_exclusion_naming_it(tmp_path, make_manifest):
@@ -96,12 +132,12 @@ def test_leaving_out_a_submitter_needs_an_exclusion_naming_it(tmp_path, make_man
         }
     )
     with raises_code(ErrorCode.SIGNATURE_INVALID) as exc:
-        check_listing(omitted, me, subs[me])
+        check_listing(omitted, me, subs[me], set(subs))
     assert "without an exclusion" in exc.value.message
     excluded = omitted.model_copy(
         update={"excluded": [Exclusion(participant=me, reason="delta_invalid: late")]}
     )
-    check_listing(excluded, me, subs[me])
+    check_listing(excluded, me, subs[me], set(subs))
 
 
 def test_holding_only_some_submissions_checks_no_sha(tmp_path, make_manifest):
@@ -113,6 +149,4 @@ def test_holding_only_some_submissions_checks_no_sha(tmp_path, make_manifest):
     resigned = ParticipantSubmission.create(people[1], result.round_id, b"other", 11, 0.1)
     _, missing = held_for_recompute(result, {**subs, other: resigned})  # a different signed one
     assert missing == [other]
-    _, missing = held_for_recompute(result.model_copy(update={"submissions": []}), subs)
-    assert missing == result.included  # nothing listed: nothing to recompute against
     assert isinstance(result.submissions[0], SubmissionRef)

@@ -9,9 +9,9 @@ the tests below never run it on a CPU without it.
 import pytest
 import torch
 
-from hearthnet.config import FedLearnConfig, LLMSection
+from hearthnet.config import LLMSection
 from hearthnet.errors import ErrorCode, HearthnetError
-from hearthnet.llm.adapters import write_peft_adapter
+from hearthnet.fedlearn.peft_adapter import write_peft_adapter
 from hearthnet.llm.model import load_4bit
 from hearthnet.llm.quant import (
     cpu_packing_supported,
@@ -125,9 +125,7 @@ def test_service_adapters_on_a_used_model_match_stock_peft_in_any_order(
     want = {sha: fresh_reference(tiny_model_dir, d, ids) for sha, d in adapter_dirs.items()}
     first, second = sorted(adapter_dirs)
 
-    svc = LLMService(
-        LLMSection(base_model=tiny_model_dir, device="cpu"), tmp_path / "node", FedLearnConfig()
-    )
+    svc = LLMService(LLMSection(base_model=tiny_model_dir, device="cpu"), tmp_path / "node")
     svc.load()
     for sha, directory in adapter_dirs.items():
         svc.register_adapter(sha, directory)

@@ -4,11 +4,9 @@ import time
 import pytest
 import torch
 
-from hearthnet.config import FedLearnConfig
 from hearthnet.errors import ErrorCode, HearthnetError
 from hearthnet.fedlearn.lora import A_SUFFIX, B_SUFFIX, target_layers
-from hearthnet.llm.adapters import from_peft_key, to_peft_key, write_peft_adapter
-from hearthnet.llm.service import LLMService
+from hearthnet.fedlearn.peft_adapter import write_peft_adapter
 from tests.helpers import loaded_service, raises_code
 
 
@@ -24,16 +22,6 @@ def random_adapter(manifest, shapes, seed, scale=2.0):
         out[path + A_SUFFIX] = torch.randn(manifest.lora_rank, fan_in, generator=gen) * scale
         out[path + B_SUFFIX] = torch.randn(fan_out, manifest.lora_rank, generator=gen) * scale
     return out
-
-
-def test_peft_key_mapping():
-    key = "model.layers.3.self_attn.q_proj.lora_B"
-    assert to_peft_key(key) == "base_model.model.model.layers.3.self_attn.q_proj.lora_B.weight"
-    assert from_peft_key(to_peft_key(key)) == key
-    live = "base_model.model.model.layers.3.self_attn.q_proj.lora_A.default.weight"
-    assert from_peft_key(live) == "model.layers.3.self_attn.q_proj.lora_A"
-    with raises_code(ErrorCode.DELTA_INVALID):
-        to_peft_key("model.layers.0.weight")
 
 
 def test_sessions_use_their_own_adapters(service, make_manifest, tmp_path):
@@ -88,27 +76,6 @@ def test_perplexity_and_adapter_effect(service):
     assert service.perplexity(texts) == ppl
     with raises_code(ErrorCode.BAD_REQUEST):
         service.perplexity([])
-
-
-def test_resources_and_base_model_checks(service, make_manifest):
-    small = make_manifest(lora_rank=4).manifest
-    est = service.check_resources(small)
-    assert est.vram_mb > 0 and est.disk_mb >= 0
-    big = make_manifest(
-        lora_rank=64, batch_size=256, lora_target_modules=("q_proj", "k_proj", "v_proj", "o_proj")
-    ).manifest
-    tight = LLMService(
-        service.settings, service.cache_root.parent, FedLearnConfig(training_vram_budget_mb=1)
-    )
-    tight.prepare()
-    with pytest.raises(HearthnetError) as exc:
-        tight.check_resources(big)
-    assert exc.value.code is ErrorCode.INSUFFICIENT_RESOURCES
-    assert service.estimate_training_resources(big).vram_mb > est.vram_mb
-    with pytest.raises(HearthnetError) as exc:
-        service.check_base_model(small)  # the draft's sha is not this model's
-    assert exc.value.code is ErrorCode.BASE_MODEL_MISMATCH
-    service.check_base_model(small.model_copy(update={"base_model_sha": service.base_model_sha}))
 
 
 async def test_training_in_a_thread_does_not_block_the_event_loop(service, make_manifest):

@@ -1,12 +1,15 @@
-"""PEFT adapter directories on disk (llm/adapters.py): what is at the path is what was written."""
+"""PEFT adapter directories on disk (fedlearn/peft_adapter.py): what is at the path is what was
+written, under the names stock PEFT loads."""
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from hearthnet.errors import ErrorCode
 from hearthnet.fedlearn.lora import A_SUFFIX, B_SUFFIX, target_layers
-from hearthnet.llm.adapters import from_peft_key, write_peft_adapter
+from hearthnet.fedlearn.peft_adapter import from_peft_key, to_peft_key, write_peft_adapter
 from hearthnet.llm.model import linear_shapes
+from tests.helpers import raises_code
 
 
 def adapter(manifest, shapes, seed: int) -> dict[str, torch.Tensor]:
@@ -21,6 +24,16 @@ def adapter(manifest, shapes, seed: int) -> dict[str, torch.Tensor]:
 def stored(directory) -> dict[str, torch.Tensor]:
     tensors = load_file(str(directory / "adapter_model.safetensors"))
     return {from_peft_key(k): v for k, v in tensors.items()}
+
+
+def test_peft_key_mapping():
+    key = "model.layers.3.self_attn.q_proj.lora_B"
+    assert to_peft_key(key) == "base_model.model.model.layers.3.self_attn.q_proj.lora_B.weight"
+    assert from_peft_key(to_peft_key(key)) == key
+    live = "base_model.model.model.layers.3.self_attn.q_proj.lora_A.default.weight"
+    assert from_peft_key(live) == "model.layers.3.self_attn.q_proj.lora_A"
+    with raises_code(ErrorCode.DELTA_INVALID):
+        to_peft_key("model.layers.0.weight")
 
 
 @pytest.fixture
@@ -69,8 +82,6 @@ def test_an_identical_directory_is_kept_and_a_damaged_one_rewritten(
 
 
 def test_adapters_are_written_private(tmp_path, make_manifest):
-    from hearthnet.llm.adapters import write_peft_adapter
-
     signed = make_manifest(lora_rank=4, lora_target_modules=("q_proj",))
     root = tmp_path / "adapters"
     root.mkdir(mode=0o755)

@@ -20,7 +20,6 @@ rule did with its update, and its deviation from the aggregate — for the Round
 
 from __future__ import annotations
 
-import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
@@ -28,14 +27,14 @@ import torch
 
 from hearthnet import constants as C
 from hearthnet.errors import ErrorCode, HearthnetError
-from hearthnet.fedlearn.delta import ParticipantSubmission
-from hearthnet.fedlearn.exact import (
+from hearthnet.fedlearn.aggregation.exact import (
     exact_weighted_mean,
     exact_weighted_means,
     plan_groups,
     quantize_exact,
     single_threaded,
 )
+from hearthnet.fedlearn.aggregation.robust import Verdict, fedavg_verdicts, run_rule
 from hearthnet.fedlearn.lora import (
     A_SUFFIX,
     B_SUFFIX,
@@ -46,7 +45,8 @@ from hearthnet.fedlearn.lora import (
 )
 from hearthnet.fedlearn.manifest import RoundManifest
 from hearthnet.fedlearn.reputation import NEUTRAL, influence
-from hearthnet.fedlearn.robust import RuleSpec, Verdict, fedavg_verdicts, run_rule
+from hearthnet.fedlearn.rules.spec import RuleSpec
+from hearthnet.fedlearn.submission import ParticipantSubmission, capped_weights
 
 AdapterTensors = dict[str, torch.Tensor]
 
@@ -60,18 +60,6 @@ def influenced_weights(capped: Sequence[int], factors: Sequence[float]) -> list[
         max(1, round(c * min(max(f, 0.0), 1.0) * scale))
         for c, f in zip(capped, factors, strict=True)
     ]
-
-
-def capped_weights(num_samples: Sequence[int]) -> list[int]:
-    """Each claim capped at FEDLEARN_MAX_NUM_SAMPLES and at FEDLEARN_WEIGHT_MEDIAN_CAP × the
-    lower median claim: a participant inflating its count gains at most that factor."""
-    if not num_samples or any(n < 1 for n in num_samples):
-        raise HearthnetError(ErrorCode.FEDLEARN_AGGREGATION_FAILED, "num_samples must be >= 1")
-    cap = min(
-        C.FEDLEARN_MAX_NUM_SAMPLES,
-        C.FEDLEARN_WEIGHT_MEDIAN_CAP * statistics.median_low(num_samples),
-    )
-    return [min(n, cap) for n in num_samples]
 
 
 @dataclass(frozen=True)

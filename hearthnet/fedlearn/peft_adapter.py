@@ -2,7 +2,9 @@
 
 hearthnet names LoRA tensors `<module path>.lora_A|lora_B` (see fedlearn/lora.py); PEFT saves
 them as `base_model.model.<module path>.lora_A.weight`. `write_peft_adapter` turns an aggregated
-adapter into a directory that stock `peft.PeftModel.from_pretrained(base, dir)` loads.
+adapter into a directory that stock `peft.PeftModel.from_pretrained(base, dir)` loads, which is
+all `LLMService` needs: it takes a directory and knows nothing of rounds or manifests, so `llm`
+imports nothing from `fedlearn` (docs/decisions.md, issue 14).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ PEFT_PREFIX = "base_model.model."
 
 
 def to_peft_key(key: str) -> str:
+    """hearthnet's `X.lora_A` → PEFT's `base_model.model.X.lora_A.weight`."""
     for suffix in (A_SUFFIX, B_SUFFIX):
         if key.endswith(suffix):
             return f"{PEFT_PREFIX}{key}.weight"

@@ -12,14 +12,19 @@ import math
 import statistics
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
 
 import numpy as np
 import torch
 from numba.typed import List as TypedList
 
-from hearthnet.fedlearn import robust_kernels as K
-from hearthnet.fedlearn.exact import as_f32, chunk_table, exact_weighted_means, plan_groups
+from hearthnet.fedlearn.aggregation import robust_kernels as K
+from hearthnet.fedlearn.aggregation.exact import (
+    as_f32,
+    chunk_table,
+    exact_weighted_means,
+    plan_groups,
+)
 
 # --- inputs -----------------------------------------------------------------------------------
 
@@ -315,3 +320,23 @@ def weiszfeld(
         if move <= tol * max(statistics.median(float(d) for d in dist), 1e-30):
             break
     return z, coef, steps
+
+
+def krum_distances(updates: Updates, metric: Literal["euclidean", "cosine"]) -> np.ndarray:
+    """Squared Euclidean distances, or cosine distances 1 − cos(x_i, x_j) (from the same
+    float64 sums: cos = (|x|² + |y|² − |x − y|²) / 2|x||y|; a zero update is orthogonal to all).
+    Cosine ignores length — pair it with `norm_bound` — and sees an update that points against
+    the others (sign flips, inner-product manipulation) as far even when it is short."""
+    sq = pair_sq_distances(updates)
+    if metric == "euclidean":
+        return sq
+    norms = sq_distances_to(updates, None)
+    n = updates.n
+    out = np.ones((n, n))
+    for i in range(n):
+        out[i, i] = 0.0
+        for j in range(n):
+            if i != j and norms[i] > 0.0 and norms[j] > 0.0:
+                cos = (norms[i] + norms[j] - sq[i, j]) / (2.0 * math.sqrt(norms[i] * norms[j]))
+                out[i, j] = 1.0 - min(1.0, max(-1.0, cos))
+    return out

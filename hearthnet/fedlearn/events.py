@@ -1,0 +1,160 @@
+"""The round events a node writes to its own log, as typed payloads.
+
+One model per event type, shared by the code that writes an event (the round machines) and the
+fold that reads it back (`state.py`), so a field cannot be spelled one way on write and another
+on read. Light: pydantic and the signed-document models only, no torch or numba.
+
+Types, with the prefix the log uses (docs/architecture.md lists them with their meaning):
+
+| event type                         | payload model     | written by            |
+|------------------------------------|-------------------|-----------------------|
+| fedlearn.round.announced           | Announced         | coordinator           |
+| fedlearn.round.joined              | Joined            | coordinator           |
+| fedlearn.round.mask_key            | MaskKey           | coordinator           |
+| fedlearn.round.roster              | Roster            | coordinator           |
+| fedlearn.round.submitted           | Submitted         | coordinator           |
+| fedlearn.round.rejected            | Rejected          | coordinator           |
+| fedlearn.round.aggregating         | RoundOnly         | coordinator           |
+| fedlearn.round.aggregated          | Aggregated        | coordinator           |
+| fedlearn.round.completed           | Completed         | coordinator           |
+| fedlearn.round.aborted             | Aborted           | coordinator           |
+| fedlearn.participant.offered       | Offered           | participant           |
+| fedlearn.consent.granted           | ConsentGranted    | participant           |
+| fedlearn.participant.joined        | MemberJoined      | participant           |
+| fedlearn.participant.trained       | Trained           | participant           |
+| fedlearn.participant.submitted     | MemberSubmitted   | participant           |
+| fedlearn.participant.completed     | Completed         | participant           |
+| fedlearn.participant.aborted       | Aborted           | participant           |
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from hearthnet.fedlearn.masks import MaskKeyAnnouncement
+from hearthnet.fedlearn.protocol import SignedDoc
+from hearthnet.fedlearn.submission import ParticipantSubmission
+
+ROUND_PREFIX = "fedlearn.round."
+MEMBER_PREFIX = "fedlearn.participant."
+CONSENT_EVENT = "fedlearn.consent.granted"
+
+_SHA = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+_REASON = Annotated[str, Field(max_length=256)]
+
+
+class Payload(BaseModel):
+    """Every round event names its round. Unknown fields are kept (`extra="allow"`) so a log
+    written by a newer build still folds."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    round_id: Annotated[str, Field(min_length=1, max_length=64)]
+
+    def body(self) -> dict[str, Any]:
+        """The payload as the log stores it (JSON-ready, no `None` fields)."""
+        return self.model_dump(mode="json", exclude_none=True)
+
+
+class RoundOnly(Payload):
+    pass
+
+
+class Announced(Payload):
+    manifest: SignedDoc  # the manifest's exact JCS body and its coordinator signature
+
+
+class Joined(Payload):
+    participant: str
+    receipt: SignedDoc
+
+
+class MaskKey(Payload):
+    announcement: MaskKeyAnnouncement
+
+
+class Roster(Payload):
+    participants: list[str]
+
+
+class Submitted(Payload):
+    participant: str
+    submission: ParticipantSubmission
+    blob_sha: _SHA
+
+
+class Rejected(Payload):
+    participant: str
+    code: str
+    reason: _REASON
+
+
+class Aggregated(Payload):
+    adapter_sha: _SHA
+
+
+class Completed(Payload):
+    result: SignedDoc
+
+
+class Aborted(Payload):
+    code: str
+    reason: _REASON
+
+
+class Offered(Payload):
+    manifest: SignedDoc  # the manifest's exact JCS body and its coordinator signature
+
+
+class ConsentGranted(Payload):
+    manifest_sha: _SHA
+    consent_text_sha: _SHA
+
+
+class MemberJoined(Payload):
+    receipt: SignedDoc
+    num_samples: int | None = None
+
+
+class Trained(Payload):
+    blob_sha: _SHA
+    num_samples: int
+    train_loss: float
+    steps: int | None = None
+    train_steps: int | None = None
+    stopped_early: bool | None = None
+
+
+class MemberSubmitted(Payload):
+    submission: ParticipantSubmission
+    blob_sha: _SHA
+
+
+ROUND_EVENTS: dict[str, type[Payload]] = {
+    "announced": Announced,
+    "joined": Joined,
+    "mask_key": MaskKey,
+    "roster": Roster,
+    "submitted": Submitted,
+    "rejected": Rejected,
+    "aggregating": RoundOnly,
+    "aggregated": Aggregated,
+    "completed": Completed,
+    "aborted": Aborted,
+}
+
+MEMBER_EVENTS: dict[str, type[Payload]] = {
+    "offered": Offered,
+    "consent": ConsentGranted,
+    "joined": MemberJoined,
+    "trained": Trained,
+    "submitted": MemberSubmitted,
+    "completed": Completed,
+    "aborted": Aborted,
+}
+
+
+def member_event_type(suffix: str) -> str:
+    """The log's type for a participant event (consent has a name of its own)."""
+    return CONSENT_EVENT if suffix == "consent" else MEMBER_PREFIX + suffix

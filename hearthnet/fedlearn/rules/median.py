@@ -1,0 +1,36 @@
+"""Coordinate-wise median. Tolerates f < n/2; ignores weights."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Self
+
+from hearthnet.fedlearn.rules.base import Rule, RuleRun, int_param
+from hearthnet.fedlearn.rules.trimmed_mean import run_coordinatewise
+
+if TYPE_CHECKING:
+    from hearthnet.fedlearn.aggregation.robust_ops import Updates
+
+
+@dataclass(frozen=True)
+class Median(Rule):
+    """The per-coordinate median (the trimmed mean that keeps only the middle); `f` optionally
+    states the tolerance the round needs (n ≥ 2f + 1)."""
+
+    name = "median"
+    params = frozenset({"f"})
+    f: int | None = None
+
+    @classmethod
+    def parse(cls, params: Mapping[str, object]) -> Self:
+        return cls(int_param(params, "f", None))
+
+    def tolerated(self, n: int) -> int:
+        return (n - 1) // 2 if self.f is None else self.f
+
+    def minimum_n(self) -> int:
+        return max(3, 2 * (self.f or 0) + 1)
+
+    def run(self, view: Updates, weights: Sequence[int]) -> RuleRun:
+        return run_coordinatewise(view, (view.n - 1) // 2, [1] * view.n, self.name)
