@@ -15,13 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from hearthnet.config import load_config
-from hearthnet.constants import CONTROL_SOCKET_NAME
+from hearthnet.constants import CONTROL_SOCKET_NAME, FEDLEARN_CAP_PREFIX
 from hearthnet.control import control_call
 from hearthnet.errors import ErrorCode, HearthnetError
 from hearthnet.fedlearn.rules.registry import RULES
 from hearthnet.fedlearn.rules.spec import parameter_names
 
-CAP = "experimental.fedlearn."
+CAP = FEDLEARN_CAP_PREFIX
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd]?)$")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -110,10 +110,11 @@ def draft_fields(args: argparse.Namespace) -> dict[str, Any]:
             current = {"rule": current}
         params = dict(current.get("params", {}))
         params.update(rule_params(args.rule_param or []))
-        fields["aggregation"] = {
-            "rule": args.rule or current.get("rule", "fedavg"),
-            "params": params,
-        }
+        aggregation: dict[str, Any] = {"params": params}
+        rule = args.rule or current.get("rule")
+        if rule is not None:  # unset: the manifest's default rule (fedavg)
+            aggregation["rule"] = rule
+        fields["aggregation"] = aggregation
     if args.deadline_in:
         fields["deadline_in_s"] = duration(args.deadline_in)
     if "deadline_in" in fields:  # TOML drafts may say deadline_in = "10m"

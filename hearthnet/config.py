@@ -214,7 +214,7 @@ class NodeConfig(_Section):
     @property
     def features(self) -> dict[str, bool]:
         """The feature flags the capability bus gates namespaces by."""
-        return {"experimental.fedlearn": self.experimental.fedlearn}
+        return {C.FEDLEARN_FEATURE: self.experimental.fedlearn}
 
 
 def _describe(exc: ValidationError) -> tuple[str, list[dict[str, str]]]:

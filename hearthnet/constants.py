@@ -78,6 +78,10 @@ BLOB_MAX_BYTES: Final = FEDLEARN_SUBMISSION_MAX_BYTES
 BLOB_READ_CHUNK_BYTES: Final = 1 * MIB
 
 # --- fedlearn data plane -----------------------------------------------------------------------
+# The capability namespace `[experimental] fedlearn` gates (the flag's name in
+# `NodeConfig.features`), and the prefix of every name in it.
+FEDLEARN_FEATURE: Final = "experimental.fedlearn"
+FEDLEARN_CAP_PREFIX: Final = FEDLEARN_FEATURE + "."
 FEDLEARN_MANIFEST_KIND: Final = "hearthnet.fedlearn.manifest/1"
 FEDLEARN_SUBMISSION_PURPOSE: Final = "hearthnet.fedlearn.submission/1"
 FEDLEARN_MASK_KEY_PURPOSE: Final = "hearthnet.fedlearn.mask-key/1"
@@ -149,11 +153,13 @@ WS_MAX_MESSAGE_BYTES: Final = BLOB_MAX_BYTES
 # Before the handshake completes every message is at most this (hello and auth are ~300 bytes of
 # JSON), so an unauthenticated connection can make the node hold only a few KiB per message.
 HANDSHAKE_MAX_MESSAGE_BYTES: Final = 8 * KIB
-# Inbound connections: in all, per remote address, and still in the handshake; beyond these a
-# connection is refused (HTTP 503) before the WebSocket upgrade.
+# Inbound connections: in all, per remote address, and still in the handshake (TLS, upgrade,
+# hello/auth), counted at TCP accept (bus/gate.py). Beyond the first two and the per-address
+# handshake cap a socket is closed before TLS; when all handshake places are taken the oldest
+# handshake is cut instead. Each place can hold asyncio's 256 KiB TLS buffer: 128 × 256 KiB.
 MAX_INBOUND_CONNECTIONS: Final = 512
 MAX_CONNECTIONS_PER_ADDRESS: Final = 16
-MAX_HANDSHAKES_IN_FLIGHT: Final = 32
+MAX_HANDSHAKES_IN_FLIGHT: Final = 128
 # Refused connections are logged as one summary line per this many seconds, not one per connection.
 CONNECTION_REFUSAL_LOG_INTERVAL_S: Final = 10.0
 WS_MAX_QUEUE_FRAMES: Final = 16

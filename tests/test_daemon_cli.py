@@ -178,7 +178,8 @@ def test_running_out_of_descriptors_is_one_log_line_and_the_daemon_recovers(tmp_
             return result.returncode == 0
 
         wait_until(serves)
-        assert status["counters"].get("accept_failed", 0) > 100
+        # enough failed accepts that one log line each (asyncio: six with the traceback) shows
+        assert status["counters"].get("accept_failed", 0) >= 20
     finally:
         for s in socks:
             s.close()

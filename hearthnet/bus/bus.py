@@ -25,7 +25,7 @@ from hearthnet.logs import get_logger
 log = get_logger("hearthnet.bus")
 
 # flag name in NodeConfig.features -> the namespace it gates
-FEATURE_NAMESPACES = {"experimental.fedlearn": "experimental.fedlearn."}
+FEATURE_NAMESPACES = {C.FEDLEARN_FEATURE: C.FEDLEARN_CAP_PREFIX}
 _NAME_RE = re.compile(r"^[a-z0-9_]+(\.[a-z0-9_]+)*$")
 
 

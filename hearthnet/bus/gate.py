@@ -9,7 +9,10 @@ encrypted transport to websockets; beyond them it aborts the socket at once (no 
 
 A connection counts toward the inbound caps (total, per address) from accept until it closes,
 and toward the handshake caps (total, per address) until its hello/auth handshake completes or
-fails. An IPv6 address counts by its /64 (`limits.address_group`).
+fails. An IPv6 address counts by its /64 (`limits.address_group`). Beyond the per-address caps a
+connection is refused; when the node-wide handshake places are all taken, the oldest handshake
+in flight is cut instead, so stalled handshakes from many addresses cannot lock honest dialers
+out: an honest handshake takes milliseconds and is cut only if the places turn over faster.
 """
 
 from __future__ import annotations
@@ -33,11 +36,13 @@ class ConnectionGate:
     def __init__(self) -> None:
         self.connections: Counter[str] = Counter()
         self.handshakes: Counter[str] = Counter()
+        self.inflight: dict[Any, str] = {}  # connection -> address, oldest first
         self.live: set[Any] = set()  # the admitted connections, for status and tests
         self.refusals = SummaryLog()
 
     @property
     def total(self) -> int:
+        """Inbound connections open now, from accept until close."""
         return sum(self.connections.values())
 
     def refusal(self, address: str) -> str | None:
@@ -46,20 +51,31 @@ class ConnectionGate:
             return "too many connections"
         if self.connections[address] >= C.MAX_CONNECTIONS_PER_ADDRESS:
             return "too many connections from one address"
-        if sum(self.handshakes.values()) >= C.MAX_HANDSHAKES_IN_FLIGHT:
-            return "too many handshakes in flight"
         if self.handshakes[address] >= C.MAX_HANDSHAKES_PER_ADDRESS:
             return "too many handshakes in flight from one address"
         return None
 
-    def admit(self, address: str) -> None:
+    def admit(self, address: str, conn: Any) -> Any | None:
+        """Count `conn`, accepted from `address`: open, and in its handshake. Returns the oldest
+        handshake in flight, already uncounted, when the node-wide places were all taken: the
+        caller cuts it."""
+        evicted = None
+        if len(self.inflight) >= C.MAX_HANDSHAKES_IN_FLIGHT:
+            evicted = next(iter(self.inflight))
+            self.handshake_done(evicted)
         self.connections[address] += 1
         self.handshakes[address] += 1
+        self.inflight[conn] = address
+        return evicted
 
-    def handshake_done(self, address: str) -> None:
-        _decrement(self.handshakes, address)
+    def handshake_done(self, conn: Any) -> None:
+        """The handshake of `conn` ended (either way, or it was cut); a no-op the second time."""
+        address = self.inflight.pop(conn, None)
+        if address is not None:
+            _decrement(self.handshakes, address)
 
     def closed(self, address: str) -> None:
+        """A connection from `address` closed; once per `admit`."""
         _decrement(self.connections, address)
 
 
@@ -71,7 +87,9 @@ def _decrement(counter: Counter[str], key: str) -> None:
 
 @dataclass(frozen=True)
 class Listener:
-    """What the connections of one listening transport share."""
+    """What the connections of one listening transport share, and how they report: a refusal
+    at accept (`on_refused(reason)`) and a TLS handshake that failed or timed out
+    (`on_tls_failed(exc, address)`), both on the event loop, so they must not block."""
 
     gate: ConnectionGate
     tls: ssl.SSLContext
@@ -90,6 +108,8 @@ class GatedConnection(ServerConnection):
     _early: bytearray  # new → tls → open (websockets owns it) → released | refused
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """TCP accepted: refuse it (abort, no TLS) if over the gate's caps, else count it and
+        start TLS with reading paused, so nothing reaches websockets unencrypted."""
         raw = cast(asyncio.Transport, transport)
         self.address = address_group(raw.get_extra_info("peername"))
         reason = self.listener.gate.refusal(self.address)
@@ -98,7 +118,10 @@ class GatedConnection(ServerConnection):
             self.listener.on_refused(reason)
             raw.abort()
             return
-        self.listener.gate.admit(self.address)
+        evicted = self.listener.gate.admit(self.address, self)
+        if evicted is not None:
+            self.listener.on_refused("oldest handshake cut: all handshake places taken")
+            evicted.cut()
         self.listener.gate.live.add(self)
         self._state = "tls"
         self._early = bytearray()
@@ -134,19 +157,26 @@ class GatedConnection(ServerConnection):
 
     def handshake_finished(self) -> None:
         """The hello/auth handshake succeeded or failed: no longer a handshake in flight."""
-        if self._state in ("tls", "open"):
-            self.listener.gate.handshake_done(self.address)
-            self._state = "session" if self._state == "open" else self._state
+        self.listener.gate.handshake_done(self)
+        if self._state == "open":
+            self._state = "session"
+
+    def cut(self) -> None:
+        """Abort a handshake still in flight (the gate needs its place for a newer one)."""
+        if self._state == "tls":
+            self._raw.abort()  # start_tls fails and releases the rest
+        elif self._state == "open":
+            self.transport.abort()
 
     def _release(self) -> None:
-        if self._state in ("tls", "open"):
-            self.listener.gate.handshake_done(self.address)
+        self.listener.gate.handshake_done(self)
         if self._state in ("tls", "open", "session"):
             self.listener.gate.closed(self.address)
             self.listener.gate.live.discard(self)
             self._state = "released"
 
     def data_received(self, data: bytes) -> None:
+        """Decrypted bytes: to websockets once TLS is up, kept (bounded) while it completes."""
         if self._state in ("open", "session"):
             super().data_received(data)
         elif self._state == "tls":
@@ -157,10 +187,13 @@ class GatedConnection(ServerConnection):
                 self._raw.abort()  # start_tls then fails and releases the counts
 
     def eof_received(self) -> None:
+        """The peer closed its side: websockets hears of it only once it owns the connection."""
         if self._state in ("open", "session"):
             super().eof_received()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        """The socket is gone: websockets releases the counts through its close waiter once it
+        owns the connection; before that the gate's counts are released here."""
         if self._state in ("open", "session"):
             super().connection_lost(exc)
         else:

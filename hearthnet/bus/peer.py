@@ -7,6 +7,10 @@ queues. Requests in flight and subscriptions are fair shares of node-wide pools
 with an error where it can be, counted and logged with its NodeID; after PEER_MAX_PROTOCOL_ERRORS
 refused frames (malformed, oversized, too many JSON values, or requests answered `bad_request` or
 `payload_too_large`) the connection is closed. Other peers and the node are unaffected.
+
+The framing rules (a blob follows its announcement, which frames are refused, the count, request
+ids) are `hearthnet/bus/framing.py`, with no I/O; this module feeds it the socket's frames and
+carries out what it returns.
 """
 
 from __future__ import annotations
@@ -14,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import itertools
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -24,6 +27,7 @@ from websockets.exceptions import ConnectionClosed
 
 from hearthnet import constants as C
 from hearthnet.bus.bus import CallContext, CapabilityBus
+from hearthnet.bus.framing import Disconnect, Framing, FramingEvent, Received, Refused, blob_ref
 from hearthnet.bus.protocol import (
     BlobRef,
     EventMsg,
@@ -33,8 +37,6 @@ from hearthnet.bus.protocol import (
     Subscribe,
     Unsubscribe,
     _Msg,
-    decode,
-    encode,
 )
 from hearthnet.errors import ErrorCode, HearthnetError
 from hearthnet.eventlog import Event, EventLog
@@ -42,6 +44,7 @@ from hearthnet.eventlog.event import from_wire, to_wire
 from hearthnet.eventlog.store import Subscription
 from hearthnet.identity import NodeID
 from hearthnet.logs import get_logger
+from hearthnet.tasks import Spawner
 
 log = get_logger("hearthnet.peer")
 
@@ -56,6 +59,13 @@ async def _sha256(data: bytes) -> str:
     if len(data) < C.BLOB_FRAGMENT_BYTES:
         return hashlib.sha256(data).hexdigest()
     return await asyncio.to_thread(lambda: hashlib.sha256(data).hexdigest())
+
+
+async def _join(received: Received) -> bytes | None:
+    """A received blob as one bytes object; copying a large one runs off the event loop."""
+    if received.blob_size < C.BLOB_FRAGMENT_BYTES:
+        return received.join()
+    return await asyncio.to_thread(received.join)
 
 
 class RemoteSubscription:
@@ -123,14 +133,12 @@ class PeerConnection:
         self._bus = bus
         self._log = eventlog
         self._policy = policy
-        self._max_blob = max_blob
+        self._framing = Framing(max_blob)
         self._send_lock = asyncio.Lock()
-        self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[tuple[dict[str, Any], bytes | None]]] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = Spawner(f"peer {node_id}")
         self._subs_in: dict[int, asyncio.Task[None]] = {}
         self._subs_out: dict[int, RemoteSubscription] = {}
-        self._errors = 0
         self.closed = asyncio.Event()
 
     # --- sending ------------------------------------------------------------------------------
@@ -139,37 +147,15 @@ class PeerConnection:
         """A message and its blob leave back to back: no other frame can come between. The
         blob goes as one message in BLOB_FRAGMENT_BYTES frames, so the receiver can hash it as
         it arrives."""
+        text, fragments = self._framing.frames(msg, blob)
         async with self._send_lock:
-            await self.ws.send(encode(msg))
-            if blob is not None:
-                view = memoryview(blob)
-                step = C.BLOB_FRAGMENT_BYTES
-                await self.ws.send([view[i : i + step] for i in range(0, len(view), step)] or [b""])
+            await self.ws.send(text)
+            if fragments is not None:
+                await self.ws.send(fragments)
 
     @staticmethod
     async def _ref(blob: bytes | None) -> BlobRef | None:
-        if blob is None:
-            return None
-        sha = await _sha256(blob)
-        return BlobRef(sha=sha, size=len(blob))
-
-    async def _recv(self) -> str | tuple[bytes, str]:
-        """The next message: text, or binary with its SHA-256 computed fragment by fragment
-        while the rest is still arriving."""
-        fragments = self.ws.recv_streaming()
-        first = await anext(fragments)
-        if isinstance(first, str):
-            texts = [first]
-            async for part in fragments:
-                texts.append(str(part))
-            return "".join(texts)
-        digest = hashlib.sha256(first)
-        parts = [first]
-        async for part in fragments:
-            data = part.encode() if isinstance(part, str) else part
-            digest.update(data)
-            parts.append(data)
-        return b"".join(parts), digest.hexdigest()
+        return None if blob is None else blob_ref(blob, await _sha256(blob))
 
     async def request(
         self, cap: str, body: dict[str, Any], timeout: float, blob: bytes | None
@@ -178,27 +164,16 @@ class PeerConnection:
         `timeout`."""
         if self.closed.is_set():
             raise HearthnetError(ErrorCode.PEER_NOT_CONNECTED, f"peer {self.node_id} disconnected")
-        if len(self._pending) >= C.MAX_PENDING_CALLS_PER_PEER:
-            raise HearthnetError(ErrorCode.OVERLOADED, "too many calls pending to this peer")
-        if blob is not None and len(blob) > self._max_blob:
+        if blob is not None and len(blob) > self._framing.max_blob:  # before hashing it
             raise HearthnetError(ErrorCode.PAYLOAD_TOO_LARGE, "blob exceeds the transport limit")
-        req_id = next(self._ids)
+        req = self._framing.request(cap, body, timeout, await self._ref(blob))
+        req_id = req.id
         future: asyncio.Future[tuple[dict[str, Any], bytes | None]] = (
             asyncio.get_running_loop().create_future()
         )
         self._pending[req_id] = future
         try:
-            await self._send(
-                Request(
-                    t="req",
-                    id=req_id,
-                    cap=cap,
-                    body=body,
-                    timeout=timeout,
-                    blob=await self._ref(blob),
-                ),
-                blob,
-            )
+            await self._send(req, blob)
             async with asyncio.timeout(timeout):
                 return await future
         except TimeoutError:
@@ -211,12 +186,13 @@ class PeerConnection:
             ) from None
         finally:
             self._pending.pop(req_id, None)
+            self._framing.settled(req_id)
 
     async def subscribe(self, prefix: str, after_seq: int | None = None) -> RemoteSubscription:
         """Follow the peer's events under `prefix` (the backlog after `after_seq`, then live)."""
         if len(self._subs_out) >= C.MAX_SUBSCRIPTIONS_PER_PEER:
             raise HearthnetError(ErrorCode.OVERLOADED, "too many subscriptions to this peer")
-        sub_id = next(self._ids)
+        sub_id = self._framing.next_id()
         sub = RemoteSubscription(self, sub_id, prefix)
         self._subs_out[sub_id] = sub
         await self._send(Subscribe(t="sub", id=sub_id, prefix=prefix, after_seq=after_seq))
@@ -224,18 +200,21 @@ class PeerConnection:
 
     # --- receiving ----------------------------------------------------------------------------
 
-    def _bad(self, kind: str, message: str) -> None:
-        self._errors += 1
+    def _log_refused(self, kind: str, message: str) -> None:
         self.stats[kind] += 1
         log.warning("bad input from peer", peer=self.node_id, kind=kind, reason=message[:200])
 
-    async def _close_if_abusive(self) -> bool:
-        if self._errors < C.PEER_MAX_PROTOCOL_ERRORS:
-            return False
+    async def _bad(self, kind: str, message: str) -> None:
+        """Refuse input the framing could not judge (a duplicate subscription, an invalid
+        event): counted like a refused frame."""
+        self._log_refused(kind, message)
+        if self._framing.strike():
+            await self._disconnect()
+
+    async def _disconnect(self) -> None:
         if not self.closed.is_set():
             log.warning("closing peer after repeated bad input", peer=self.node_id)
         await self.ws.close(1008, "too many refused frames")
-        return True
 
     async def run(self) -> None:
         """Read frames until the connection closes; then fail everything waiting on it."""
@@ -250,66 +229,37 @@ class PeerConnection:
                     future.set_exception(
                         HearthnetError(ErrorCode.PEER_NOT_CONNECTED, f"peer {self.node_id} left")
                     )
-            for task in [*self._tasks, *self._subs_in.values()]:
+            self._tasks.cancel()
+            for task in self._subs_in.values():
                 task.cancel()
             for sub in list(self._subs_out.values()):
                 sub._deliver(None)
             self._subs_out.clear()
 
     async def _read_loop(self) -> None:
-        waiting: Request | Response | None = None  # announced a blob; its frame comes next
-        discard_next_binary = False
-        while True:
-            if await self._close_if_abusive():
+        """Feed each message's fragments to the framing as they arrive and act on what it
+        finds, until it says to disconnect."""
+        framing = self._framing
+        while not framing.closing:
+            async for part in self.ws.recv_streaming():
+                if not await self._act(framing.receive_fragment(part)):
+                    return
+            if not await self._act(framing.end_message()):
                 return
-            received = await self._recv()
-            if isinstance(received, tuple):
-                frame, frame_sha = received
-                if discard_next_binary:
-                    discard_next_binary = False
-                    continue
-                if waiting is None:
-                    self._bad("unexpected_binary", "binary frame without an announcement")
-                    continue
-                announced, waiting = waiting, None
-                ref = announced.blob
-                assert ref is not None
-                if len(frame) != ref.size or frame_sha != ref.sha:
-                    self._bad("blob_sha_mismatch", "blob does not match its announced SHA-256")
-                    err = HearthnetError(ErrorCode.BLOB_CORRUPT, "blob does not match its SHA-256")
-                    await self._fail(announced, err)
-                    continue
-                await self._handle(announced, frame)
-                continue
-            if waiting is not None:
-                self._bad("missing_blob", "announced blob did not follow")
-                await self._fail(waiting, HearthnetError(ErrorCode.BAD_REQUEST, "blob missing"))
-                waiting = None
-            try:
-                msg = decode(received)
-            except HearthnetError as exc:
-                self._bad(
-                    "oversize_frame"
-                    if exc.code is ErrorCode.PAYLOAD_TOO_LARGE
-                    else "malformed_frame",
-                    exc.message,
-                )
-                continue
-            if isinstance(msg, Request | Response) and msg.blob is not None:
-                if msg.blob.size > self._max_blob:
-                    self._bad("oversize_blob", f"announced blob of {msg.blob.size} bytes")
-                    discard_next_binary = True
-                    await self._fail(
-                        msg,
-                        HearthnetError(
-                            ErrorCode.PAYLOAD_TOO_LARGE,
-                            f"blob of {msg.blob.size} bytes exceeds {self._max_blob}",
-                        ),
-                    )
-                    continue
-                waiting = msg
-                continue
-            await self._handle(msg, None)
+
+    async def _act(self, events: list[FramingEvent]) -> bool:
+        """Carry out the framing's events; False once the connection is being closed."""
+        for event in events:
+            if isinstance(event, Received):
+                await self._handle(event.msg, await _join(event))
+            elif isinstance(event, Refused):
+                self._log_refused(event.kind, event.reason)
+                if event.answer is not None and event.error is not None:
+                    await self._fail(event.answer, event.error)
+            elif isinstance(event, Disconnect):
+                await self._disconnect()
+                return False
+        return True
 
     async def _fail(self, msg: Request | Response, err: HearthnetError) -> None:
         if isinstance(msg, Request):
@@ -332,7 +282,7 @@ class PeerConnection:
                     ),
                 )
                 return
-            self._spawn(self._serve(msg, blob))
+            self._tasks.spawn(self._serve(msg, blob), f"serve {msg.cap} #{msg.id}")
         elif isinstance(msg, Response):
             future = self._pending.get(msg.id)
             if future is None or future.done():
@@ -348,16 +298,11 @@ class PeerConnection:
             if task is not None:
                 task.cancel()
         elif isinstance(msg, EventMsg):
-            self._receive_event(msg)
-        else:  # hello/auth after the handshake
-            self._bad("unexpected_message", f"unexpected {msg.t!r} after the handshake")
-
-    def _spawn(self, coro: Any) -> None:
-        task: asyncio.Task[None] = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+            await self._receive_event(msg)
+        # hello/auth after the handshake are refused by the framing
 
     async def _serve(self, req: Request, blob: bytes | None) -> None:
+        refused = False
         try:
             ctx = CallContext(caller=self.node_id, local=False, blob=blob)
             try:
@@ -375,15 +320,15 @@ class PeerConnection:
             except HearthnetError as exc:
                 if exc.code in (ErrorCode.UNKNOWN_CAPABILITY, ErrorCode.BAD_REQUEST):
                     self.stats[exc.code.value] += 1
-                if exc.code in _REFUSED_INPUT:
-                    self._errors += 1  # a refused request counts like a malformed frame
+                refused = exc.code in _REFUSED_INPUT  # counts like a malformed frame
                 response, out_blob = (
                     Response(t="res", id=req.id, ok=False, error=exc.to_dict()),
                     None,
                 )
             with contextlib.suppress(ConnectionClosed):
                 await self._send(response, out_blob)
-                await self._close_if_abusive()
+                if refused and self._framing.strike():
+                    await self._disconnect()
         finally:
             self._bus.remote_calls.release(self.node_id)
 
@@ -396,7 +341,7 @@ class PeerConnection:
             if self._log is None:
                 raise HearthnetError(ErrorCode.OVERLOADED, "this node keeps no event log")
             if sub.id in self._subs_in:
-                self._bad("duplicate_subscription", f"subscription id {sub.id} is in use")
+                await self._bad("duplicate_subscription", f"subscription id {sub.id} is in use")
                 raise HearthnetError(ErrorCode.BAD_REQUEST, f"subscription id {sub.id} is in use")
             # first, so nothing falls between backlog and live; the store enforces fair shares
             live = self._log.subscribe(sub.prefix, peer=self.node_id)
@@ -405,7 +350,7 @@ class PeerConnection:
                 self.stats["subscription_refused"] += 1
             await self._send(EventMsg(t="evt", sub=sub.id, error=err.to_dict()))
             return
-        task: asyncio.Task[None] = asyncio.ensure_future(self._feed(sub, self._log, live))
+        task = self._tasks.spawn(self._feed(sub, self._log, live), f"feed {sub.prefix!r} #{sub.id}")
         self._subs_in[sub.id] = task
 
         def done(finished: asyncio.Task[None]) -> None:
@@ -442,7 +387,7 @@ class PeerConnection:
                 EventMsg(t="evt", sub=sub.id, error=error.to_dict() if error else None)
             )
 
-    def _receive_event(self, msg: EventMsg) -> None:
+    async def _receive_event(self, msg: EventMsg) -> None:
         sub = self._subs_out.get(msg.sub)
         if sub is None:
             return
@@ -453,7 +398,7 @@ class PeerConnection:
         try:
             sub._deliver(from_wire(msg.event, self.node_id))
         except HearthnetError as exc:
-            self._bad("event_invalid", exc.message)
+            await self._bad("event_invalid", exc.message)
 
     async def close(self, code: int = 1000, reason: str = "") -> None:
         """Close the WebSocket; `run` then fails whatever still waits on this peer."""

@@ -36,6 +36,7 @@ from hearthnet.errors import ErrorCode, HearthnetError
 from hearthnet.eventlog import EventLog
 from hearthnet.identity import NodeID, NodeIdentity
 from hearthnet.logs import get_logger
+from hearthnet.tasks import Spawner
 
 log = get_logger("hearthnet.transport")
 
@@ -102,7 +103,7 @@ class Transport:
         self.stats: Counter[str] = Counter()
         self.peers: dict[NodeID, PeerConnection] = {}
         self._server: Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = Spawner("transport")
         self._url_node: dict[str, NodeID] = {}
         self._changed = asyncio.Condition()
         self._peer_hooks: list[PeerHook] = []
@@ -138,7 +139,7 @@ class Transport:
             asyncio.get_running_loop(), self._server.sockets, self.stats
         )
         for peer in self.config.peers:
-            self._spawn(self._dial_loop(peer))
+            self._tasks.spawn(self._dial_loop(peer), f"dial {peer.url}")
 
     @property
     def listen_address(self) -> tuple[str, int]:
@@ -149,8 +150,7 @@ class Transport:
 
     async def stop(self) -> None:
         """Stop dialling, close every session and the listener, and wait for their tasks."""
-        for task in list(self._tasks):
-            task.cancel()
+        self._tasks.cancel()
         if self._server is not None:
             self._server.close()
         for peer in list(self.peers.values()):
@@ -158,15 +158,9 @@ class Transport:
                 await peer.close(1001, "node shutting down")
         if self._server is not None:
             await self._server.wait_closed()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.wait()
         if self._accept_errors is not None:
             self._accept_errors.close()
-
-    def _spawn(self, coro: Any) -> asyncio.Task[None]:
-        task: asyncio.Task[None] = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
 
     # --- handshake ----------------------------------------------------------------------------
 

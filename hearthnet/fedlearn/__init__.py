@@ -1,1 +1,1 @@
-"""Federated LoRA rounds (spec M28): manifests, deltas, aggregation, privacy, rounds."""
+"""Federated LoRA rounds (docs/architecture.md): manifests, deltas, aggregation, privacy, rounds."""

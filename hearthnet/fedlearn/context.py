@@ -17,6 +17,7 @@ from hearthnet.fedlearn.reputation import Observation, ReputationTable
 from hearthnet.fedlearn.reputation import fold as fold_reputation
 from hearthnet.identity import NodeIdentity
 from hearthnet.llm.service import LLMService
+from hearthnet.tasks import Spawner
 
 
 @dataclass
@@ -28,7 +29,7 @@ class FedContext:
     bus: CapabilityBus
     llm: LLMService
     transport: Any  # hearthnet.bus.transport.Transport (peers, subscribe, wait_for_peer)
-    tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+    tasks: Spawner = field(default_factory=lambda: Spawner("fedlearn"))
     # One condition for every round state change on this node (coordinator and participant),
     # so a waiter (`status --wait`, the participant driver) needs only one.
     changed: asyncio.Condition = field(default_factory=asyncio.Condition)
@@ -77,10 +78,7 @@ class FedContext:
 
     def spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
         """A background task that is cancelled when the node stops and logs its failure."""
-        task = asyncio.create_task(coro, name=name)
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-        return task
+        return self.tasks.spawn(coro, name)
 
     def model_shapes(self) -> dict[str, tuple[int, int]]:
         shapes = getattr(self.llm, "model_shapes", None)

@@ -1,4 +1,4 @@
-"""Training data providers (spec M28 §5.4): the trainer never reaches into other storage.
+"""Training data providers (docs/architecture.md): the trainer never reaches into other storage.
 
 `CustomFileProvider` reads operator-curated files for a topic: `<root>/<topic>.jsonl|.txt` and
 `<root>/<topic>/*.jsonl|*.txt`. JSON lines hold `{"text": ...}` or chat `{"messages": [...]}`

@@ -1,4 +1,4 @@
-"""LoRA deltas on the wire and on disk (spec M28 §4.1, §5.7).
+"""LoRA deltas on the wire and on disk (docs/architecture.md).
 
 A delta is a safetensors file (no pickle, dtype and shape preserved) whose metadata names the
 round, the participant and the manifest SHA. Untrusted bytes are size-checked before parsing,

@@ -1,15 +1,20 @@
-"""Round manifests (spec M28 §4.1, §5.2): what a round is, signed by its coordinator.
+"""Round manifests: what a round is, signed by its coordinator (docs/architecture.md).
 
 A draft is validated against the node's `FedLearnConfig` and the constants, then frozen into a
 `RoundManifest`, canonicalised (JCS) and signed. `SignedManifest` keeps the exact signed bytes:
 receivers verify those bytes and parse the manifest from them, never a re-serialisation.
 `manifest_sha` is the SHA-256 of the signed bytes.
+
+This module is the one place an announce's omitted fields are filled
+(`RoundManifestDraft.from_request`, then `build` for DP and clipping) and the one parser of a
+signed manifest (`SignedManifest.parse`; `from_wire` adds the verification).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Collection
+import secrets
+from collections.abc import Collection, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal, NewType, TypeVar
 
@@ -33,7 +38,21 @@ _ParamValue = int | float | str | bool
 _M = TypeVar("_M", bound=BaseModel)
 
 
+# What an announce may leave out, besides what the node fills from its model and config
+# (`RoundManifestDraft.from_request`). `topic` and `consent_text` have no default: an operator
+# writes them.
+DRAFT_DEFAULTS: dict[str, Any] = {
+    "lora_target_modules": ["q_proj", "v_proj"],
+    "lora_rank": 8,
+    "train_steps": 50,
+    "learning_rate": 1e-3,
+    "batch_size": 4,
+}
+DEFAULT_DEADLINE_IN_S = 3600
+
+
 def new_round_id() -> RoundID:
+    """A fresh round ID (a ULID: sortable by creation time)."""
     return RoundID(str(ULID()))
 
 
@@ -45,6 +64,7 @@ def format_ts(when: datetime) -> str:
 
 
 def parse_ts(text: str) -> datetime:
+    """The inverse of `format_ts`."""
     return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
 
 
@@ -123,6 +143,43 @@ class RoundManifestDraft(_RoundParams):
             fields["aggregation"] = {"rule": fields["aggregation"]}
         return _validated(cls, fields, "draft")
 
+    @classmethod
+    def from_request(
+        cls,
+        fields: Mapping[str, Any],
+        config: FedLearnConfig,
+        base_model_id: str,
+        base_model_sha: str,
+        now: datetime | None = None,
+    ) -> RoundManifestDraft:
+        """A draft from what the operator set (`round.announce`), the rest filled here:
+        `DRAFT_DEFAULTS`, this node's base model, a random seed, `[fedlearn]`
+        `min_round_participants`/`max_round_participants`, `lora_alpha` = 2 × `lora_rank`, and
+        a `deadline` `deadline_in_s` (default 1 h) from now. DP noise and clipping default in
+        `build`. The CLI and the service pass through only what was set."""
+        given = dict(fields)
+        filled: dict[str, Any] = {
+            **DRAFT_DEFAULTS,
+            "base_model_id": base_model_id,
+            "base_model_sha": base_model_sha,
+            "seed": secrets.randbelow(2**31),
+            "min_participants": config.min_round_participants,
+            "max_participants": config.max_round_participants,
+            **given,
+        }
+        if "lora_alpha" not in given and isinstance(filled["lora_rank"], int):
+            filled["lora_alpha"] = 2 * filled["lora_rank"]
+        seconds = filled.pop("deadline_in_s", DEFAULT_DEADLINE_IN_S)
+        if "deadline" not in filled:
+            if not isinstance(seconds, int | float) or not 0 < seconds <= C.FEDLEARN_MAX_DEADLINE_S:
+                raise HearthnetError(
+                    ErrorCode.MANIFEST_INVALID,
+                    f"deadline_in_s is out of range: more than 0, at most "
+                    f"{C.FEDLEARN_MAX_DEADLINE_S // 86400} days (--deadline-in)",
+                )
+            filled["deadline"] = (now or datetime.now(UTC)) + timedelta(seconds=float(seconds))
+        return cls.from_fields(filled)
+
     def build(
         self,
         identity: NodeIdentity,
@@ -154,6 +211,9 @@ class RoundManifestDraft(_RoundParams):
 
 
 class RoundManifest(_RoundParams):
+    """A signed round's terms: the draft's fields plus who coordinates, when, and the DP and
+    clipping the draft left to the node's config."""
+
     kind: Literal["hearthnet.fedlearn.manifest/1"]
     round_id: Annotated[str, Field(min_length=26, max_length=26)]
     coordinator: str
@@ -185,17 +245,21 @@ class RoundManifest(_RoundParams):
 
     @classmethod
     def from_fields(cls, fields: dict[str, Any]) -> RoundManifest:
+        """Validate; `manifest_invalid` names the first bad field."""
         return _validated(cls, fields, "manifest")
 
     @property
     def deadline_at(self) -> datetime:
+        """`deadline` as a datetime."""
         return parse_ts(self.deadline)
 
     @property
     def created_at_dt(self) -> datetime:
+        """`created_at` as a datetime."""
         return parse_ts(self.created_at)
 
     def to_json(self) -> dict[str, Any]:
+        """The fields as JSON values: what is canonicalised and signed."""
         return self.model_dump(mode="json")
 
 
@@ -300,6 +364,7 @@ class SignedManifest:
 
     @classmethod
     def sign(cls, manifest: RoundManifest, identity: NodeIdentity) -> SignedManifest:
+        """Canonicalise and sign; only the manifest's own coordinator may."""
         if manifest.coordinator != identity.node_id:
             raise HearthnetError(ErrorCode.MANIFEST_INVALID, "coordinator is not the signer")
         body = canonical_bytes(manifest.to_json())
@@ -307,31 +372,44 @@ class SignedManifest:
 
     @property
     def round_id(self) -> RoundID:
+        """The manifest's round."""
         return RoundID(self.manifest.round_id)
 
     @property
     def coordinator_sig(self) -> bytes:
+        """The coordinator's Ed25519 signature over `body`."""
         return self.signature
 
     @property
     def manifest_sha(self) -> str:
+        """SHA-256 of the signed bytes: how receipts and results name the manifest."""
         return sha256_hex(self.body)
 
     def to_wire(self) -> dict[str, str]:
+        """`{body, signature}` (a `protocol.SignedDoc`), as offers and log records carry it."""
         return {"body": self.body.decode("utf-8"), "signature": self.signature.hex()}
 
     @classmethod
-    def from_wire(cls, data: Any, roster: Collection[str]) -> SignedManifest:
-        """Parse and verify a manifest received from anywhere; any failure is
-        `signature_invalid`, saying no more (spec §5.3: bystanders learn nothing useful)."""
+    def parse(cls, body: str, signature: str) -> SignedManifest:
+        """The one parser of a signed manifest, without verifying it: for bytes verified before
+        (log records, an adapter checked by `verify`) and under `from_wire`. Any failure is
+        `signature_invalid` "manifest rejected", saying no more."""
         try:
-            body = data["body"].encode("utf-8")
-            signature = bytes.fromhex(data["signature"])
-            fields = parse_canonical(body)
-            manifest = RoundManifest.model_validate(fields)
-        except (HearthnetError, KeyError, TypeError, AttributeError, ValueError):
+            raw = body.encode("utf-8")
+            manifest = RoundManifest.model_validate(parse_canonical(raw))
+            return cls(manifest, raw, bytes.fromhex(signature))
+        except (HearthnetError, TypeError, AttributeError, ValueError):
             raise HearthnetError(ErrorCode.SIGNATURE_INVALID, "manifest rejected") from None
-        signed = cls(manifest, body, signature)
+
+    @classmethod
+    def from_wire(cls, data: Any, roster: Collection[str]) -> SignedManifest:
+        """Parse and verify a manifest received from anywhere (`{body, signature}`); any failure
+        is `signature_invalid`, saying no more: a bystander learns nothing about why."""
+        try:
+            body, signature = data["body"], data["signature"]
+        except (KeyError, TypeError):
+            raise HearthnetError(ErrorCode.SIGNATURE_INVALID, "manifest rejected") from None
+        signed = cls.parse(body, signature)
         signed.verify(roster)
         return signed
 

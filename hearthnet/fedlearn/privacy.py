@@ -1,4 +1,4 @@
-"""Clipping, DP noise and the privacy estimate (spec M28 §4.6).
+"""Clipping, DP noise and the privacy estimate (README.md, "Federated learning: the data plane").
 
 What the numbers mean. A participant clips its whole LoRA delta to L2 norm `clip_norm` and adds
 Gaussian noise of standard deviation `dp_noise_scale` once, before submitting. For one round that

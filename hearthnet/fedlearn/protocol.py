@@ -1,8 +1,8 @@
-"""Round messages (spec M28 §4.1–4.2): capability requests and responses, and signed documents.
+"""Round messages (docs/architecture.md): capability requests and responses, and signed documents.
 
 Pure data: no I/O. Signed documents (join receipts, round results) are JCS-canonical JSON signed
 with Ed25519 and travel as `{body, signature}`; receivers verify the exact bytes, then parse them
-(DESIGN.md §2), the same way manifests do.
+(never a re-serialisation), the same way manifests do.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ class SignedDoc(_Msg):
 
 
 class JoinReceipt(_Msg):
-    """The coordinator's participation token (spec §9, M16): binds one participant to one
+    """The coordinator's participation token (docs/architecture.md): binds one participant to one
     round; a submission must present it."""
 
     kind: Literal["hearthnet.fedlearn.receipt/1"] = "hearthnet.fedlearn.receipt/1"
@@ -100,12 +100,15 @@ class AuditEntry(_Msg):
 
 
 class SubmissionRef(_Msg):
-    """One included submission as the aggregator used it, so its participant (or anyone holding
-    the signed submission) can check the result against what was signed."""
+    """One included submission as the aggregator used it, with its participant's signature, so
+    an aggregator cannot list an entry nobody signed, and anyone holding another signed
+    submission of that participant sees the conflict."""
 
     participant: NodeIdField
     delta_sha: Sha
-    num_samples: int
+    num_samples: Annotated[int, Field(ge=1, le=C.FEDLEARN_MAX_NUM_SAMPLES)]
+    steps: Annotated[int, Field(ge=1, le=C.FEDLEARN_MAX_TRAIN_STEPS)] | None = None
+    signature: Annotated[str, Field(pattern=r"^[0-9a-f]{128}$")]
 
 
 class RoundResult(_Msg):
@@ -136,12 +139,13 @@ class RoundResult(_Msg):
 
 
 class Empty(_Msg):
-    pass
+    """A request or response with no fields."""
 
 
-class ManifestWire(_Msg):
-    body: Annotated[str, Field(max_length=C.FEDLEARN_SIGNED_DOC_MAX_CHARS)]
-    signature: Annotated[str, Field(max_length=256)]
+class Ack(_Msg):
+    """The answer of a call whose only news is that it was taken."""
+
+    ok: bool = True
 
 
 class AnnounceRequest(_Msg):
@@ -157,7 +161,9 @@ class AnnounceResponse(_Msg):
 
 
 class OfferRequest(_Msg):
-    manifest: ManifestWire
+    """A coordinator's signed manifest, as `SignedManifest.to_wire` writes it."""
+
+    manifest: SignedDoc
 
 
 class ListRequest(_Msg):
@@ -260,6 +266,13 @@ class ReputationResponse(_Msg):
 
 class ResultPush(_Msg):
     result: SignedDoc
+
+
+class HandoverRequest(_Msg):
+    """A takeover node asks a participant for its submission, showing its own join receipt."""
+
+    round_id: str
+    receipt: SignedDoc
 
 
 class HandoverResponse(_Msg):

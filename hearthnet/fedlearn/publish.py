@@ -16,14 +16,15 @@ from safetensors.torch import load as torch_load
 from safetensors.torch import save as torch_save
 
 from hearthnet import constants as C
-from hearthnet.canonical import parse_canonical, sha256_hex
+from hearthnet.canonical import sha256_hex
 from hearthnet.errors import ErrorCode, HearthnetError
 from hearthnet.fedlearn.delta import canonical_safetensors, read_header
 from hearthnet.fedlearn.lora import A_SUFFIX, B_SUFFIX, ModelShapes, target_layers
-from hearthnet.fedlearn.manifest import RoundManifest, SignedManifest, format_ts
+from hearthnet.fedlearn.manifest import SignedManifest, format_ts
 from hearthnet.fedlearn.protocol import AuditEntry, Exclusion, RoundResult, SubmissionRef
+from hearthnet.fedlearn.submission import ParticipantSubmission
 
-FETCH_CAPABILITY = "experimental.fedlearn.adapter.fetch"
+FETCH_CAPABILITY = C.FEDLEARN_CAP_PREFIX + "adapter.fetch"
 
 
 @dataclass(frozen=True)
@@ -34,8 +35,8 @@ class Aggregate:
     included: list[str]
     total_samples: int
     audit: list[AuditEntry] = field(default_factory=list)
-    # participant -> (delta_sha, num_samples) of the signed submission that went in
-    signed: dict[str, tuple[str, int]] = field(default_factory=dict)
+    # participant -> the signed submission that went in
+    signed: dict[str, ParticipantSubmission] = field(default_factory=dict)
 
 
 def adapter_bytes(tensors: Mapping[str, torch.Tensor], signed: SignedManifest) -> bytes:
@@ -58,9 +59,7 @@ def read_adapter(data: bytes) -> tuple[dict[str, torch.Tensor], SignedManifest]:
     if metadata.get("format") != C.FEDLEARN_ADAPTER_FORMAT:
         raise HearthnetError(ErrorCode.DELTA_INVALID, "not a hearthnet adapter")
     try:
-        body = metadata["manifest"].encode("utf-8")
-        manifest = RoundManifest.model_validate(parse_canonical(body))
-        signed = SignedManifest(manifest, body, bytes.fromhex(metadata["manifest_signature"]))
+        signed = SignedManifest.parse(metadata["manifest"], metadata["manifest_signature"])
         tensors = torch_load(data)
     except (KeyError, ValueError, HearthnetError) as exc:
         raise HearthnetError(ErrorCode.DELTA_INVALID, f"adapter unreadable: {exc}") from None
@@ -105,6 +104,8 @@ def build_result(
     takeover: bool,
     now: datetime | None = None,
 ) -> RoundResult:
+    """The round's result document (signed by the caller): what went in, what the rule did, and
+    where the adapter is fetched."""
     sha = sha256_hex(aggregate.adapter)
     m = signed.manifest
     return RoundResult(
@@ -125,7 +126,13 @@ def build_result(
         rule_params=dict(m.aggregation.params),
         audit=aggregate.audit,
         submissions=[
-            SubmissionRef(participant=p, delta_sha=sha, num_samples=n)
-            for p, (sha, n) in ((p, aggregate.signed[p]) for p in aggregate.included)
+            SubmissionRef(
+                participant=p,
+                delta_sha=sub.delta_sha,
+                num_samples=sub.num_samples,
+                steps=sub.steps,
+                signature=sub.signature,
+            )
+            for p, sub in ((p, aggregate.signed[p]) for p in aggregate.included)
         ],
     )

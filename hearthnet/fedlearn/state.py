@@ -12,17 +12,17 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from hearthnet.canonical import parse_canonical
 from hearthnet.errors import ErrorCode, HearthnetError
 from hearthnet.eventlog import Event
-from hearthnet.fedlearn.manifest import RoundManifest, SignedManifest
+from hearthnet.fedlearn import events as ev
+from hearthnet.fedlearn.manifest import SignedManifest
 from hearthnet.fedlearn.masks import MaskKeyAnnouncement
 from hearthnet.fedlearn.protocol import SignedDoc
 from hearthnet.fedlearn.submission import ParticipantSubmission
 
-ROUND_PREFIX = "fedlearn.round."
-MEMBER_PREFIX = "fedlearn.participant."
-CONSENT_EVENT = "fedlearn.consent.granted"
+ROUND_PREFIX = ev.ROUND_PREFIX
+MEMBER_PREFIX = ev.MEMBER_PREFIX
+CONSENT_EVENT = ev.CONSENT_EVENT
 
 
 class Phase(StrEnum):
@@ -108,32 +108,41 @@ class RoundRecord:
                 f"round {self.round_id}: {suffix} not allowed when {self.phase}"
             )
 
-    def apply(self, suffix: str, payload: dict[str, Any]) -> None:
+    def apply(self, suffix: str, payload: ev.Payload | dict[str, Any]) -> None:
+        """Fold one coordinator event (a typed payload, or its stored JSON) into the round."""
         self.check(suffix)
-        if suffix == "joined":
-            self.joined[payload["participant"]] = SignedDoc.model_validate(payload["receipt"])
-        elif suffix == "mask_key":
-            ann = MaskKeyAnnouncement.model_validate(payload["announcement"])
-            self.masks[ann.participant] = ann
-        elif suffix == "roster":
-            self.roster = list(payload["participants"])
-        elif suffix == "submitted":
-            sub = ParticipantSubmission.model_validate(payload["submission"])
-            self.submissions[sub.participant] = Submitted(sub, payload["blob_sha"])
-        elif suffix == "rejected":
+        if isinstance(payload, dict):
+            payload = ev.ROUND_EVENTS[suffix].model_validate({"round_id": self.round_id, **payload})
+        if isinstance(payload, ev.Joined):
+            self.joined[payload.participant] = payload.receipt
+        elif isinstance(payload, ev.MaskKey):
+            self.masks[payload.announcement.participant] = payload.announcement
+        elif isinstance(payload, ev.Roster):
+            self.roster = list(payload.participants)
+        elif isinstance(payload, ev.Submitted):
+            sub = payload.submission
+            self.submissions[sub.participant] = Submitted(sub, payload.blob_sha)
+        elif isinstance(payload, ev.Rejected):
             self.rejected.append(
-                {k: str(payload[k]) for k in ("participant", "code", "reason") if k in payload}
+                {"participant": payload.participant, "code": payload.code, "reason": payload.reason}
             )
+        elif isinstance(payload, ev.Aggregated):
+            self.adapter_sha = payload.adapter_sha
+        elif isinstance(payload, ev.Completed):
+            self.result = payload.result
+            self.phase = Phase.COMPLETED
+        elif isinstance(payload, ev.Aborted):
+            self.abort = {"code": payload.code, "reason": payload.reason}
+            self.phase = Phase.ABORTED
         elif suffix == "aggregating":
             self.phase = Phase.AGGREGATING
-        elif suffix == "aggregated":
-            self.adapter_sha = payload["adapter_sha"]
-        elif suffix == "completed":
-            self.result = SignedDoc.model_validate(payload["result"])
-            self.phase = Phase.COMPLETED
-        elif suffix == "aborted":
-            self.abort = {"code": payload["code"], "reason": payload["reason"]}
-            self.phase = Phase.ABORTED
+
+    def rejections(self) -> dict[str, str]:
+        """Each rejected participant's first refusal, as `code: reason`."""
+        out: dict[str, str] = {}
+        for r in self.rejected:
+            out.setdefault(r["participant"], f"{r['code']}: {r['reason']}")
+        return out
 
 
 @dataclass
@@ -173,38 +182,43 @@ class Membership:
                 f"round {self.round_id}: {suffix} not allowed when {self.stage}"
             )
 
-    def apply(self, suffix: str, payload: dict[str, Any]) -> None:
+    def apply(self, suffix: str, payload: ev.Payload) -> None:
+        """Fold one of this node's participant events (typed: `events.MEMBER_EVENTS`)."""
         self.check(suffix)
         if suffix == "consent":
             self.stage = Stage.CONSENTED
-        elif suffix == "joined":
-            self.receipt = SignedDoc.model_validate(payload["receipt"])
+        elif suffix == "joined" and isinstance(payload, ev.MemberJoined):
+            self.receipt = payload.receipt
             self.stage = Stage.JOINED
-        elif suffix == "trained":
-            self.trained_sha = payload["blob_sha"]
-            self.num_samples = int(payload["num_samples"])
-            self.train_loss = float(payload["train_loss"])
-            self.steps = int(payload["steps"]) if "steps" in payload else None
+        elif suffix == "trained" and isinstance(payload, ev.Trained):
+            self.trained_sha = payload.blob_sha
+            self.num_samples = payload.num_samples
+            self.train_loss = payload.train_loss
+            self.steps = payload.steps
             self.stage = Stage.TRAINED
-        elif suffix == "submitted":
-            self.submission = ParticipantSubmission.model_validate(payload["submission"])
-            self.submitted_sha = payload["blob_sha"]
+        elif suffix == "submitted" and isinstance(payload, ev.MemberSubmitted):
+            self.submission = payload.submission
+            self.submitted_sha = payload.blob_sha
             self.stage = Stage.SUBMITTED
-        elif suffix == "completed":
-            self.result = SignedDoc.model_validate(payload["result"])
+        elif suffix == "completed" and isinstance(payload, ev.Completed):
+            self.result = payload.result
             self.stage = Stage.COMPLETED
-        elif suffix == "aborted":
-            self.abort = {"code": payload["code"], "reason": payload["reason"]}
+        elif suffix == "aborted" and isinstance(payload, ev.Aborted):
+            self.abort = {"code": payload.code, "reason": payload.reason}
             self.stage = Stage.ABORTED
+        else:
+            raise InvalidTransition(f"round {self.round_id}: {suffix} with a wrong payload")
 
 
 def manifest_of(payload: dict[str, Any]) -> SignedManifest:
     """The manifest stored in an announced/offered event (already verified when recorded)."""
     wire = payload["manifest"]
-    body = wire["body"].encode("utf-8")
-    return SignedManifest(
-        RoundManifest.model_validate(parse_canonical(body)), body, bytes.fromhex(wire["signature"])
-    )
+    return SignedManifest.parse(wire["body"], wire["signature"])
+
+
+def signed_manifest(doc: SignedDoc) -> SignedManifest:
+    """The manifest an `Announced` event stored (already verified when it was recorded)."""
+    return SignedManifest.parse(doc.body, doc.signature)
 
 
 def fold_rounds(events: list[Event]) -> dict[str, RoundRecord]:
@@ -214,11 +228,14 @@ def fold_rounds(events: list[Event]) -> dict[str, RoundRecord]:
         if not event.type.startswith(ROUND_PREFIX):
             continue
         suffix = event.type.removeprefix(ROUND_PREFIX)
-        payload = event.payload
-        if suffix == "announced":
-            rounds[payload["round_id"]] = RoundRecord(manifest_of(payload))
-        elif payload.get("round_id") in rounds:
-            rounds[payload["round_id"]].apply(suffix, payload)
+        model = ev.ROUND_EVENTS.get(suffix)
+        if model is None:
+            continue
+        payload = model.model_validate(event.payload)
+        if isinstance(payload, ev.Announced):
+            rounds[payload.round_id] = RoundRecord(signed_manifest(payload.manifest))
+        elif payload.round_id in rounds:
+            rounds[payload.round_id].apply(suffix, payload)
     return rounds
 
 
@@ -236,5 +253,7 @@ def fold_memberships(events: list[Event]) -> dict[str, Membership]:
         if suffix == "offered":
             members.setdefault(payload["round_id"], Membership(manifest_of(payload)))
         elif payload.get("round_id") in members:
-            members[payload["round_id"]].apply(suffix, payload)
+            member = members[payload["round_id"]]
+            member.check(suffix)
+            member.apply(suffix, ev.MEMBER_EVENTS[suffix].model_validate(payload))
     return members

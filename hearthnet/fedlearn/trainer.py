@@ -1,4 +1,4 @@
-"""QLoRA training of one round's adapter (spec M28 §5.4): 4-bit base, LoRA from peft.
+"""QLoRA training of one round's adapter (docs/architecture.md): 4-bit base, LoRA from peft.
 
 A is initialised from the manifest seed exactly as the aggregator derives it (`frozen_a` freezes
 it; the other modes train it from that start); B starts at zero. Batches are drawn with a

@@ -14,6 +14,7 @@ from collections.abc import Collection, Mapping
 from hearthnet.errors import ErrorCode, HearthnetError
 from hearthnet.fedlearn.protocol import RoundResult
 from hearthnet.fedlearn.submission import ParticipantSubmission
+from hearthnet.identity import NodeID, verify
 
 
 def check_listing(
@@ -45,6 +46,15 @@ def check_listing(
             f"result includes {strangers[0][:16]}…, which this node never saw join the round",
             {"strangers": strangers},
         )
+    for entry in result.submissions:  # every entry is what its participant signed
+        signed = ParticipantSubmission.signing_bytes(
+            result.round_id, entry.participant, entry.delta_sha, entry.num_samples, entry.steps
+        )
+        if not verify(NodeID(entry.participant), signed, bytes.fromhex(entry.signature)):
+            raise HearthnetError(
+                ErrorCode.SIGNATURE_INVALID,
+                f"result lists a submission of {entry.participant[:16]}… that it never signed",
+            )
     if mine is None:
         return
     if me in result.included:
@@ -76,8 +86,21 @@ def held_for_recompute(
     missing: list[str] = []
     for ref in result.submissions:
         sub = held.get(ref.participant)
-        if sub is None or sub.delta_sha != ref.delta_sha or sub.num_samples != ref.num_samples:
+        if sub is None:
             missing.append(ref.participant)
+        elif (sub.delta_sha, sub.num_samples, sub.steps) != (
+            ref.delta_sha,
+            ref.num_samples,
+            ref.steps,
+        ):
+            # Both signed by the participant (check_listing verified the entry): it signed two
+            # submissions for one round, or the aggregator found another; either way this node
+            # cannot tell which went in, and a forged aggregate would hide behind the choice.
+            raise HearthnetError(
+                ErrorCode.SIGNATURE_INVALID,
+                f"result lists a submission of {ref.participant[:16]}… other than the one this "
+                "node holds signed by it",
+            )
         else:
             use[ref.participant] = sub
     return use, missing

@@ -116,7 +116,7 @@ async def _main(kind: str, port: int, arg: str, sources: list[str]) -> list[str]
         return list(
             await asyncio.gather(*(partial_frame_attack(port, int(arg), s) for s in sources))
         )
-    return [await pre_tls(port, int(arg), s) for s in sources]
+    return list(await asyncio.gather(*(pre_tls(port, int(arg), s) for s in sources)))
 
 
 if __name__ == "__main__":

@@ -545,6 +545,31 @@ async def test_sockets_stalled_before_tls_are_cut_at_accept_and_cost_little(make
     assert joined_in < 5.0
 
 
+async def test_stalled_handshakes_from_many_addresses_cannot_lock_honest_peers_out(
+    make_node, monkeypatch
+):
+    """A review filled all handshake places from 8 addresses × 4 and every honest dial was
+    refused for as long as that lasted. Now a full gate cuts its oldest handshake for a new
+    one: 40 addresses × 4 stalled handshakes (more than the 128 places) and an honest peer
+    from yet another address still connects."""
+    a = await make_node("a")
+    port = a.transport.listen_address[1]
+    sources = [f"127.0.1.{i}" for i in range(1, 41)]
+    monkeypatch.setenv("HOLD_S", "6")  # the attackers hold their places this long
+    attack = asyncio.ensure_future(run_attackers("pre_tls", port, "4", *sources))
+    async with asyncio.timeout(10):
+        while len(a.transport.gate.inflight) < C.MAX_HANDSHAKES_IN_FLIGHT:
+            await asyncio.sleep(0.05)
+    good = await make_node("good", peers=[a.listen_url])
+    await a.wait_for_peer(good.node_id, timeout=4)  # while every place is still held
+    assert (await good.bus.call("node.info", peer=a.node_id)).name == "a"
+    await attack
+    assert len(a.transport.gate.inflight) <= C.MAX_HANDSHAKES_IN_FLIGHT
+    async with asyncio.timeout(10):  # every place is given back
+        while a.transport.gate.live - {p.ws for p in a.transport.peers.values()}:
+            await asyncio.sleep(0.05)
+
+
 def test_per_address_caps_group_ipv6_by_its_64():
     from hearthnet.bus.limits import address_group as _host
 

@@ -8,10 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from hearthnet.config import config_from_dict
+from hearthnet.constants import FEDLEARN_CAP_PREFIX as CAP
 from hearthnet.identity import NodeIdentity
 from hearthnet.node import Node
-
-CAP = "experimental.fedlearn."
 
 CORPUS = {
     "alice": "The river Niers floods the meadows near Goch every spring.",

@@ -206,3 +206,42 @@ def test_naive_deadline_is_refused(coordinator):
     with pytest.raises(HearthnetError) as exc:
         draft.build(coordinator, FedLearnConfig())
     assert exc.value.code is ErrorCode.MANIFEST_INVALID
+
+
+def test_from_request_fills_what_the_operator_left_out():
+    config = FedLearnConfig(min_round_participants=2, max_round_participants=5)
+    now = datetime(2030, 1, 1, tzinfo=UTC)
+    given = {"topic": "village", "consent_text": "ok", "lora_rank": 4}
+    draft = RoundManifestDraft.from_request(given, config, "tiny-llama", "ab" * 32, now=now)
+    assert draft.base_model_id == "tiny-llama" and draft.base_model_sha == "ab" * 32
+    assert (draft.lora_rank, draft.lora_alpha) == (4, 8)  # alpha follows the operator's rank
+    assert draft.lora_target_modules == ("q_proj", "v_proj") and draft.train_steps == 50
+    assert (draft.min_participants, draft.max_participants) == (2, 5)  # from [fedlearn]
+    assert draft.deadline == now + timedelta(hours=1)
+    assert draft.dp_noise_scale is None and draft.clip_norm is None  # `build` fills these
+    set_all = {**given, "lora_alpha": 3, "deadline_in_s": 60, "min_participants": 3}
+    draft = RoundManifestDraft.from_request(set_all, config, "m", "ab" * 32, now=now)
+    assert draft.lora_alpha == 3 and draft.min_participants == 3
+    assert draft.deadline == now + timedelta(seconds=60)
+    with raises_code(ErrorCode.MANIFEST_INVALID) as exc:
+        RoundManifestDraft.from_request({**given, "deadline_in_s": 0}, config, "m", "ab" * 32)
+    assert "--deadline-in" in exc.value.message
+    with raises_code(ErrorCode.MANIFEST_INVALID) as exc:
+        RoundManifestDraft.from_request({"topic": "village"}, config, "m", "ab" * 32)
+    assert "consent_text" in exc.value.message  # no default: the operator writes it
+
+
+def test_parse_reads_without_verifying_and_rejects_garbage(make_manifest):
+    signed = make_manifest()
+    wire = signed.to_wire()
+    parsed = SignedManifest.parse(wire["body"], wire["signature"])
+    assert (parsed.body, parsed.signature) == (signed.body, signed.signature)
+    assert parsed.manifest == signed.manifest
+    forged = SignedManifest.parse(wire["body"], "00" * 64)  # no verification on this path
+    assert forged.manifest_sha == signed.manifest_sha
+    for body, sig in ((wire["body"], "not hex"), ("{}", wire["signature"]), ("[", "00")):
+        with raises_code(ErrorCode.SIGNATURE_INVALID) as exc:
+            SignedManifest.parse(body, sig)
+        assert exc.value.message == "manifest rejected"
+    with raises_code(ErrorCode.SIGNATURE_INVALID):
+        SignedManifest.from_wire({"body": wire["body"]}, roster=[signed.manifest.coordinator])

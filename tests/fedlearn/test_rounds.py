@@ -240,7 +240,7 @@ async def test_a_takeover_node_refuses_a_result_its_handed_submissions_disprove(
     other adapter values, then one listing the taker's own submission under another SHA. The
     taker holds every listed submission: it recomputes and refuses the first, refuses the second
     on its own entry, records a security event, and installs and serves neither."""
-    from hearthnet.fedlearn.participant import preference
+    from hearthnet.fedlearn.machines.taker import preference
     from hearthnet.fedlearn.publish import adapter_bytes, check_adapter
 
     c = await start_cluster(tmp_path, ["alice", "bob", "carol", "dave"], tiny_model_dir)
@@ -293,11 +293,13 @@ async def test_a_takeover_node_refuses_a_result_its_handed_submissions_disprove(
                 base.model_copy(update={"aggregated_delta_sha": forged_sha, "submissions": wrong})
             )
         assert exc.value.code is ErrorCode.SIGNATURE_INVALID
-        assert "another delta SHA" in exc.value.message
+        assert "never signed" in exc.value.message
         # A review's bypasses: list a phantom participant nobody holds, or nothing at all, so
         # that no node could recompute. Both are refused before any recomputation is skipped.
         phantom = NodeIdentity.generate().node_id
-        ghost = SubmissionRef(participant=phantom, delta_sha="ab" * 32, num_samples=1)
+        ghost = SubmissionRef(
+            participant=phantom, delta_sha="ab" * 32, num_samples=1, signature="00" * 64
+        )
         for dodge in (
             {
                 "included": [*taken.included, phantom],

@@ -70,7 +70,7 @@ def test_own_entry_must_be_what_this_node_signed(tmp_path, make_manifest):
     ]
     with raises_code(ErrorCode.SIGNATURE_INVALID) as exc:
         check_listing(result.model_copy(update={"submissions": refs}), me, subs[me], set(subs))
-    assert "another delta SHA" in exc.value.message
+    assert "never signed" in exc.value.message  # an aggregator cannot sign for a participant
     fewer = [
         r.model_copy(update={"num_samples": r.num_samples + 1}) if r.participant == me else r
         for r in result.submissions
@@ -92,7 +92,9 @@ def test_a_result_cannot_dodge_recomputation_by_its_listing(tmp_path, make_manif
     _, people, subs, _, _, result = _round(tmp_path, make_manifest)
     me = people[1].node_id
     phantom = NodeIdentity.generate().node_id
-    ghost = SubmissionRef(participant=phantom, delta_sha="ab" * 32, num_samples=1)
+    ghost = SubmissionRef(
+        participant=phantom, delta_sha="ab" * 32, num_samples=1, signature="00" * 64
+    )
     forged = [
         result.model_copy(
             update={
@@ -147,6 +149,59 @@ def test_holding_only_some_submissions_checks_no_sha(tmp_path, make_manifest):
     assert use == {me: subs[me]} and missing == sorted(set(subs) - {me})
     other = people[1].node_id
     resigned = ParticipantSubmission.create(people[1], result.round_id, b"other", 11, 0.1)
-    _, missing = held_for_recompute(result, {**subs, other: resigned})  # a different signed one
-    assert missing == [other]
+    with raises_code(ErrorCode.SIGNATURE_INVALID) as exc:  # two signed submissions conflict
+        held_for_recompute(result, {**subs, other: resigned})
+    assert "other than the one this node holds" in exc.value.message
+
+
+def test_every_entry_carries_its_participants_signature(tmp_path, make_manifest):
+    """A review listed a participant that joined but never submitted, with a made-up SHA (or
+    changed num_samples, or a negative count) so no holder could recompute: the entry must
+    carry that participant's own signature."""
+    import pydantic
+    import pytest
+
+    _, people, subs, _, _, result = _round(tmp_path, make_manifest)
+    me = people[0].node_id
+    dave = NodeIdentity.generate()
+    made_up = SubmissionRef(
+        participant=dave.node_id, delta_sha="cd" * 32, num_samples=3, signature="11" * 64
+    )
+    forged = result.model_copy(
+        update={
+            "included": [*result.included, dave.node_id],
+            "submissions": [*result.submissions, made_up],
+            "total_samples": result.total_samples + 3,
+        }
+    )
+    known = {*subs, dave.node_id}  # dave joined: this node saw it
+    with raises_code(ErrorCode.SIGNATURE_INVALID) as exc:
+        check_listing(forged, me, subs[me], known)
+    assert "never signed" in exc.value.message
+    bumped = [
+        r.model_copy(update={"num_samples": r.num_samples + 1}) if r.participant != me else r
+        for r in result.submissions
+    ]
+    with raises_code(ErrorCode.SIGNATURE_INVALID):
+        check_listing(
+            result.model_copy(
+                update={"submissions": bumped, "total_samples": result.total_samples + 2}
+            ),
+            me,
+            subs[me],
+            set(subs),
+        )
+    with pytest.raises(pydantic.ValidationError):
+        SubmissionRef.model_validate({**made_up.model_dump(), "num_samples": -5})
+    # What dave really signed, but this node does not hold: a consistent entry, checked in part.
+    real = ParticipantSubmission.create(dave, result.round_id, b"dave's", 3, 0.1)
+    signed_entry = SubmissionRef(
+        participant=dave.node_id,
+        delta_sha=real.delta_sha,
+        num_samples=3,
+        signature=real.signature,
+    )
+    honest = forged.model_copy(update={"submissions": [*result.submissions, signed_entry]})
+    check_listing(honest, me, subs[me], known)
+    assert held_for_recompute(honest, subs)[1] == [dave.node_id]
     assert isinstance(result.submissions[0], SubmissionRef)

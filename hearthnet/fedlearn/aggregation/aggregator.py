@@ -1,4 +1,4 @@
-"""Weighted FedAvg over LoRA deltas (spec M28 §4.5, §5.5; DESIGN.md §4).
+"""Weighted FedAvg over LoRA deltas (docs/architecture.md).
 
 Deterministic: participants are taken in NodeID order and every mean is computed exactly
 (`exact.py`), so the same submissions give the same bytes on any node. Streaming: tensors are
@@ -39,7 +39,7 @@ from hearthnet.fedlearn.lora import (
     A_SUFFIX,
     B_SUFFIX,
     ModelShapes,
-    derive_lora_a,
+    complete_adapter,
     expected_shapes,
     target_layers,
 )
@@ -119,9 +119,9 @@ class _Aggregator:
                 f"{self.manifest.min_participants}",
             )
 
-    def _frozen_a(self, path: str) -> torch.Tensor:
-        _, fan_in = self.layers[path]
-        return derive_lora_a(self.manifest.seed, path, self.manifest.lora_rank, fan_in)
+    def _complete(self, out: AdapterTensors) -> AdapterTensors:
+        """A and B of every layer, sorted by key (`frozen_a`'s A derived: `complete_adapter`)."""
+        return dict(sorted(complete_adapter(out, self.manifest, self.layer_shapes).items()))
 
     @staticmethod
     def _check_finite(out: AdapterTensors) -> AdapterTensors:
@@ -188,10 +188,7 @@ class FedAvgAggregator(_Aggregator):
             return dict(sorted(out.items()))
         shapes = expected_shapes(self.manifest, self.layer_shapes)
         out.update(self._means(shapes, order, weights))
-        if mode == "frozen_a":
-            for path in self.layers:
-                out[path + A_SUFFIX] = self._frozen_a(path)
-        return dict(sorted(out.items()))
+        return self._complete(out)
 
     def _assemble(self, updates: _RuleInputs, tensors: Sequence[torch.Tensor]) -> AdapterTensors:
         """The adapter from a rule's output per aggregated key."""
@@ -201,10 +198,7 @@ class FedAvgAggregator(_Aggregator):
                 out[key + B_SUFFIX], out[key + A_SUFFIX] = self._factor(t.to(torch.float64))
             else:
                 out[key] = t
-        if self.manifest.lora_aggregation == "frozen_a":
-            for path in self.layers:
-                out[path + A_SUFFIX] = self._frozen_a(path)
-        return dict(sorted(out.items()))
+        return self._complete(out)
 
     def products(self, path: str, order: Sequence[str]) -> list[torch.Tensor]:
         """B_i·A_i of one layer for each participant, computed exactly (float64)."""

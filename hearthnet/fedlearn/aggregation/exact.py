@@ -1,4 +1,4 @@
-"""Exact, order-independent weighted means (DESIGN.md §4: the aggregate is reproducible).
+"""Exact, order-independent weighted means (docs/decisions.md, issue 12).
 
 Per key, every participant's values are rounded onto one power-of-two grid, chosen from the
 largest |value| across all participants, so each becomes an integer q with |q| ≤ 2^GRID_BITS.

@@ -5,7 +5,7 @@ tensor of key k), and a chunk table of (key, start, end) rows, as in `exact.py`.
 unit of parallel work and their boundaries depend only on tensor sizes, never on the thread
 count.
 
-Reproducibility (DESIGN.md §4): no kernel uses fast-math, so the compiler may neither reorder
+Reproducibility (docs/decisions.md): no kernel uses fast-math, so the compiler may neither reorder
 nor fuse floating-point operations; every sum runs in a fixed order (participants by index,
 coordinates by position in a fixed number of interleaved lanes, chunks in table order), and
 IEEE-754 gives the same bits for the same sequence of operations on every machine.

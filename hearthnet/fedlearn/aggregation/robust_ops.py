@@ -2,7 +2,7 @@
 
 Inputs are `Updates`: n participants' tensors key by key, loaded one block of keys at a time
 (`exact.plan_groups`), so memory holds participants × one block — never whole deltas
-(DESIGN.md §4 streaming). The arithmetic runs in the compiled kernels of `robust_kernels.py`
+(streaming). The arithmetic runs in the compiled kernels of `robust_kernels.py`
 and the exact mean of `exact.py`; see those for why every result is reproducible bit for bit.
 """
 
@@ -98,7 +98,7 @@ class _Block:
 
 def _blocks(updates: Updates) -> Iterator[_Block]:
     """One block of keys at a time; a block's tensors are released before the next loads, so
-    memory holds participants × one block (DESIGN.md §4 streaming)."""
+    memory holds participants × one block ."""
     sizes = [math.prod(s) for s in updates.shapes()]
     for group in plan_groups(sizes):
         arrays = [as_f32(t) for column in updates.load(group) for t in column]

@@ -91,7 +91,7 @@ def aggregate_submissions(
             for p, v in verdicts.items()
         ]
     total = sum(submissions[p].num_samples for p in order)
-    used = {p: (submissions[p].delta_sha, submissions[p].num_samples) for p in order}
+    used = {p: submissions[p] for p in order}
     return Aggregate(adapter_bytes(tensors, signed), order, total, audit, used)
 
 

@@ -1,4 +1,4 @@
-"""Secure aggregation by pairwise additive masking (DESIGN.md §4, spec §5.5).
+"""Secure aggregation by pairwise additive masking (docs/architecture.md).
 
 Each participant makes a fresh X25519 key for the round and announces it signed by its node key
 together with its claimed num_samples. For every pair (i, j) both sides derive the same 32-byte
@@ -35,7 +35,7 @@ from hearthnet import constants as C
 from hearthnet.errors import ErrorCode, HearthnetError
 from hearthnet.fedlearn.aggregation.aggregator import AdapterTensors, _Aggregator
 from hearthnet.fedlearn.delta import canonical_safetensors, read_header
-from hearthnet.fedlearn.lora import A_SUFFIX, ModelShapes, expected_shapes
+from hearthnet.fedlearn.lora import ModelShapes, expected_shapes
 from hearthnet.fedlearn.manifest import RoundManifest
 from hearthnet.fedlearn.masks import MaskingKey, MaskKeyAnnouncement, check_roster, roster_weights
 from hearthnet.fedlearn.privacy import clip_gradient
@@ -202,7 +202,4 @@ class SecureFedAvgAggregator(_Aggregator):
                 mean[offset : offset + size].reshape(shape).astype(np.float32)
             )
             offset += size
-        if self.manifest.lora_aggregation == "frozen_a":
-            for path in self.layers:
-                out[path + A_SUFFIX] = self._frozen_a(path)
-        return self._check_finite(dict(sorted(out.items())))
+        return self._check_finite(self._complete(out))

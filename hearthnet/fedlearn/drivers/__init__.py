@@ -1,0 +1,1 @@
+"""Thin async drivers that run the round machines (`fedlearn/machines/`) against the node."""
