@@ -124,7 +124,9 @@ async def run() -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", help="result file (default benchmarks/results/round.json)")
+    parser.add_argument(
+        "--out", type=Path, help="result file (default benchmarks/results/round.json)"
+    )
     args = parser.parse_args()
     result = asyncio.run(run())
     write_result("round", result, args.out)

@@ -24,13 +24,12 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 from websockets.frames import CloseCode
 
 from hearthnet import constants as C
+from hearthnet.bus.authenticate import authenticate
 from hearthnet.bus.bus import CapabilityBus
 from hearthnet.bus.gate import ConnectionGate, GatedConnection, gated
-from hearthnet.bus.handshake import check_hello, make_hello, sign_auth, transcript, verify_auth
-from hearthnet.bus.limits import AcceptErrors, FrameLimits, SummaryLog
+from hearthnet.bus.limits import AcceptErrors, SummaryLog
 from hearthnet.bus.peer import EventPolicy, PeerConnection, RemoteSubscription
-from hearthnet.bus.protocol import Auth, Hello, decode, encode
-from hearthnet.bus.tls import client_context, listener_identity, server_context
+from hearthnet.bus.tls import client_context, server_context
 from hearthnet.config import NodeConfig, PeerConfig
 from hearthnet.errors import ErrorCode, HearthnetError
 from hearthnet.eventlog import EventLog
@@ -164,68 +163,17 @@ class Transport:
 
     # --- handshake ----------------------------------------------------------------------------
 
-    async def _recv_control(self, ws: Connection) -> Any:
-        frame = await ws.recv()
-        if not isinstance(frame, str):
-            raise HearthnetError(ErrorCode.HANDSHAKE_FAILED, "binary frame during the handshake")
-        return decode(frame)
-
-    def _admit(self, node: str) -> None:
-        """After both signatures verify: checked last, so an outsider claiming a NodeID learns
-        nothing about the roster from how far its handshake gets."""
-        if not self.config.trust.allows(node):
-            raise HearthnetError(
-                ErrorCode.FORBIDDEN, "peer is not a member of this community ([trust] roster)"
-            )
-
     async def _handshake(self, ws: Connection, role: str, expected: str | None = None) -> NodeID:
-        net = self.config.node.network_id
-        limits = FrameLimits(ws.protocol, ws.transport.get_write_buffer_size)
-        async with asyncio.timeout(C.HANDSHAKE_TIMEOUT_S):
-            if role == "dialer":
-                # Who answered is known from TLS: a pinned peer is checked before we say who
-                # we are (our hello names our NodeID and network).
-                node, channel = listener_identity(ws.transport.get_extra_info("ssl_object"))
-                if expected is not None and node != expected:
-                    raise HearthnetError(
-                        ErrorCode.HANDSHAKE_FAILED,
-                        f"the node answering is {node}, not the {expected} that [[peers]] "
-                        "node_id pins: fix node_id (`hearthnet id` on the peer) or the url",
-                    )
-                if node == self.identity.node_id:
-                    raise HearthnetError(ErrorCode.HANDSHAKE_FAILED, "connected to itself")
-                mine = make_hello(self.identity, net, "dialer")
-                await ws.send(encode(mine))
-                theirs = await self._recv_control(ws)
-                if not isinstance(theirs, Hello):
-                    raise HearthnetError(ErrorCode.HANDSHAKE_FAILED, "expected hello")
-                check_hello(theirs, net, "listener")
-                if theirs.node != node:
-                    raise HearthnetError(
-                        ErrorCode.HANDSHAKE_FAILED,
-                        "the listener's TLS key is not the NodeID it claims (a relay in between?)",
-                    )
-                data = transcript(mine, theirs, channel)
-                limits.expect_auth(theirs, data)
-            else:
-                theirs = await self._recv_control(ws)
-                if not isinstance(theirs, Hello):
-                    raise HearthnetError(ErrorCode.HANDSHAKE_FAILED, "expected hello")
-                check_hello(theirs, net, "dialer")
-                if theirs.node == self.identity.node_id:
-                    raise HearthnetError(ErrorCode.HANDSHAKE_FAILED, "connected to itself")
-                mine = make_hello(self.identity, net, "listener")
-                data = transcript(theirs, mine, self._binding)
-                limits.expect_auth(theirs, data)
-                await ws.send(encode(mine))
-            await ws.send(encode(sign_auth(self.identity, role, data)))
-            auth = await self._recv_control(ws)
-            if not isinstance(auth, Auth):
-                raise HearthnetError(ErrorCode.HANDSHAKE_FAILED, "expected auth")
-            verify_auth(theirs, data, auth)
-            self._admit(theirs.node)
-        limits.open()  # normally done already, before their next frame; here for odd framings
-        return NodeID(theirs.node)
+        """Run the mutual handshake on a fresh connection (`authenticate.py`)."""
+        return await authenticate(
+            ws,
+            self.identity,
+            self.config.node.network_id,
+            role,
+            self._binding,
+            expected,
+            self.config.trust.allows,
+        )
 
     def _refused(self, reason: str) -> None:
         """A connection beyond the caps, aborted at TCP accept: counted, one line per 10 s."""

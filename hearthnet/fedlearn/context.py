@@ -22,6 +22,9 @@ from hearthnet.tasks import Spawner
 
 @dataclass
 class FedContext:
+    """What every fedlearn part of a node shares: its identity, config, log, blobs, bus, model
+    and transport, plus one change condition and the reputation table."""
+
     identity: NodeIdentity
     config: NodeConfig
     eventlog: EventLog
@@ -60,6 +63,7 @@ class FedContext:
 
     @property
     def node_id(self) -> str:
+        """This node's ID."""
         return self.identity.node_id
 
     @property
@@ -68,12 +72,14 @@ class FedContext:
         return {*self.config.trust.roster, self.identity.node_id}
 
     def connected(self, node: str) -> bool:
+        """Whether `node` is this node or a peer with an open connection now."""
         if node == self.node_id:
             return True
         peer = self.transport.peers.get(node)
         return peer is not None and not peer.closed.is_set()
 
     def connected_peers(self) -> list[str]:
+        """The IDs of peers connected now, sorted."""
         return sorted(n for n, p in self.transport.peers.items() if not p.closed.is_set())
 
     def spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
@@ -81,6 +87,7 @@ class FedContext:
         return self.tasks.spawn(coro, name)
 
     def model_shapes(self) -> dict[str, tuple[int, int]]:
+        """The base model's LoRA target shapes; `model_unavailable` until the model is prepared."""
         shapes = getattr(self.llm, "model_shapes", None)
         if shapes is None:
             raise HearthnetError(ErrorCode.MODEL_UNAVAILABLE, "the base model is not prepared")

@@ -32,6 +32,9 @@ _TOPIC_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 
 
 class TrainingDataProvider(Protocol):
+    """Where a node's training text for a topic comes from; the trainer and the held-out
+    evaluation read only through this."""
+
     def samples(self, topic: str) -> list[str]:
         """The topic's training texts (the held-out slice excluded)."""
 
@@ -90,6 +93,9 @@ def _invalid(message: str) -> HearthnetError:
 
 
 class CustomFileProvider:
+    """Training text from the operator's files: `<root>/<topic>.jsonl|.txt` or files in
+    `<root>/<topic>/`, split by the node's secret held-out key."""
+
     def __init__(
         self,
         root: Path,
@@ -103,6 +109,7 @@ class CustomFileProvider:
         self.held_out_salt = held_out_salt
 
     def files(self, topic: str) -> list[Path]:
+        """The topic's text files, after refusing a topic name that could escape `root`."""
         if not _TOPIC_RE.match(topic) or len(topic) > C.FEDLEARN_TOPIC_MAX_LEN:
             raise _invalid(f"invalid topic {topic[:64]!r}")
         found = [self.root / f"{topic}{ext}" for ext in (".jsonl", ".txt")]
@@ -112,10 +119,13 @@ class CustomFileProvider:
         return [p for p in found if p.is_file()]
 
     def samples(self, topic: str) -> list[str]:
+        """The topic's texts less the held-out slice."""
         train, _ = split_held_out(self.read(topic), self.held_out_fraction, self.held_out_salt)
         return train
 
     def held_out(self, topic: str) -> list[str]:
+        """The topic's held-out texts; empty (not an error) when the node has no text for the
+        topic at all."""
         try:
             texts = self.read(topic)
         except HearthnetError as err:

@@ -51,6 +51,8 @@ def canonical_safetensors(raw: bytes) -> bytes:
 
 
 def serialize_delta(delta: Delta, *, manifest_sha: str, round_id: str, participant: str) -> bytes:
+    """A delta as canonical safetensors bound to its manifest, round and participant, so the
+    same tensors always give the same bytes (and hash) and the bytes name the round they are for."""
     metadata = {
         "format": C.FEDLEARN_DELTA_FORMAT,
         "manifest_sha": manifest_sha,

@@ -24,6 +24,8 @@ EVENT = "fedlearn.adapter.evaluated"
 
 
 def no_held_out_text(topic: str, where: str, for_apply: bool) -> HearthnetError:
+    """The refusal when a node has no held-out text to judge an adapter on, naming where to put
+    some (and, for apply, how to skip the check)."""
     fix = "; `fedlearn apply --force` applies it unjudged" if for_apply else ""
     return HearthnetError(
         ErrorCode.DATA_INVALID,

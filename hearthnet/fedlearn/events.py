@@ -58,66 +58,97 @@ class Payload(BaseModel):
 
 
 class RoundOnly(Payload):
+    """A round event with nothing but its round (`fedlearn.round.aggregating`)."""
+
     pass
 
 
 class Announced(Payload):
+    """The coordinator announced the round; the signed manifest is the round's root."""
+
     manifest: SignedDoc  # the manifest's exact JCS body and its coordinator signature
 
 
 class Joined(Payload):
+    """The coordinator admitted a participant and signed its receipt."""
+
     participant: str
     receipt: SignedDoc
 
 
 class MaskKey(Payload):
+    """The coordinator recorded a participant's mask-key announcement (secure rounds)."""
+
     announcement: MaskKeyAnnouncement
 
 
 class Roster(Payload):
+    """The coordinator fixed a secure round's participants; later joins are refused."""
+
     participants: list[str]
 
 
 class Submitted(Payload):
+    """The coordinator accepted a participant's signed submission; the delta is the blob
+    `blob_sha`."""
+
     participant: str
     submission: ParticipantSubmission
     blob_sha: _SHA
 
 
 class Rejected(Payload):
+    """The coordinator refused a participant's submission, with the error code and why."""
+
     participant: str
     code: str
     reason: _REASON
 
 
 class Aggregated(Payload):
+    """The coordinator computed the adapter `adapter_sha` (stored as a blob)."""
+
     adapter_sha: _SHA
 
 
 class Completed(Payload):
+    """The round's signed result, logged by the coordinator and by each participant that accepted
+    it."""
+
     result: SignedDoc
 
 
 class Aborted(Payload):
+    """The round ended without a result, with the error code and why."""
+
     code: str
     reason: _REASON
 
 
 class Offered(Payload):
+    """A participant received a signed manifest; it waits for the operator's consent."""
+
     manifest: SignedDoc  # the manifest's exact JCS body and its coordinator signature
 
 
 class ConsentGranted(Payload):
+    """The operator consented to this manifest and its consent text; training needs this record."""
+
     manifest_sha: _SHA
     consent_text_sha: _SHA
 
 
 class MemberJoined(Payload):
+    """A participant holds the coordinator's signed join receipt."""
+
     receipt: SignedDoc
     num_samples: int | None = None
 
 
 class Trained(Payload):
+    """A participant finished local training; the delta is the blob `blob_sha`, kept for resends
+    and takeover."""
+
     blob_sha: _SHA
     num_samples: int
     train_loss: float
@@ -127,6 +158,8 @@ class Trained(Payload):
 
 
 class MemberSubmitted(Payload):
+    """A participant sent its signed submission (recorded so a restart resends, not retrains)."""
+
     submission: ParticipantSubmission
     blob_sha: _SHA
 

@@ -39,6 +39,8 @@ class MaskKeyAnnouncement(BaseModel):
     def signing_bytes(
         round_id: str, manifest_sha: str, participant: str, public_key: str, num_samples: int
     ) -> bytes:
+        """The canonical bytes a participant signs to announce its mask key, bound to the round,
+        manifest and its weight."""
         return canonical_bytes(
             {
                 "purpose": C.FEDLEARN_MASK_KEY_PURPOSE,
@@ -51,6 +53,7 @@ class MaskKeyAnnouncement(BaseModel):
         )
 
     def verify(self) -> None:
+        """`signature_invalid` unless the participant signed this announcement."""
         data = self.signing_bytes(
             self.round_id, self.manifest_sha, self.participant, self.public_key, self.num_samples
         )
@@ -73,6 +76,7 @@ class MaskingKey:
     def announce(
         self, identity: NodeIdentity, round_id: str, manifest_sha: str, num_samples: int
     ) -> MaskKeyAnnouncement:
+        """This key's signed announcement for a round, sent to the coordinator for the roster."""
         pub = self.public_key.hex()
         sig = identity.sign(
             MaskKeyAnnouncement.signing_bytes(
@@ -89,6 +93,8 @@ class MaskingKey:
         )
 
     def pairwise_key(self, me: str, peer: MaskKeyAnnouncement) -> bytes:
+        """The secret this node shares with `peer` (X25519, then HKDF bound to the round and the
+        sorted pair), from which both derive the same mask with opposite signs."""
         try:
             shared = self._private.exchange(
                 X25519PublicKey.from_public_bytes(bytes.fromhex(peer.public_key))
@@ -112,6 +118,8 @@ class MaskingKey:
 def check_roster(
     announcements: Mapping[str, MaskKeyAnnouncement], manifest: RoundManifest, manifest_sha: str
 ) -> None:
+    """Refuse a secure round's roster that is too small or holds an announcement that is unsigned
+    or for another round: masks only cancel among the same, valid set."""
     if len(announcements) < C.FEDLEARN_SECURE_MIN_PARTICIPANTS:
         raise HearthnetError(
             ErrorCode.FEDLEARN_AGGREGATION_FAILED,

@@ -29,6 +29,8 @@ StateDict = Mapping[str, torch.Tensor]
 
 
 def global_norm(state_dict: StateDict) -> float:
+    """The L2 norm of all tensors together, in float64 so a bf16 delta is measured exactly enough
+    to clip."""
     return math.sqrt(sum(float(t.double().pow(2).sum()) for t in state_dict.values()))
 
 
@@ -69,6 +71,7 @@ class NoiseSource:
         return ((bits >> 11) & ((1 << 53) - 1)).double().add_(1.0).mul_(2.0**-53)
 
     def normal(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """A float64 tensor of standard normal samples of `shape`."""
         count = math.prod(shape)
         half = (count + 1) // 2
         u1, u2 = self._uniform(half), self._uniform(half)

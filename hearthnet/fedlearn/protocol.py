@@ -40,11 +40,14 @@ class SignedDoc(_Msg):
 
     @classmethod
     def sign(cls, identity: NodeIdentity, document: BaseModel) -> SignedDoc:
+        """Sign `document`'s canonical JSON (JCS) with this node's key; the body is kept as sent
+        so its hash and signature check on every machine."""
         body = canonical_bytes(document.model_dump(mode="json"))
         return cls(body=body.decode("utf-8"), signature=identity.sign(body).hex())
 
     @property
     def sha(self) -> str:
+        """SHA-256 of the exact body: the document's identity (a manifest's `manifest_sha`)."""
         return sha256_hex(self.body.encode("utf-8"))
 
     def open(self, model: type[M], signer: str) -> M:
@@ -85,6 +88,8 @@ class JoinReceipt(_Msg):
 
 
 class Exclusion(_Msg):
+    """A participant the aggregator left out of a result, and why (in `RoundResult.excluded`)."""
+
     participant: NodeIdField
     reason: Annotated[str, Field(max_length=256)]
 
@@ -112,8 +117,9 @@ class SubmissionRef(_Msg):
 
 
 class RoundResult(_Msg):
-    """Spec §4.1's RoundResult plus the rule, who was included and excluded (and why), what the
-    rule did with each included update, and whether a takeover node produced it."""
+    """A round's signed outcome (README.md, "Federated rounds"): the adapter's hash and where to
+    fetch it, the rule, who was included and excluded (and why), what the rule did with each
+    included update, and whether a takeover node produced it."""
 
     kind: Literal["hearthnet.fedlearn.result/1"] = "hearthnet.fedlearn.result/1"
     round_id: RoundIdField
@@ -155,6 +161,9 @@ class AnnounceRequest(_Msg):
 
 
 class AnnounceResponse(_Msg):
+    """The coordinator's answer to `round.announce`: the new round and the peers it was offered
+    to."""
+
     round_id: str
     manifest_sha: str
     offered_to: list[str]
@@ -167,10 +176,14 @@ class OfferRequest(_Msg):
 
 
 class ListRequest(_Msg):
+    """`round.list`: the rounds known here, optionally one topic's."""
+
     topic: Annotated[str, Field(max_length=C.FEDLEARN_TOPIC_MAX_LEN)] | None = None
 
 
 class RoundSummary(_Msg):
+    """One round in a `round.list` or `round.pending` answer, as this node sees it."""
+
     round_id: str
     topic: str
     coordinator: str
@@ -181,34 +194,54 @@ class RoundSummary(_Msg):
 
 
 class ListResponse(_Msg):
+    """The answer to `round.list`."""
+
     rounds: list[RoundSummary]
 
 
 class RoundRef(_Msg):
+    """Names a round: the body of `round.finalize`, `round.finalize_takeover` and the answer to
+    `round.offer`."""
+
     round_id: RoundIdField
 
 
 class JoinRequest(_Msg):
+    """The operator's `round.join`: consent (required) to train on this node's text for the
+    round."""
+
     round_id: RoundIdField
     consent: bool = False
 
 
 class JoinResponse(_Msg):
+    """The answer to `round.join`: the coordinator's signed receipt and the log seq of the
+    consent event."""
+
     round_id: str
     receipt: SignedDoc
     consent_event_seq: int
 
 
 class EnrollRequest(_Msg):
+    """A participant asks the coordinator (`round.enroll`) to admit it to a round whose manifest
+    it holds."""
+
     round_id: RoundIdField
     manifest_sha: Sha
 
 
 class EnrollResponse(_Msg):
+    """The coordinator's signed join receipt, which the participant later shows with its
+    submission."""
+
     receipt: SignedDoc
 
 
 class MaskKeyRequest(_Msg):
+    """A participant sends a secure round's signed mask-key announcement to the coordinator
+    (`round.mask_key`)."""
+
     announcement: MaskKeyAnnouncement
 
 
@@ -220,6 +253,8 @@ class SubmitRequest(_Msg):
 
 
 class SubmitReceipt(_Msg):
+    """The coordinator's answer to `round.submit`: the submission was stored and counts."""
+
     round_id: str
     participant: str
     delta_sha: str
@@ -227,12 +262,16 @@ class SubmitReceipt(_Msg):
 
 
 class StatusRequest(_Msg):
+    """`round.status`: a round's state now, or (`wait`) once it ends or `timeout_s` passes."""
+
     round_id: RoundIdField
     wait: bool = False
     timeout_s: Annotated[float, Field(gt=0, le=C.FEDLEARN_STATUS_WAIT_MAX_S)] = 60.0
 
 
 class RoundStatus(_Msg):
+    """A round's state as this node sees it (coordinator or participant), for `round.status`."""
+
     round_id: str
     phase: str
     role: str
@@ -251,6 +290,8 @@ class RoundStatus(_Msg):
 
 
 class ReputationRow(_Msg):
+    """One participant's standing in this node's reputation table."""
+
     participant: str
     score: float
     influence: float
@@ -260,11 +301,15 @@ class ReputationRow(_Msg):
 
 
 class ReputationResponse(_Msg):
+    """The answer to `reputation`: this node's table and the score below which it bans."""
+
     ban_threshold: float
     participants: list[ReputationRow]
 
 
 class ResultPush(_Msg):
+    """A signed `RoundResult`, pushed to participants (`round.result`) or returned by a finalize."""
+
     result: SignedDoc
 
 
@@ -285,15 +330,21 @@ class HandoverResponse(_Msg):
 
 
 class FetchRequest(_Msg):
+    """`adapter.fetch`: a published adapter by SHA; the answer's blob carries it."""
+
     sha: Sha
 
 
 class FetchResponse(_Msg):
+    """Names the adapter blob that follows the answer to `adapter.fetch`."""
+
     sha: str
     size: int
 
 
 class EvaluateRequest(_Msg):
+    """The operator's `adapter.evaluate`: judge an adapter on this node's held-out text."""
+
     sha: Sha
 
 
@@ -314,12 +365,17 @@ class EvaluationReport(_Msg):
 
 
 class ApplyRequest(_Msg):
+    """The operator's `adapter.apply`: use an adapter in a session or as the node's default."""
+
     sha: Sha
     scope: Scope = "session"
     force: bool = False  # node scope: apply even if the held-out check fails or cannot run
 
 
 class ApplyReceipt(_Msg):
+    """What `adapter.apply` did: where the adapter is now used and the evaluation that allowed
+    it."""
+
     sha: str
     scope: str
     session_id: str | None
@@ -329,4 +385,6 @@ class ApplyReceipt(_Msg):
 
 
 class PendingResponse(_Msg):
+    """The answer to `round.pending`: offered rounds waiting for the operator's consent."""
+
     rounds: list[RoundSummary]

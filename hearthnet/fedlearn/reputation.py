@@ -59,6 +59,9 @@ class Observation:
 
 @dataclass(frozen=True)
 class Standing:
+    """One participant's score as of an epoch (it decays toward neutral from there), and how many
+    rounds it took part in."""
+
     score: float  # as of `epoch`
     epoch: int
     rounds: int
@@ -86,6 +89,8 @@ class ReputationTable:
         return NEUTRAL + (s.score - NEUTRAL) * self.decay ** (epoch - s.epoch)
 
     def banned(self, participant: str) -> bool:
+        """Whether this node now refuses the participant (its decayed score is under the ban
+        threshold)."""
         return self.score(participant) < self.ban_below
 
     def changes(self, round_id: str, observed: Iterable[Observation]) -> list[dict[str, Any]]:
@@ -114,6 +119,7 @@ class ReputationTable:
         return bodies
 
     def apply(self, body: Mapping[str, Any]) -> None:
+        """Fold one logged `fedlearn.reputation.updated` body into the table."""
         p = str(body["participant"])
         epoch = int(body["epoch"])
         previous = self.standings.get(p)

@@ -23,13 +23,20 @@ class BaseModelFacts(Protocol):
     """What the checks read from a prepared `hearthnet.llm.service.LLMService`."""
 
     @property
-    def base_model_sha(self) -> str: ...
+    def base_model_sha(self) -> str:
+        """The prepared base model's hash, which a manifest must name."""
+
     @property
-    def model_shapes(self) -> Mapping[str, tuple[int, int]]: ...
+    def model_shapes(self) -> Mapping[str, tuple[int, int]]:
+        """Each linear module's (out, in) shape: the LoRA targets and the base's size."""
+
     @property
-    def hidden_size(self) -> int: ...
+    def hidden_size(self) -> int:
+        """The model's hidden size, for the memory estimate of a round's training."""
+
     @property
-    def num_layers(self) -> int: ...
+    def num_layers(self) -> int:
+        """The model's layer count, for the activation memory estimate."""
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Round state as a fold over event-log events (spec M28 §5.1, DESIGN.md §2).
+"""Round state as a fold over event-log events (docs/architecture.md, "Federated rounds").
 
 Pure: no I/O. The coordinator's view of a round (`RoundRecord`) and a participant's view of its
 own membership (`Membership`) are rebuilt by replaying the node's log, so a restarted node knows
@@ -26,6 +26,8 @@ CONSENT_EVENT = ev.CONSENT_EVENT
 
 
 class Phase(StrEnum):
+    """Where a coordinator's round is; ANNOUNCED, then AGGREGATING, then COMPLETED or ABORTED."""
+
     ANNOUNCED = "announced"
     AGGREGATING = "aggregating"
     COMPLETED = "completed"
@@ -33,6 +35,8 @@ class Phase(StrEnum):
 
 
 class Stage(StrEnum):
+    """Where this node is as a participant of a round, from the offer to a result or an abort."""
+
     OFFERED = "offered"
     CONSENTED = "consented"
     JOINED = "joined"
@@ -72,12 +76,17 @@ _MEMBER_ALLOWED: dict[str, frozenset[Stage]] = {
 
 
 class InvalidTransition(HearthnetError):
+    """An event the round's phase (or the member's stage) does not allow: a bug or a damaged log,
+    so the fold refuses it rather than guessing."""
+
     def __init__(self, message: str):
         super().__init__(ErrorCode.BAD_REQUEST, message)
 
 
 @dataclass
 class Submitted:
+    """A participant's accepted submission and the blob holding its delta."""
+
     submission: ParticipantSubmission
     blob_sha: str
 
@@ -99,9 +108,11 @@ class RoundRecord:
 
     @property
     def round_id(self) -> str:
+        """The round's ID, from its signed manifest."""
         return self.signed.manifest.round_id
 
     def check(self, suffix: str) -> None:
+        """Refuse (`InvalidTransition`) an event the round's phase does not allow."""
         allowed = _ROUND_ALLOWED.get(suffix)
         if allowed is None or self.phase not in allowed:
             raise InvalidTransition(
@@ -173,9 +184,11 @@ class Membership:
 
     @property
     def round_id(self) -> str:
+        """The round's ID, from its signed manifest."""
         return self.signed.manifest.round_id
 
     def check(self, suffix: str) -> None:
+        """Refuse (`InvalidTransition`) an event this member's stage does not allow."""
         allowed = _MEMBER_ALLOWED.get(suffix)
         if allowed is None or self.stage not in allowed:
             raise InvalidTransition(

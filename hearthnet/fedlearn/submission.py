@@ -21,7 +21,7 @@ from hearthnet.identity import NodeID, NodeIdentity, verify
 
 
 class ParticipantSubmission(BaseModel):
-    """A participant's signed claim about its delta (spec §4.1); the bytes travel as a blob.
+    """A participant's signed claim about its delta; the bytes travel as a blob.
 
     The signature covers the JCS of (purpose, round_id, participant, delta_sha, num_samples)
     plus `steps` (training steps run, of the manifest's `train_steps`) when present — absent
@@ -44,6 +44,9 @@ class ParticipantSubmission(BaseModel):
     def signing_bytes(
         round_id: str, participant: str, delta_sha: str, num_samples: int, steps: int | None
     ) -> bytes:
+        """The canonical bytes a participant signs: the round, itself, its delta's hash and
+        weight, under a purpose string so the signature cannot be replayed as another
+        document."""
         signed: dict[str, str | int] = {
             "purpose": C.FEDLEARN_SUBMISSION_PURPOSE,
             "round_id": round_id,
@@ -66,6 +69,7 @@ class ParticipantSubmission(BaseModel):
         now: datetime | None = None,
         steps: int | None = None,
     ) -> ParticipantSubmission:
+        """Hash and sign a delta for a round: what a participant sends with the delta's bytes."""
         delta_sha = sha256_hex(delta_bytes)
         data = cls.signing_bytes(round_id, identity.node_id, delta_sha, num_samples, steps)
         return cls(

@@ -39,6 +39,9 @@ Progress = Callable[[int, int, float], None]
 
 @dataclass
 class TrainResult:
+    """One local training run: the delta to send, the samples and loss it reports, and how many
+    steps ran (and whether a plateau stopped it early)."""
+
     delta: dict[str, torch.Tensor]  # what is sent: B only in frozen_a
     num_samples: int
     train_loss: float
@@ -125,6 +128,9 @@ _PROCESS_LOCK = threading.Lock()
 
 
 class QLoRATrainer:
+    """Trains one round's LoRA adapter on this node's text over the 4-bit base model in
+    `model_dir`; blocking, so the node runs it in a worker thread."""
+
     def __init__(self, model_dir: Path, device: str = "cpu"):
         self.model_dir = Path(model_dir)
         self.device = device
@@ -193,6 +199,9 @@ class QLoRATrainer:
         progress: Progress | None = None,
         noise_rng: NoiseSource | None = None,
     ) -> TrainResult:
+        """Train the manifest's adapter on `samples` and return the (clipped, noised where the
+        manifest asks) delta; `cancel` stops it between steps. One training at a time per
+        process, since the model is large."""
         if not samples:
             raise HearthnetError(ErrorCode.DATA_INVALID, "no training samples")
         with _PROCESS_LOCK:  # one training per process: they share torch's threads and memory

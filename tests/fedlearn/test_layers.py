@@ -12,6 +12,8 @@ import pytest
 LIGHT = [
     "hearthnet.fedlearn.protocol",
     "hearthnet.fedlearn.manifest",
+    "hearthnet.fedlearn.draft",
+    "hearthnet.fedlearn.terms",
     "hearthnet.fedlearn.submission",
     "hearthnet.fedlearn.masks",
     "hearthnet.fedlearn.state",

@@ -10,8 +10,10 @@ from hearthnet.fedlearn.aggregation.secure import (
     SecureFedAvgAggregator,
     deserialize_masked,
     mask_delta,
+    read_masked,
     serialize_masked,
 )
+from hearthnet.fedlearn.delta import deserialize_delta, serialize_delta
 from hearthnet.fedlearn.masks import MaskingKey
 from hearthnet.fedlearn.privacy import clip_gradient
 from hearthnet.fedlearn.submission import ParticipantSubmission, capped_weights
@@ -203,6 +205,39 @@ def test_masked_serialisation_rejects_garbage(make_manifest):
     with raises_code(ErrorCode.DELTA_INVALID):
         deserialize_masked(b"junk", vec.size)
     assert repr(parties[0].key) == "MaskingKey(<secret>)"
+
+
+def test_stored_masked_vector_streams_back_bit_for_bit(make_manifest, tmp_path):
+    """Aggregation reads a vector checked at submission without parsing it again."""
+    signed, parties, anns, _ = setup_round(make_manifest, 3)
+    vec = masked_for(signed, parties[0], anns, random_delta(signed, 5))
+    data = serialize_masked(
+        vec, manifest_sha=signed.manifest_sha, round_id=signed.round_id, participant="p"
+    )
+    path = tmp_path / "masked"
+    path.write_bytes(data)
+    streamed = read_masked(path, vec.size)
+    parsed, _ = deserialize_masked(data, vec.size)
+    assert streamed.dtype == parsed.dtype == np.uint64
+    assert streamed.tobytes() == parsed.tobytes() == vec.tobytes()
+    with raises_code(ErrorCode.DELTA_INVALID):
+        read_masked(path, vec.size + 1)
+    path.write_bytes(data[:-8])
+    with raises_code(ErrorCode.DELTA_INVALID):
+        read_masked(path, vec.size)
+
+
+def test_masking_the_trained_tensors_equals_masking_the_stored_delta(make_manifest):
+    """A participant masks the tensors it stored instead of reading its blob back: same
+    bytes, also when the delta has to be clipped."""
+    signed, parties, anns, _ = setup_round(make_manifest, 3)
+    delta = {k: v * 50 for k, v in random_delta(signed, 6).items()}  # beyond clip_norm
+    tensors = {k: v.detach().contiguous().cpu() for k, v in sorted(delta.items())}
+    data = serialize_delta(tensors, manifest_sha=signed.manifest_sha, round_id="r", participant="p")
+    parsed, _ = deserialize_delta(data)
+    from_blob = masked_for(signed, parties[0], anns, dict(sorted(parsed.items())))
+    from_memory = masked_for(signed, parties[0], anns, tensors)
+    assert from_memory.tobytes() == from_blob.tobytes()
 
 
 def test_masked_inputs_beyond_the_clip_bound_are_refused(make_manifest):

@@ -155,6 +155,7 @@ class FedAvgAggregator(_Aggregator):
         return out
 
     def aggregate(self) -> AdapterTensors:
+        """The adapter alone, when the caller has no use for the audit."""
         return self.aggregate_audited()[0]
 
     def aggregate_audited(self) -> tuple[AdapterTensors, dict[str, Verdict]]:

@@ -82,6 +82,9 @@ class Verdict:
 
 @dataclass
 class Outcome:
+    """What a rule run produced: the aggregated tensors and a verdict per participant for the
+    audit."""
+
     tensors: list[torch.Tensor]  # per key, the key's shape, float32
     verdicts: list[Verdict]
 

@@ -34,11 +34,15 @@ class Updates(Protocol):
     in participant order (each the key's shape)."""
 
     @property
-    def n(self) -> int: ...
+    def n(self) -> int:
+        """How many participants."""
 
-    def shapes(self) -> list[torch.Size]: ...
+    def shapes(self) -> list[torch.Size]:
+        """Each key's shape, in key order."""
 
-    def load(self, keys: Sequence[int]) -> list[list[torch.Tensor]]: ...
+    def load(self, keys: Sequence[int]) -> list[list[torch.Tensor]]:
+        """For each of `keys`, the n participants' tensors; loaded on demand so a large round is
+        never in memory at once."""
 
 
 @dataclass(frozen=True)
@@ -49,12 +53,15 @@ class TensorUpdates:
 
     @property
     def n(self) -> int:
+        """How many tensors."""
         return len(self.tensors)
 
     def shapes(self) -> list[torch.Size]:
+        """The one key's shape."""
         return [self.tensors[0].shape]
 
     def load(self, keys: Sequence[int]) -> list[list[torch.Tensor]]:
+        """The same tensors for every asked key."""
         return [list(self.tensors) for _ in keys]
 
 
@@ -68,12 +75,15 @@ class Subset:
 
     @property
     def n(self) -> int:
+        """How many members."""
         return len(self.members)
 
     def shapes(self) -> list[torch.Size]:
+        """The base's shapes."""
         return self.base.shapes()
 
     def load(self, keys: Sequence[int]) -> list[list[torch.Tensor]]:
+        """The members' tensors from `base`, each times its scale."""
         out = []
         for column in self.base.load(keys):
             picked = []

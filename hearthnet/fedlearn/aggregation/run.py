@@ -16,6 +16,7 @@ from hearthnet.fedlearn.aggregation.secure import (
     SecureFedAvgAggregator,
     deserialize_masked,
     masked_length,
+    read_masked,
 )
 from hearthnet.fedlearn.delta import LazyDelta, deserialize_delta, validate_delta
 from hearthnet.fedlearn.lora import ModelShapes
@@ -61,7 +62,8 @@ def aggregate_submissions(
     masks: Mapping[str, MaskKeyAnnouncement] | None = None,
     influence: Mapping[str, float] | None = None,
 ) -> Aggregate:
-    """Blocking (run it in a thread). Every submission must already have been validated.
+    """Blocking (run it in a thread). Every submission must already have been validated
+    (`check_payload`): deltas are streamed from the blob store, not parsed or checked again.
     `influence` (from the join receipts) matters only to a `reputation_weighted` rule."""
     manifest = signed.manifest
     order = sorted(submissions)
@@ -69,9 +71,7 @@ def aggregate_submissions(
         secure = SecureFedAvgAggregator(manifest, model_shapes, masks or {}, signed.manifest_sha)
         for p in order:
             sub = submissions[p]
-            data = blob_path(sub.delta_sha).read_bytes()
-            vec, _ = deserialize_masked(data, secure.length)
-            secure.add(sub, vec)
+            secure.add(sub, read_masked(blob_path(sub.delta_sha), secure.length))
         tensors = secure.aggregate()
         audit: list[AuditEntry] = []
     else:

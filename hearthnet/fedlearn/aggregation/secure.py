@@ -21,7 +21,9 @@ secret-shared seeds) is not implemented, so such a round fails with
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -100,6 +102,8 @@ def mask_delta(
 def serialize_masked(
     vec: np.ndarray, *, manifest_sha: str, round_id: str, participant: str
 ) -> bytes:
+    """A participant's masked vector as canonical safetensors, bound to the manifest, round and
+    participant."""
     return canonical_safetensors(
         np_save(
             {"masked": vec},
@@ -116,6 +120,7 @@ def serialize_masked(
 def deserialize_masked(
     data: bytes, length: int, max_bytes: int = C.FEDLEARN_SUBMISSION_MAX_BYTES
 ) -> tuple[np.ndarray, dict[str, str]]:
+    """Parse a masked vector of `length` u64 entries; `delta_invalid` for anything else."""
     header, metadata = read_header(data, max_bytes, allowed_dtypes=frozenset({"U64"}))
     if metadata.get("format") != C.FEDLEARN_MASKED_FORMAT or set(header) != {"masked"}:
         raise HearthnetError(ErrorCode.DELTA_INVALID, "not a hearthnet masked vector")
@@ -128,6 +133,22 @@ def deserialize_masked(
     except (SafetensorError, ValueError) as exc:
         raise HearthnetError(ErrorCode.DELTA_INVALID, f"masked vector unreadable: {exc}") from None
     return vec, metadata
+
+
+def read_masked(path: Path, length: int) -> np.ndarray:
+    """A stored masked vector that `deserialize_masked` accepted at submission, streamed from
+    the blob store without parsing it again: one tensor of `length` U64 entries, so its data
+    is the file's last 8·length bytes. A file of any other size is `delta_invalid`."""
+    with open(path, "rb") as fh:
+        prefix = fh.read(8)
+        n = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else -1
+        if n < 0 or path.stat().st_size != 8 + n + 8 * length:
+            raise HearthnetError(
+                ErrorCode.DELTA_INVALID, f"masked vector must have {length} entries"
+            )
+        fh.seek(8 + n)
+        vec = np.fromfile(fh, dtype="<u8", count=length)
+    return vec.astype(np.uint64, copy=False)
 
 
 class SecureFedAvgAggregator(_Aggregator):
@@ -153,6 +174,8 @@ class SecureFedAvgAggregator(_Aggregator):
         self._sum = np.zeros(self.length, dtype=np.uint64)
 
     def add(self, submission: ParticipantSubmission, masked: np.ndarray) -> None:
+        """Add one participant's masked vector to the running sum, after checking it announced a
+        key with this weight and the vector's shape."""
         if submission.participant not in self.announcements:
             raise HearthnetError(ErrorCode.DELTA_INVALID, "participant did not announce a mask key")
         if submission.num_samples != self.announcements[submission.participant].num_samples:
@@ -167,6 +190,8 @@ class SecureFedAvgAggregator(_Aggregator):
         self._sum += masked
 
     def aggregate(self) -> AdapterTensors:
+        """Unmask the sum into the adapter; `fedlearn_aggregation_failed` unless every announced
+        participant submitted, since otherwise the masks do not cancel."""
         missing = sorted(set(self.announcements) - set(self.participants))
         if missing:
             raise HearthnetError(

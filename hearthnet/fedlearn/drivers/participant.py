@@ -20,6 +20,7 @@ from hearthnet.errors import ErrorCode, HearthnetError
 from hearthnet.eventlog import Event
 from hearthnet.fedlearn.context import FedContext
 from hearthnet.fedlearn.data import TrainingDataProvider
+from hearthnet.fedlearn.delta import Delta
 from hearthnet.fedlearn.drivers.coordinator import RoundCoordinator
 from hearthnet.fedlearn.drivers.follow import follow
 from hearthnet.fedlearn.drivers.results import ResultIntake
@@ -75,6 +76,9 @@ class ParticipantDriver:
         self._train_lock = asyncio.Lock()
         self._drivers: dict[str, asyncio.Task[Any]] = {}
         self._cancel = threading.Event()
+        # secure rounds: trained tensors by delta SHA, kept in memory until masked (not across
+        # a restart: then the stored delta is read back)
+        self._trained: dict[str, Delta] = {}
 
     # --- log and state -------------------------------------------------------------------------
 
@@ -233,9 +237,11 @@ class ParticipantDriver:
 
     async def _run(self, machine: ParticipantMachine, eff: Any) -> None:
         if isinstance(eff, Train):
-            outcome = await train(
+            outcome, tensors = await train(
                 self.ctx, self.provider, self._train_lock, self._cancel, machine.member
             )
+            if machine.signed.manifest.secure:
+                self._trained[outcome.blob_sha] = tensors
             for out in machine.trained(outcome):
                 await self._append(machine, out)
         elif isinstance(eff, NewMaskKey):
@@ -264,8 +270,13 @@ class ParticipantDriver:
         return (member.signed.manifest.deadline_at - _now()).total_seconds()
 
     async def _submit(self, machine: ParticipantMachine, eff: Submit) -> None:
-        data = await submission_bytes(self.ctx, machine.signed, eff)
-        sha = await asyncio.to_thread(self.ctx.blobs.put, data)
+        trained = self._trained.get(eff.trained_sha)
+        data = await submission_bytes(self.ctx, machine.signed, eff, trained)
+        if eff.key is None:
+            sha = eff.trained_sha  # the stored delta itself: already in the blob store
+        else:
+            sha = await asyncio.to_thread(self.ctx.blobs.put, data)
+            self._trained.pop(eff.trained_sha, None)
         call = machine.submission(data, sha)
         raw, _ = await call_with_retry(
             self.ctx, call, C.FEDLEARN_BLOB_CALL_TIMEOUT_S, SubmitReceipt

@@ -32,8 +32,11 @@ class Participant(Protocol):
 
     published: set[str]
 
-    def get(self, round_id: str) -> Membership: ...
-    async def accept_result(self, doc: SignedDoc, sender: str) -> RoundResult: ...
+    def get(self, round_id: str) -> Membership:
+        """This node's membership of a round."""
+
+    async def accept_result(self, doc: SignedDoc, sender: str) -> RoundResult:
+        """Check and install a signed result as the participant would on receiving it."""
 
 
 class TakeoverDriver:

@@ -16,7 +16,7 @@ from hearthnet.errors import ErrorCode, HearthnetError
 from hearthnet.fedlearn.aggregation.secure import mask_delta, serialize_masked
 from hearthnet.fedlearn.context import FedContext
 from hearthnet.fedlearn.data import TrainingDataProvider
-from hearthnet.fedlearn.delta import deserialize_delta, serialize_delta
+from hearthnet.fedlearn.delta import Delta, deserialize_delta, serialize_delta
 from hearthnet.fedlearn.machines.effects import Call
 from hearthnet.fedlearn.machines.participant import Submit, TrainOutcome
 from hearthnet.fedlearn.manifest import SignedManifest
@@ -34,8 +34,11 @@ async def train(
     lock: asyncio.Lock,
     cancel: threading.Event,
     member: Membership,
-) -> TrainOutcome:
-    """Train on the manifest's topic (one training at a time: `lock`) and store the delta."""
+) -> tuple[TrainOutcome, Delta]:
+    """Train on the manifest's topic (one training at a time: `lock`) and store the delta.
+
+    Also returns the delta's tensors as stored (CPU, in the file's key order), so a secure
+    round masks them without reading back and parsing its own blob (docs/decisions.md)."""
     m = member.signed.manifest
     from hearthnet.fedlearn.trainer import QLoRATrainer
 
@@ -46,8 +49,9 @@ async def train(
         trainer = QLoRATrainer(model_dir, ctx.llm.device)
         log.info("training", round_id=member.round_id, samples=len(samples), steps=m.train_steps)
         result = await asyncio.to_thread(trainer.train, m, samples, cancel=cancel)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in sorted(result.delta.items())}
     data = serialize_delta(
-        result.delta,
+        tensors,
         manifest_sha=member.signed.manifest_sha,
         round_id=member.round_id,
         participant=ctx.node_id,
@@ -61,22 +65,30 @@ async def train(
         of=m.train_steps,
         stopped_early=result.stopped_early,
     )
-    return TrainOutcome(
+    outcome = TrainOutcome(
         sha, result.num_samples, result.train_loss, result.steps, result.stopped_early
     )
+    return outcome, tensors
 
 
-async def submission_bytes(ctx: FedContext, signed: SignedManifest, eff: Submit) -> bytes:
-    """The bytes to submit: the trained delta, masked over the roster in a secure round."""
-    data = await asyncio.to_thread(ctx.blobs.get, eff.trained_sha)
+async def submission_bytes(
+    ctx: FedContext, signed: SignedManifest, eff: Submit, trained: Delta | None = None
+) -> bytes:
+    """The bytes to submit: the trained delta, masked over the roster in a secure round.
+
+    `trained` is the delta's tensors as `train` stored them; without it (the node restarted
+    since training) the stored blob is read and parsed."""
     if eff.key is None or eff.roster is None:
-        return data
+        return await asyncio.to_thread(ctx.blobs.get, eff.trained_sha)
     key, roster = eff.key, eff.roster
     shapes = ctx.model_shapes()
     me = ctx.node_id
 
     def masked() -> bytes:  # parsing and masking up to 64 MiB: off the event loop
-        delta, _ = deserialize_delta(data)
+        delta = trained
+        if delta is None:
+            delta, _ = deserialize_delta(ctx.blobs.get(eff.trained_sha))
+            delta = dict(sorted(delta.items()))  # the file's order, as `train` returns it
         vec = mask_delta(delta, key, me, roster, signed.manifest, signed.manifest_sha, shapes)
         return serialize_masked(
             vec, manifest_sha=signed.manifest_sha, round_id=signed.round_id, participant=me

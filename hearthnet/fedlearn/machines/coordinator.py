@@ -81,6 +81,7 @@ class CoordinatorMachine:
 
     @property
     def node_id(self) -> str:
+        """This node's ID (the coordinator of every round in `rounds`)."""
         return self.identity.node_id
 
     def get(self, round_id: str) -> RoundRecord:

@@ -121,10 +121,12 @@ class ParticipantMachine:
 
     @property
     def signed(self) -> SignedManifest:
+        """The round's signed manifest."""
         return self.member.signed
 
     @property
     def round_id(self) -> str:
+        """The round's ID."""
         return self.member.round_id
 
     def _append(self, suffix: str, payload: ev.Payload) -> Append:

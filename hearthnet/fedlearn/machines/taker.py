@@ -84,6 +84,7 @@ class TakerMachine:
 
     @property
     def node_id(self) -> str:
+        """This node's ID (the taker)."""
         return self.identity.node_id
 
     def _order(self, member: Membership) -> list[str]:

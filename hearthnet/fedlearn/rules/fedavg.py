@@ -21,6 +21,7 @@ class FedAvg(Rule):
     robust = False
 
     def run(self, view: Updates, weights: Sequence[int]) -> RuleRun:
+        """The exact weighted mean of all updates; each member's share is its weight."""
         from hearthnet.fedlearn.aggregation.robust_ops import exact_mean
 
         tensors = exact_mean(view, range(view.n), weights)

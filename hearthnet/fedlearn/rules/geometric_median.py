@@ -27,6 +27,7 @@ class GeometricMedian(Rule):
 
     @classmethod
     def parse(cls, params: Mapping[str, object]) -> Self:
+        """`f`, `max_iter` (at most MAX_ITER_CEILING) and `tol` (in (0, 1))."""
         f = required_int(params, "f", 1)
         max_iter = required_int(params, "max_iter", 100)
         if not 1 <= max_iter <= MAX_ITER_CEILING:
@@ -37,12 +38,16 @@ class GeometricMedian(Rule):
         return cls(f, max_iter, tol)
 
     def tolerated(self, n: int) -> int:
+        """The stated `f`: the median's breakdown point is half, so f < n/2 holds by `minimum_n`."""
         return self.f
 
     def minimum_n(self) -> int:
+        """n ≥ 2f + 1, so honest updates are a majority."""
         return 2 * self.f + 1
 
     def check(self, n: int, weights: Sequence[int] | None, minimum: int) -> None:
+        """Also refuses when the f heaviest participants hold half the weight: the weighted
+        median would be theirs."""
         super().check(n, weights, minimum)
         if weights is not None and self.f:
             heavy = sum(sorted(weights, reverse=True)[: self.f])
@@ -53,6 +58,7 @@ class GeometricMedian(Rule):
                 )
 
     def run(self, view: Updates, weights: Sequence[int]) -> RuleRun:
+        """Weiszfeld's iteration; each member's share is its final Weiszfeld coefficient."""
         import torch
 
         from hearthnet.fedlearn.aggregation.robust_ops import weiszfeld

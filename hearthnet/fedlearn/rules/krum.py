@@ -35,13 +35,16 @@ class Krum(Rule):
 
     @classmethod
     def parse(cls, params: Mapping[str, object]) -> Self:
+        """`f` and the distance `metric`."""
         f = required_int(params, "f", 1)
         return cls(f=f, metric=parse_metric(params))
 
     def tolerated(self, n: int) -> int:
+        """The stated `f`: Krum's score counts on n − f − 2 honest neighbours."""
         return self.f
 
     def minimum_n(self) -> int:
+        """n ≥ 2f + 3, Krum's bound for the score to favour an honest update."""
         return 2 * self.f + 3
 
     def kept(self, n: int) -> int:
@@ -58,6 +61,8 @@ class Krum(Rule):
         return copy_update(view, chosen[0]), share
 
     def run(self, view: Updates, weights: Sequence[int]) -> RuleRun:
+        """Score every update, keep the `kept(n)` best (ties to the earlier participant) and
+        combine them."""
         from hearthnet.fedlearn.aggregation.robust_ops import krum_distances, krum_scores
 
         scores = krum_scores(krum_distances(view, self.metric), self.f)

@@ -24,13 +24,18 @@ class Median(Rule):
 
     @classmethod
     def parse(cls, params: Mapping[str, object]) -> Self:
+        """The optional `f` the round states it needs."""
         return cls(int_param(params, "f", None))
 
     def tolerated(self, n: int) -> int:
+        """Just under half (or the stated `f`): the median holds while honest updates are a
+        majority."""
         return (n - 1) // 2 if self.f is None else self.f
 
     def minimum_n(self) -> int:
+        """At least 3, and 2f + 1 when `f` is stated."""
         return max(3, 2 * (self.f or 0) + 1)
 
     def run(self, view: Updates, weights: Sequence[int]) -> RuleRun:
+        """The coordinate-wise median, one vote per participant (weights ignored)."""
         return run_coordinatewise(view, (view.n - 1) // 2, [1] * view.n, self.name)

@@ -25,6 +25,7 @@ class MultiKrum(Krum):
 
     @classmethod
     def parse(cls, params: Mapping[str, object]) -> Self:
+        """`f`, `metric` and the optional `m` (updates averaged, at least 1)."""
         f = required_int(params, "f", 1)
         m = int_param(params, "m", None)
         if m is not None and m < 1:
@@ -32,16 +33,19 @@ class MultiKrum(Krum):
         return cls(f=f, metric=parse_metric(params), m=m)
 
     def check(self, n: int, weights: Sequence[int] | None, minimum: int) -> None:
+        """Also refuses `m` > n − f, which would let a Byzantine update into the mean."""
         super().check(n, weights, minimum)
         if self.m is not None and self.m > n - self.f:
             raise beyond(f"multi_krum needs m <= n - f = {n - self.f}; got m={self.m}")
 
     def kept(self, n: int) -> int:
+        """`m`, or n − f when it is not set."""
         return self.m or n - self.f
 
     def combine(
         self, view: Updates, chosen: list[int], weights: Sequence[int]
     ) -> tuple[list[torch.Tensor], list[float]]:
+        """The weighted mean of the chosen updates; shares are their weights among the chosen."""
         from hearthnet.fedlearn.aggregation.robust_ops import exact_mean
 
         cw = [weights[i] for i in chosen]

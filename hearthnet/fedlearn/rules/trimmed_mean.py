@@ -39,18 +39,22 @@ class TrimmedMean(Rule):
 
     @classmethod
     def parse(cls, params: Mapping[str, object]) -> Self:
+        """`beta`, the fraction trimmed from each tail, in (0, 0.5)."""
         beta = float_param(params, "beta", 0.2)
         if not 0.0 < beta < 0.5:
             raise invalid("beta (the fraction trimmed from each tail) must be in (0, 0.5)")
         return cls(beta)
 
     def tolerated(self, n: int) -> int:
+        """⌊β·n⌋: as many outliers per tail as are trimmed."""
         return math.floor(self.beta * n)
 
     def minimum_n(self) -> int:
+        """The smallest n at which ⌊β·n⌋ ≥ 1, so at least one value is trimmed per tail."""
         return math.ceil(1.0 / self.beta - 1e-12)
 
     def check(self, n: int, weights: Sequence[int] | None, minimum: int) -> None:
+        """Also refuses an n at which β trims nothing (a plain mean in disguise)."""
         if math.floor(self.beta * n) < 1:
             raise beyond(
                 f"trimmed_mean with beta={self.beta} trims nothing from {n} updates; "
@@ -59,5 +63,6 @@ class TrimmedMean(Rule):
         super().check(n, weights, minimum)
 
     def run(self, view: Updates, weights: Sequence[int]) -> RuleRun:
+        """Trim ⌊β·n⌋ per tail by count, then the weighted mean of what is left."""
         trim = math.floor(self.beta * view.n)
         return run_coordinatewise(view, trim, weights, f"{self.name}, {trim} trimmed per tail")
