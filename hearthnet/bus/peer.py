@@ -27,6 +27,7 @@ from websockets.exceptions import ConnectionClosed
 
 from hearthnet import constants as C
 from hearthnet.bus.bus import CallContext, CapabilityBus
+from hearthnet.bus.feeds import serve_feed
 from hearthnet.bus.framing import Disconnect, Framing, FramingEvent, Received, Refused, blob_ref
 from hearthnet.bus.protocol import (
     BlobRef,
@@ -40,8 +41,7 @@ from hearthnet.bus.protocol import (
 )
 from hearthnet.errors import ErrorCode, HearthnetError
 from hearthnet.eventlog import Event, EventLog
-from hearthnet.eventlog.event import from_wire, to_wire
-from hearthnet.eventlog.store import Subscription
+from hearthnet.eventlog.event import from_wire
 from hearthnet.identity import NodeID
 from hearthnet.logs import get_logger
 from hearthnet.tasks import Spawner
@@ -350,7 +350,8 @@ class PeerConnection:
                 self.stats["subscription_refused"] += 1
             await self._send(EventMsg(t="evt", sub=sub.id, error=err.to_dict()))
             return
-        task = self._tasks.spawn(self._feed(sub, self._log, live), f"feed {sub.prefix!r} #{sub.id}")
+        feed = serve_feed(self._send, self._policy, self.node_id, sub, self._log, live)
+        task = self._tasks.spawn(feed, f"feed {sub.prefix!r} #{sub.id}")
         self._subs_in[sub.id] = task
 
         def done(finished: asyncio.Task[None]) -> None:
@@ -359,33 +360,6 @@ class PeerConnection:
             live.close()  # also when the task was cancelled before it ran
 
         task.add_done_callback(done)
-
-    async def _feed(self, sub: Subscribe, eventlog: EventLog, live: Subscription) -> None:
-        """Backlog after `after_seq` (if asked), then live events; the policy decides, per
-        subscriber and event, what it may see."""
-        error: HearthnetError | None = None
-        try:
-            last = 0
-            if sub.after_seq is not None:
-                after = sub.after_seq
-                while page := await eventlog.read(after, type_prefix=sub.prefix or None):
-                    for event in page:
-                        if self._policy(self.node_id, event):
-                            await self._send(EventMsg(t="evt", sub=sub.id, event=to_wire(event)))
-                    after = last = page[-1].seq
-            async for event in live:
-                if event.seq > last and self._policy(self.node_id, event):
-                    await self._send(EventMsg(t="evt", sub=sub.id, event=to_wire(event)))
-        except HearthnetError as exc:
-            error = exc
-        except ConnectionClosed:
-            return
-        finally:
-            live.close()
-        with contextlib.suppress(ConnectionClosed):
-            await self._send(
-                EventMsg(t="evt", sub=sub.id, error=error.to_dict() if error else None)
-            )
 
     async def _receive_event(self, msg: EventMsg) -> None:
         sub = self._subs_out.get(msg.sub)
