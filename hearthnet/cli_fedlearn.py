@@ -61,13 +61,54 @@ def cmd_list(args: argparse.Namespace) -> int:
     return _out(args, res, _table(res["rounds"]))
 
 
+def _eps(value: float | None) -> str:
+    """ε as the daemon sends it (None: ∞, the round adds no DP noise)."""
+    return "∞ (no DP)" if value is None else f"{value:.3f}"
+
+
+def _offer_privacy(privacy: dict[str, Any], round_id: str) -> str:
+    """What joining `round_id` spends: its ε and the topic's ledger after it, at the node's δ."""
+    offer = next((o for o in privacy["offers"] if o["round_id"] == round_id), None)
+    if offer is None:
+        return ""
+    budget = privacy["budget"]
+    limit = "unlimited" if budget is None else f"{budget:g}"
+    text = (
+        f"privacy: ε = {_eps(offer['epsilon'])} this round at δ = {privacy['delta']:g}; topic "
+        f"'{offer['topic']}' would be at ε = {_eps(offer['topic_epsilon_after'])}"
+        f" (budget {limit})"
+    )
+    if offer["refusal"]:
+        text += f"\n  refused: {offer['refusal']}"
+    return text
+
+
 def cmd_pending(args: argparse.Namespace) -> int:
-    """`fedlearn pending`: offers waiting for this operator's consent."""
+    """`fedlearn pending`: offers waiting for this operator's consent, with their ε."""
     res = _call(args, CAP + "round.pending", {})
+    privacy = _call(args, CAP + "privacy", {})
     text = _table(res["rounds"])
+    for r in res["rounds"]:
+        text += f"\n{r['round_id']}: " + _offer_privacy(privacy, r["round_id"])
     if res["rounds"]:
         text += "\n\nreview and accept with: hearthnet fedlearn consent ROUND --config ..."
-    return _out(args, res, text)
+    return _out(args, res | {"privacy": privacy}, text)
+
+
+def cmd_privacy(args: argparse.Namespace) -> int:
+    """`fedlearn privacy`: this node's privacy ledger per topic."""
+    res = _call(args, CAP + "privacy", {})
+    budget = "unlimited" if res["budget"] is None else f"{res['budget']:g}"
+    head = (
+        f"privacy ledger at δ = {res['delta']:g}; [fedlearn] dp_epsilon_budget: {budget};"
+        f" require_dp: {'yes' if res['require_dp'] else 'no'}"
+    )
+    if not res["topics"]:
+        return _out(args, res, head + "\nno rounds joined yet")
+    lines = [head, f"{'TOPIC':24}  ROUNDS  COMPOSED ε"]
+    for t in res["topics"]:
+        lines.append(f"{t['topic'][:24]:24}  {len(t['rounds']):<6}  {_eps(t['epsilon'])}")
+    return _out(args, res, "\n".join(lines))
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -143,6 +184,7 @@ def cmd_consent(args: argparse.Namespace) -> int:
         f"Round {m['round_id']} on topic '{m['topic']}' from coordinator {m['coordinator']}\n"
         f"deadline {m['deadline']}, {m['train_steps']} training steps, rank {m['lora_rank']},"
         f" DP noise {m['dp_noise_scale']}, secure aggregation {'on' if m['secure'] else 'off'}\n\n"
+        f"{_offer_privacy(_call(args, CAP + 'privacy', {}), args.round_id)}\n\n"
         f"--- consent text ---\n{m['consent_text']}\n--------------------",
         file=sys.stderr if args.json else sys.stdout,
     )
@@ -299,6 +341,10 @@ def add_commands(sub: Any) -> None:
     p = fs.add_parser("reputation", help="participants' reputation as this node sees it")
     common(p)
     p.set_defaults(handler=cmd_reputation)
+
+    p = fs.add_parser("privacy", help="this node's privacy ledger (composed ε per topic)")
+    common(p)
+    p.set_defaults(handler=cmd_privacy)
 
     p = fs.add_parser("adapters", help="the base model and the adapters this node has")
     common(p)

@@ -72,6 +72,13 @@ class FedLearnConfig(_Section):
         C.FEDLEARN_SUBMISSION_MAX_BYTES
     )
     require_secure_aggregation: bool = False
+    # The privacy budget (fedlearn/budget.py): δ of every ε this node shows and composes; the
+    # composed ε per topic a join may not exceed (unset: unlimited); refuse rounds without DP.
+    dp_delta: Annotated[float, Field(gt=0.0, lt=1.0, allow_inf_nan=False)] = (
+        C.FEDLEARN_DP_DELTA_DEFAULT
+    )
+    dp_epsilon_budget: Annotated[float, Field(gt=0.0, allow_inf_nan=False)] | None = None
+    require_dp: bool = False
     auto_apply_aggregated: bool = False
     training_vram_budget_mb: Annotated[
         int, Field(ge=0, le=C.FEDLEARN_TRAINING_BUDGET_MB_CEILING)

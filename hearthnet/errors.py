@@ -48,6 +48,8 @@ class ErrorCode(StrEnum):
     # robust aggregation and reputation (issue 7)
     FEDLEARN_TOLERANCE_EXCEEDED = "fedlearn_tolerance_exceeded"
     REPUTATION_TOO_LOW = "reputation_too_low"
+    # a participant's privacy budget (issue 15)
+    PRIVACY_BUDGET_EXCEEDED = "privacy_budget_exceeded"
     # capability bus and transport
     UNKNOWN_CAPABILITY = "unknown_capability"
     TIMEOUT = "timeout"

@@ -219,3 +219,45 @@ async def test_announce_refusals_name_the_flag_and_the_key(tmp_path, tiny_model_
         assert "announced round" in capsys.readouterr().out
     finally:
         await node.stop()
+
+
+def test_privacy_ledger_and_pending_epsilon_are_printed(monkeypatch, capsys):
+    from hearthnet import cli_fedlearn
+    from hearthnet.fedlearn.protocol import PrivacyOffer, PrivacyResponse, PrivacyTopic
+
+    privacy = PrivacyResponse(
+        delta=1e-5,
+        budget=6.0,
+        require_dp=False,
+        topics=[PrivacyTopic(topic="village", rounds=["R0"], epsilon=4.7285)],
+        offers=[
+            PrivacyOffer(
+                round_id="R1",
+                topic="village",
+                epsilon=4.7285,
+                topic_epsilon_after=7.0774,
+                refusal="over [fedlearn] dp_epsilon_budget = 6",
+            ),
+            PrivacyOffer(round_id="R2", topic="x", epsilon=None, topic_epsilon_after=None),
+        ],
+    )
+    row = {"topic": "village", "coordinator": "c", "deadline": "d", "phase": "announced"}
+    replies = {
+        "experimental.fedlearn.privacy": privacy.model_dump(mode="json"),
+        "experimental.fedlearn.round.pending": {
+            "rounds": [
+                {**row, "round_id": "R1", "role": "participant", "manifest": {}},
+                {**row, "round_id": "R2", "role": "participant", "manifest": {}},
+            ]
+        },
+    }
+    monkeypatch.setattr(cli_fedlearn, "_call", lambda _args, name, _body, **_kw: replies[name])
+    parser = build_parser()
+    for argv in (["privacy"], ["pending"]):
+        args = parser.parse_args(["fedlearn", *argv, "--config", "x"])
+        assert args.handler(args) == 0
+    out = capsys.readouterr().out
+    assert "dp_epsilon_budget: 6" in out and "village" in out and "4.729" in out
+    assert "R1: privacy: ε = 4.729 this round at δ = 1e-05" in out
+    assert "would be at ε = 7.077 (budget 6)" in out and "refused: over" in out
+    assert "R2: privacy: ε = ∞ (no DP)" in out

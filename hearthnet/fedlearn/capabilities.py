@@ -51,6 +51,7 @@ from hearthnet.fedlearn.protocol import (
     MaskKeyRequest,
     OfferRequest,
     PendingResponse,
+    PrivacyResponse,
     ReputationResponse,
     ReputationRow,
     ResultPush,
@@ -212,6 +213,10 @@ class FedLearnService:
 
     async def _round_pending(self, _ctx: CallContext, _req: Empty) -> PendingResponse:
         return PendingResponse(rounds=views.pending(self.participant.members))
+
+    async def _privacy(self, _ctx: CallContext, _req: Empty) -> PrivacyResponse:
+        ledger = self.participant.ledger()
+        return views.privacy(self.participant.members, ledger, self.participant.privacy_policy())
 
     async def _reputation(self, _ctx: CallContext, _req: Empty) -> ReputationResponse:
         table = self.ctx.reputation

@@ -124,6 +124,13 @@ CAPABILITIES: tuple[Capability, ...] = (
         "operator: participants' reputation as this node sees it",
     ),
     Capability(
+        "privacy",
+        P.Empty,
+        P.PrivacyResponse,
+        OPERATOR,
+        "operator: this node's privacy ledger per topic and the offers' ε",
+    ),
+    Capability(
         "adapter.fetch",
         P.FetchRequest,
         P.FetchResponse,

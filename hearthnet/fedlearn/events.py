@@ -143,6 +143,11 @@ class MemberJoined(Payload):
 
     receipt: SignedDoc
     num_samples: int | None = None
+    # the round's participant-level ε at the node's δ (None: ∞, no DP) and its topic, for the
+    # privacy ledger (fedlearn/budget.py)
+    topic: str | None = None
+    epsilon: float | None = None
+    delta: float | None = None
 
 
 class Trained(Payload):

@@ -300,6 +300,37 @@ class ReputationRow(_Msg):
     last_round: str
 
 
+class PrivacyTopic(_Msg):
+    """One topic of this node's privacy ledger: the rounds it joined and their composed ε
+    (None: ∞, some round had no DP)."""
+
+    topic: str
+    rounds: list[str]
+    epsilon: float | None
+
+
+class PrivacyOffer(_Msg):
+    """A round offered here and not yet joined: its ε, the topic's ε if joined, and whether
+    this node's policy would let it join (`refusal` says why not)."""
+
+    round_id: str
+    topic: str
+    epsilon: float | None
+    topic_epsilon_after: float | None
+    refusal: str | None = None
+
+
+class PrivacyResponse(_Msg):
+    """The answer to `privacy`: the ledger per topic at the node's δ, its budget (None:
+    unlimited) and the offers waiting."""
+
+    delta: float
+    budget: float | None
+    require_dp: bool
+    topics: list[PrivacyTopic]
+    offers: list[PrivacyOffer]
+
+
 class ReputationResponse(_Msg):
     """The answer to `reputation`: this node's table and the score below which it bans."""
 

@@ -10,8 +10,16 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 
 from hearthnet.errors import ErrorCode, HearthnetError
+from hearthnet.fedlearn.budget import Ledger, PrivacyPolicy, after_join, check_join, round_epsilon
+from hearthnet.fedlearn.budget import wire_epsilon as wire
 from hearthnet.fedlearn.manifest import SignedManifest
-from hearthnet.fedlearn.protocol import RoundStatus, RoundSummary
+from hearthnet.fedlearn.protocol import (
+    PrivacyOffer,
+    PrivacyResponse,
+    PrivacyTopic,
+    RoundStatus,
+    RoundSummary,
+)
 from hearthnet.fedlearn.state import (
     TERMINAL_PHASES,
     TERMINAL_STAGES,
@@ -63,6 +71,41 @@ def pending(members: Members, now: datetime | None = None) -> list[RoundSummary]
         if m.stage is Stage.OFFERED and m.signed.manifest.deadline_at > now
     ]
     return sorted(waiting, key=lambda s: s.round_id)
+
+
+def privacy(members: Members, ledger: Ledger, policy: PrivacyPolicy) -> PrivacyResponse:
+    """The ledger per topic and, for each offer not yet joined, what joining would spend."""
+    delta = policy.delta
+    topics = [
+        PrivacyTopic(topic=t.topic, rounds=list(t.rounds), epsilon=wire(t.epsilon(delta)))
+        for t in ledger.values()
+    ]
+    offers = []
+    for rid, member in sorted(members.items()):
+        if member.stage not in (Stage.OFFERED, Stage.CONSENTED):
+            continue
+        m = member.signed.manifest
+        refusal = None
+        try:
+            check_join(ledger, m, delta, policy.budget, policy.require_dp)
+        except HearthnetError as err:
+            refusal = err.message
+        offers.append(
+            PrivacyOffer(
+                round_id=rid,
+                topic=m.topic,
+                epsilon=wire(round_epsilon(m, delta)),
+                topic_epsilon_after=wire(after_join(ledger, m, delta)),
+                refusal=refusal,
+            )
+        )
+    return PrivacyResponse(
+        delta=delta,
+        budget=policy.budget,
+        require_dp=policy.require_dp,
+        topics=topics,
+        offers=offers,
+    )
 
 
 def status(node_id: str, rounds: Rounds, members: Members, round_id: str) -> RoundStatus:

@@ -18,6 +18,7 @@ from typing import Any
 from hearthnet import constants as C
 from hearthnet.errors import ErrorCode, HearthnetError
 from hearthnet.eventlog import Event
+from hearthnet.fedlearn.budget import PrivacyPolicy, TopicLedger, fold_ledger
 from hearthnet.fedlearn.context import FedContext
 from hearthnet.fedlearn.data import TrainingDataProvider
 from hearthnet.fedlearn.delta import Delta
@@ -83,10 +84,22 @@ class ParticipantDriver:
     # --- log and state -------------------------------------------------------------------------
 
     def _machine_for(self, member: Membership) -> ParticipantMachine:
-        machine = ParticipantMachine(self.ctx.identity, member, set(self.ctx.config.trust.roster))
+        machine = ParticipantMachine(
+            self.ctx.identity, member, set(self.ctx.config.trust.roster), self.privacy_policy()
+        )
         self.members[member.round_id] = member
         self.machines[member.round_id] = machine
         return machine
+
+    def privacy_policy(self) -> PrivacyPolicy:
+        """The node's `[fedlearn]` privacy settings."""
+        f = self.ctx.config.fedlearn
+        return PrivacyPolicy(f.dp_delta, f.dp_epsilon_budget, f.require_dp)
+
+    def ledger(self) -> dict[str, TopicLedger]:
+        """The privacy ledger: every round this node joined (a fold of its own log), by topic."""
+        joined = [(rid, m.signed.manifest) for rid, m in self.members.items() if m.receipt]
+        return fold_ledger(joined)
 
     async def _append(self, machine: ParticipantMachine, eff: Append) -> Event:
         """The log leads: store the event, then feed the stored record to the machine."""
@@ -171,7 +184,7 @@ class ParticipantDriver:
                 round_id=round_id, receipt=member.receipt, consent_event_seq=consent_seq
             )
         try:
-            call = machine.enroll(self.ctx.roster)
+            call = machine.enroll(self.ctx.roster, self.ledger())
         except Suspect as err:
             await self._security_event(err.peer, err.what)
             raise

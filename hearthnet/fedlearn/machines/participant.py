@@ -20,6 +20,7 @@ from hearthnet import constants as C
 from hearthnet.canonical import sha256_hex
 from hearthnet.errors import ErrorCode, HearthnetError
 from hearthnet.fedlearn import events as ev
+from hearthnet.fedlearn.budget import Ledger, PrivacyPolicy, check_join, round_epsilon, wire_epsilon
 from hearthnet.fedlearn.machines.effects import Aggregate, Append, Call, SetTimer
 from hearthnet.fedlearn.machines.results import (
     Influence,
@@ -108,8 +109,15 @@ class ParticipantMachine:
     """One round as this node takes part in it. `member` is the folded state (shared with the
     takeover code); the machine adds what lives in memory only (mask key, announcements)."""
 
-    def __init__(self, identity: NodeIdentity, member: Membership, trust_roster: set[str]):
+    def __init__(
+        self,
+        identity: NodeIdentity,
+        member: Membership,
+        trust_roster: set[str],
+        privacy: PrivacyPolicy | None = None,
+    ):
         self.identity = identity  # signing is pure computation
+        self.privacy = privacy or PrivacyPolicy()
         self.me = identity.node_id
         self.member = member
         self.trust_roster = trust_roster
@@ -156,14 +164,17 @@ class ParticipantMachine:
         )
         return [self._append("consent", payload)]
 
-    def enroll(self, trusted: set[str]) -> Call:
+    def enroll(self, trusted: set[str], ledger: Ledger | None = None) -> Call:
         """Ask the coordinator for a join receipt (after the manifest verifies again: the
-        trust roster may have changed since the offer)."""
+        trust roster may have changed since the offer, and the round fits the node's privacy
+        policy given `ledger`, the rounds this node already joined)."""
         m = self.signed.manifest
         try:
             self.signed.verify(trusted)
         except HearthnetError as err:
             raise Suspect(m.coordinator, "manifest", err) from None
+        p = self.privacy
+        check_join(ledger or {}, m, p.delta, p.budget, p.require_dp)
         body = {"round_id": self.round_id, "manifest_sha": self.signed.manifest_sha}
         return Call("enroll", m.coordinator, CAP + "round.enroll", body)
 
@@ -173,7 +184,16 @@ class ParticipantMachine:
         issued = receipt.open(JoinReceipt, self.signed.manifest.coordinator)
         if issued.participant != self.me or issued.round_id != self.round_id:
             raise HearthnetError(ErrorCode.SIGNATURE_INVALID, "receipt rejected")
-        payload = ev.MemberJoined(round_id=self.round_id, receipt=receipt, num_samples=num_samples)
+        m = self.signed.manifest
+        delta = self.privacy.delta
+        payload = ev.MemberJoined(
+            round_id=self.round_id,
+            receipt=receipt,
+            num_samples=num_samples,
+            topic=m.topic,
+            epsilon=wire_epsilon(round_epsilon(m, delta)),
+            delta=delta,
+        )
         return [self._append("joined", payload)]
 
     # --- train, (mask,) submit -----------------------------------------------------------------

@@ -407,3 +407,38 @@ def test_an_offer_from_someone_else_is_a_suspect(coordinator, make_manifest):
     assert err.value.code is ErrorCode.SIGNATURE_INVALID and err.value.what == "manifest"
     with pytest.raises(Suspect):  # a coordinator outside the trust roster
         offer(signed.to_wire(), coordinator.node_id, set())
+
+
+def test_join_records_epsilon_and_topic_and_the_budget_is_checked_before_enrolling(
+    coordinator, make_manifest
+):
+    from hearthnet.fedlearn.budget import PrivacyPolicy, fold_ledger, round_epsilon
+
+    signed = make_manifest(dp_noise_scale=1.0, clip_norm=1.0)
+    node = Node(coordinator, signed)
+    node.join()
+    joined_payload = node.log[-1].payload
+    eps = round_epsilon(signed.manifest, 1e-5)
+    assert joined_payload["topic"] == signed.manifest.topic
+    assert joined_payload["epsilon"] == pytest.approx(eps) and joined_payload["delta"] == 1e-5
+
+    ledger = fold_ledger([(signed.round_id, signed.manifest)])
+    second = Node(coordinator, make_manifest(dp_noise_scale=1.0, clip_norm=1.0))
+    second.machine.privacy = PrivacyPolicy(1e-5, eps * 1.1, False)
+    second.run(second.machine.consent(True))
+    with raises_code(ErrorCode.PRIVACY_BUDGET_EXCEEDED, match="dp_epsilon_budget"):
+        second.machine.enroll({coordinator.node_id}, ledger)
+    second.machine.privacy = PrivacyPolicy(1e-5, eps * 2, False)
+    assert second.machine.enroll({coordinator.node_id}, ledger).name == "enroll"
+
+
+def test_require_dp_refuses_a_round_without_noise_at_enroll(coordinator, make_manifest):
+    from hearthnet.fedlearn.budget import PrivacyPolicy
+
+    node = Node(coordinator, make_manifest(dp_noise_scale=0.0))
+    node.machine.privacy = PrivacyPolicy(require_dp=True)
+    node.run(node.machine.consent(True))
+    with raises_code(ErrorCode.PRIVACY_BUDGET_EXCEEDED, match="require_dp"):
+        node.machine.enroll({coordinator.node_id}, {})
+    node.run(node.machine.enrolled(EnrollResponse(receipt=node.receipt()), 4))
+    assert "epsilon" not in node.log[-1].payload  # ∞ (no DP) is stored as no number
