@@ -62,7 +62,6 @@ class RemoteCaller(Protocol):
         self, peer: str, name: str, body: dict[str, Any], timeout: float, blob: bytes | None
     ) -> tuple[dict[str, Any], bytes | None]:
         """Run capability `name` on `peer` and return its raw response body and blob."""
-        ...
 
 
 def _inflight_share() -> FairShare:

@@ -9,6 +9,7 @@ called, so a manifest can be validated without loading numba (docs/decisions.md,
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Self
@@ -68,7 +69,7 @@ class RuleRun:
 
 
 @dataclass(frozen=True)
-class Rule:
+class Rule(ABC):
     """Base of every rule: subclass it, set `name` and `params`, and register the class in
     `rules/registry.py`. Defaults describe a rule that tolerates nothing (plain FedAvg)."""
 
@@ -98,6 +99,6 @@ class Rule:
                 f"{minimum}; got {n}"
             )
 
+    @abstractmethod
     def run(self, view: Updates, weights: Sequence[int]) -> RuleRun:
         """Aggregate `view` (finite, participants in canonical order) with positive weights."""
-        raise NotImplementedError

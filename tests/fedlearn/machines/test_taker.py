@@ -10,7 +10,7 @@ import pytest
 
 from hearthnet import constants as C
 from hearthnet.blobs import BlobStore
-from hearthnet.errors import ErrorCode, HearthnetError
+from hearthnet.errors import ErrorCode
 from hearthnet.fedlearn.machines import effects as fx
 from hearthnet.fedlearn.machines import finalize
 from hearthnet.fedlearn.machines.taker import (
@@ -169,7 +169,7 @@ def test_handed_submissions_are_checked(rnd: Round):
     check_handed(taker, resp, data, peer, MODEL_SHAPES, LIMIT)  # the honest one passes
     with raises_code(ErrorCode.FORBIDDEN, "not the peer's"):  # passed off as another's
         check_handed(taker, resp, data, rnd.ids[2].node_id, MODEL_SHAPES, LIMIT)
-    with pytest.raises(HearthnetError):  # bytes other than the signed ones
+    with raises_code(ErrorCode.DELTA_INVALID):  # bytes other than the signed ones
         check_handed(taker, resp, rnd.data[rnd.ids[2].node_id], peer, MODEL_SHAPES, LIMIT)
     forged = resp.model_copy(
         update={"receipt": SignedDoc.sign(rnd.ids[1], resp.receipt.claimed(JoinReceipt))}
