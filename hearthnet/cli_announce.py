@@ -40,6 +40,9 @@ _FLAG_FIELDS = {
     "consent_text": "consent_text",
     "dp_noise": "dp_noise_scale",
     "clip_norm": "clip_norm",
+    "clip_policy": "clip_policy",
+    "clip_quantile": "clip_quantile",
+    "clip_count_noise": "clip_count_noise",
     "lora_aggregation": "lora_aggregation",
     "min_reputation": "min_reputation",
 }
@@ -138,6 +141,13 @@ def add_announce_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--deadline-in", help="time until the deadline, e.g. 10m")
     p.add_argument("--dp-noise", type=float)
     p.add_argument("--clip-norm", type=float)
+    p.add_argument(
+        "--clip-policy",
+        choices=["fixed", "adaptive"],
+        help="adaptive: the topic's next clip follows a quantile of update norms",
+    )
+    p.add_argument("--clip-quantile", type=float, help="adaptive: target unclipped share γ")
+    p.add_argument("--clip-count-noise", type=float, help="adaptive + DP: noise σ_b on the bit")
     p.add_argument("--secure", action="store_true", help="secure (masked) aggregation")
     p.add_argument(
         "--rule",

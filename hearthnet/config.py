@@ -68,6 +68,18 @@ class FedLearnConfig(_Section):
     clip_norm_default: Annotated[float, Field(gt=0.0, allow_inf_nan=False)] = (
         C.FEDLEARN_CLIP_NORM_DEFAULT
     )
+    # The clip policy of new drafts (fedlearn/clipping.py): "adaptive" follows the quantile
+    # clip_quantile_default of update norms round to round; clip_count_noise_default is the
+    # noise σ_b on each participant's clipped/unclipped bit in DP rounds (unset: σ_b equals the
+    # delta's noise multiplier, so the bit costs ~12% more ε; 0 in rounds without DP).
+    clip_policy_default: Literal["fixed", "adaptive"] = C.FEDLEARN_CLIP_POLICY_DEFAULT
+    clip_quantile_default: Annotated[float, Field(gt=0.0, lt=1.0, allow_inf_nan=False)] = (
+        C.FEDLEARN_CLIP_QUANTILE_DEFAULT
+    )
+    clip_learning_rate_default: Annotated[
+        float, Field(gt=0.0, le=C.FEDLEARN_CLIP_LEARNING_RATE_MAX, allow_inf_nan=False)
+    ] = C.FEDLEARN_CLIP_LEARNING_RATE_DEFAULT
+    clip_count_noise_default: Annotated[float, Field(gt=0.0, allow_inf_nan=False)] | None = None
     submission_max_bytes: Annotated[int, Field(ge=1, le=C.FEDLEARN_SUBMISSION_MAX_BYTES)] = (
         C.FEDLEARN_SUBMISSION_MAX_BYTES
     )

@@ -18,7 +18,15 @@ FEDLEARN_MAX_TRAIN_STEPS: Final = 1000
 FEDLEARN_MAX_PARTICIPANTS: Final = 32
 FEDLEARN_MIN_PARTICIPANTS: Final = 3
 FEDLEARN_DP_NOISE_SCALE_DEFAULT: Final = 0.0
-FEDLEARN_CLIP_NORM_DEFAULT: Final = 1.0
+# ≈ the median L2 norm of a 30-step demo delta (SmolLM2-135M, rank 8 on q/k/v/o, lr 3e-3):
+# 22.4..24.3 over 10 participants × 3 rounds (benchmarks/bench_privacy_utility.py). 1.0 left
+# almost nothing.
+FEDLEARN_CLIP_NORM_DEFAULT: Final = 24.0
+# Adaptive clipping (fedlearn/clipping.py; Andrew et al. 2021's γ = 0.5, η = 0.2).
+FEDLEARN_CLIP_POLICY_DEFAULT: Final = "adaptive"
+FEDLEARN_CLIP_QUANTILE_DEFAULT: Final = 0.5
+FEDLEARN_CLIP_LEARNING_RATE_DEFAULT: Final = 0.2
+FEDLEARN_CLIP_LEARNING_RATE_MAX: Final = 2.0
 FEDLEARN_SUBMISSION_MAX_BYTES: Final = 64 * MIB
 FEDLEARN_TRAINING_VRAM_BUDGET_MB_DEFAULT: Final = 8192
 FEDLEARN_TRAINING_DISK_BUDGET_MB_DEFAULT: Final = 4096
@@ -117,6 +125,15 @@ FEDLEARN_AGG_CHUNK_ELEMENTS: Final = 1 << 18
 # times a weight ≤ 2^20, summed over ≤ 32 participants: < 2^57 inside the 2^64 ring.
 FEDLEARN_SECURE_FRACTION_BITS: Final = 32
 FEDLEARN_SECURE_MIN_PARTICIPANTS: Final = 3
+# SecAgg+ defaults (fedlearn/secagg_graph.py): the fractions of a roster that may drop out after
+# the key exchange, and that may be corrupt (colluding with the coordinator), per round.
+FEDLEARN_SECAGG_DROPOUT_DEFAULT: Final = 0.3
+FEDLEARN_SECAGG_CORRUPTION_DEFAULT: Final = 0.1
+# A secure round's share phase closes at this fraction of the announce→deadline span (or once
+# every roster member sent its shares); reveals are awaited this long after the unmask request.
+FEDLEARN_SECURE_SHARES_FRACTION: Final = 0.6
+FEDLEARN_SECURE_REVEAL_S: Final = 60.0
+FEDLEARN_SECURE_MAX_BUCKET: Final = 16
 FEDLEARN_DP_DELTA_DEFAULT: Final = 1e-5
 # Rounds (issue 6)
 FEDLEARN_ADAPTER_FORMAT: Final = "hearthnet.fedlearn.adapter/1"

@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import NewType
 
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from hearthnet.constants import KEY_FILE_MAX_BYTES, NODE_ID_CHECKSUM_BYTES, NODE_ID_PREFIX
 from hearthnet.errors import ErrorCode, HearthnetError
@@ -117,6 +118,12 @@ class NodeIdentity:
     def sign(self, data: bytes) -> bytes:
         """Ed25519 signature over `data`; every signed record in hearthnet comes through here."""
         return self._key.sign(data)
+
+    def derive_key(self, info: bytes) -> bytes:
+        """A 32-byte key for `info` derived from the private key (HKDF-SHA256): what this node
+        seals at rest only it can open, and nothing derived reveals the identity key."""
+        raw = self._key.private_bytes_raw()
+        return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(raw)
 
     def encrypted_pem(self, password: bytes) -> bytes:
         """The key as PKCS#8 PEM encrypted with `password`, for loaders (OpenSSL's) that only

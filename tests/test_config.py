@@ -26,7 +26,13 @@ def test_minimal_config_has_spec_defaults(tmp_path):
     f = cfg.fedlearn
     assert (f.max_lora_rank, f.max_lora_target_modules, f.max_train_steps) == (64, 8, 1000)
     assert (f.max_round_participants, f.min_round_participants) == (32, 3)
-    assert (f.dp_noise_scale_default, f.clip_norm_default) == (0.0, 1.0)
+    assert (f.dp_noise_scale_default, f.clip_norm_default) == (0.0, 24.0)
+    assert (f.clip_policy_default, f.clip_quantile_default, f.clip_learning_rate_default) == (
+        "adaptive",
+        0.5,
+        0.2,
+    )
+    assert f.clip_count_noise_default is None
     assert f.submission_max_bytes == 64 * 1024 * 1024
     assert not f.require_secure_aggregation and not f.auto_apply_aggregated
     assert (f.training_vram_budget_mb, f.training_disk_budget_mb) == (8192, 4096)

@@ -24,10 +24,18 @@ from hearthnet.fedlearn.manifest import RoundManifest as Manifest
 
 
 def noise_multiplier(m: Manifest) -> float | None:
-    """σ of the round's Gaussian mechanism; None when the round adds no noise (no DP)."""
+    """σ of the round's Gaussian mechanism; None when the round adds no noise (no DP). With
+    adaptive clipping the participant also releases its noised clipped/unclipped bit, and the
+    pair is one Gaussian mechanism of multiplier (z_Δ⁻² + (2σ_b)⁻²)^(−½) (clipping.py)."""
     if m.dp_noise_scale <= 0 or m.clip_norm <= 0:
         return None
-    return m.dp_noise_scale / m.clip_norm
+    z_delta = m.dp_noise_scale / m.clip_norm
+    if m.clip_policy != "adaptive":
+        return z_delta
+    from hearthnet.fedlearn.clipping import effective_multiplier
+
+    z = effective_multiplier(z_delta, m.clip_count_noise)
+    return z if z > 0 else None
 
 
 def composed_epsilon(sigmas: Iterable[float | None], delta: float) -> float:

@@ -55,8 +55,10 @@ from hearthnet.fedlearn.protocol import (
     ReputationResponse,
     ReputationRow,
     ResultPush,
+    RevealRequest,
     RoundRef,
     RoundStatus,
+    SharesRequest,
     StatusRequest,
     SubmitReceipt,
     SubmitRequest,
@@ -232,6 +234,14 @@ class FedLearnService:
 
     async def _round_mask_key(self, ctx: CallContext, req: MaskKeyRequest) -> Ack:
         await self.coordinator.accept_mask_key(ctx.caller, req.announcement)
+        return Ack()
+
+    async def _round_shares(self, ctx: CallContext, req: SharesRequest) -> Ack:
+        await self.coordinator.accept_shares(ctx.caller, req.bundle)
+        return Ack()
+
+    async def _round_reveal(self, ctx: CallContext, req: RevealRequest) -> Ack:
+        await self.coordinator.accept_reveal(ctx.caller, req.reveal)
         return Ack()
 
     async def _round_submit(self, ctx: CallContext, req: SubmitRequest) -> SubmitReceipt:

@@ -81,6 +81,20 @@ CAPABILITIES: tuple[Capability, ...] = (
         "round.mask_key", P.MaskKeyRequest, P.Ack, PEER, "coordinator: a secure round's mask key"
     ),
     Capability(
+        "round.shares",
+        P.SharesRequest,
+        P.Ack,
+        PEER,
+        "coordinator: a secure round's sealed Shamir shares",
+    ),
+    Capability(
+        "round.reveal",
+        P.RevealRequest,
+        P.Ack,
+        PEER,
+        "coordinator: a member's reveal for a secure round's unmask",
+    ),
+    Capability(
         "round.submit",
         P.SubmitRequest,
         P.SubmitReceipt,

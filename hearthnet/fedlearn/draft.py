@@ -4,8 +4,9 @@ limits a manifest is held to (`check_against_config`) before it is signed or joi
 
 from __future__ import annotations
 
+import json
 import secrets
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -14,11 +15,13 @@ from pydantic import Field
 from hearthnet import constants as C
 from hearthnet.config import FedLearnConfig
 from hearthnet.errors import ErrorCode, HearthnetError
+from hearthnet.fedlearn.clipping import ClipPolicy, next_round_terms
 from hearthnet.fedlearn.terms import RoundID, RoundParams, format_ts, new_round_id, validated
 from hearthnet.identity import NodeIdentity
 
 if TYPE_CHECKING:
     from hearthnet.fedlearn.manifest import RoundManifest, SignedManifest
+    from hearthnet.fedlearn.state import RoundRecord
 
 
 # What an announce may leave out, besides what the node fills from its model and config
@@ -40,6 +43,33 @@ class RoundManifestDraft(RoundParams):
     deadline: datetime
     dp_noise_scale: Annotated[float, Field(ge=0.0, allow_inf_nan=False)] | None = None
     clip_norm: Annotated[float, Field(ge=0.0, allow_inf_nan=False)] | None = None
+    # The clip policy (fedlearn/clipping.py); None: the node's [fedlearn] clip_*_default.
+    clip_policy: ClipPolicy | None = None
+    clip_quantile: Annotated[float, Field(gt=0.0, lt=1.0, allow_inf_nan=False)] | None = None
+    clip_learning_rate: (
+        Annotated[float, Field(gt=0.0, le=C.FEDLEARN_CLIP_LEARNING_RATE_MAX, allow_inf_nan=False)]
+        | None
+    ) = None
+    clip_count_noise: Annotated[float, Field(ge=0.0, allow_inf_nan=False)] | None = None
+
+    def with_carried_clip(
+        self, previous: RoundManifest, bits: Iterable[float | None]
+    ) -> RoundManifestDraft:
+        """This draft with the clip (and DP noise, scaled alike) that adaptive clipping carries
+        over from the topic's `previous` round, whose included submissions reported `bits`
+        (its result lists them). A clip or noise the draft sets itself wins; another topic, a
+        fixed policy or no bits leave the draft as it is."""
+        if previous.topic != self.topic or self.clip_policy == "fixed":
+            return self
+        terms = next_round_terms(previous, bits)
+        if terms is None:
+            return self
+        update = {
+            k: v
+            for k, v in terms.items()
+            if getattr(self, k) is None and (k != "dp_noise_scale" or v > 0)
+        }
+        return self.model_copy(update=update)
 
     @classmethod
     def from_fields(cls, fields: dict[str, Any]) -> RoundManifestDraft:
@@ -104,26 +134,73 @@ class RoundManifestDraft(RoundParams):
         """Validate against `config` and the constants, then sign; `manifest_invalid` if not."""
         now = now or datetime.now(UTC)
         fields: dict[str, Any] = self.model_dump(
-            exclude={"deadline", "dp_noise_scale", "clip_norm"}
+            exclude={"deadline", "dp_noise_scale", "clip_norm", *_CLIP_FIELDS}
         )
+        noise = (
+            config.dp_noise_scale_default if self.dp_noise_scale is None else self.dp_noise_scale
+        )
+        clip = config.clip_norm_default if self.clip_norm is None else self.clip_norm
         fields.update(
             kind=C.FEDLEARN_MANIFEST_KIND,
             round_id=round_id or new_round_id(),
             coordinator=identity.node_id,
             created_at=format_ts(now),
             deadline=format_ts(self.deadline),
-            dp_noise_scale=(
-                config.dp_noise_scale_default
-                if self.dp_noise_scale is None
-                else self.dp_noise_scale
-            ),
-            clip_norm=config.clip_norm_default if self.clip_norm is None else self.clip_norm,
+            dp_noise_scale=noise,
+            clip_norm=clip,
+            **_clip_policy_fields(self, config, noise, clip),
         )
         from hearthnet.fedlearn.manifest import RoundManifest, SignedManifest
 
         manifest = RoundManifest.from_fields(fields)
         check_against_config(manifest, config, now)
         return SignedManifest.sign(manifest, identity)
+
+
+def carry_topic_clip(
+    draft: RoundManifestDraft, records: Iterable[RoundRecord]
+) -> RoundManifestDraft:
+    """`draft` with the clip adaptive clipping carries from its topic's latest round with a
+    signed result among the coordinator's `records`: the bits that result lists (README.md,
+    "Adaptive clipping"). Unchanged when there is none."""
+    done = [r for r in records if r.result is not None and r.signed.manifest.topic == draft.topic]
+    if not done:
+        return draft
+    last = max(done, key=lambda r: r.signed.manifest.created_at_dt)
+    assert last.result is not None
+    entries = json.loads(last.result.body).get("submissions", [])
+    bits = [e.get("clip_bit") for e in entries if isinstance(e, dict)]
+    return draft.with_carried_clip(last.signed.manifest, bits)
+
+
+_CLIP_FIELDS = ("clip_policy", "clip_quantile", "clip_learning_rate", "clip_count_noise")
+
+
+def _pick(value: Any, default: Any) -> Any:
+    return default if value is None else value
+
+
+def _clip_policy_fields(
+    draft: RoundManifestDraft, config: FedLearnConfig, noise: float, clip: float
+) -> dict[str, Any]:
+    """The clip policy: the draft's, else the config's. Without clipping (clip_norm 0) the
+    default policy is "fixed" (nothing to adapt); without DP noise the bit is sent exactly
+    (count noise 0: ε is ∞ anyway); with DP and no count noise configured, σ_b is the delta's
+    noise multiplier (docs/decisions.md, issue 15)."""
+    default_policy = config.clip_policy_default if clip > 0 else "fixed"
+    policy = _pick(draft.clip_policy, default_policy)
+    count_noise = draft.clip_count_noise
+    if count_noise is None:
+        count_noise = 0.0
+        if noise > 0 and policy == "adaptive":
+            configured = config.clip_count_noise_default
+            count_noise = noise / clip if configured is None and clip > 0 else configured or 0.0
+    return {
+        "clip_policy": policy,
+        "clip_quantile": _pick(draft.clip_quantile, config.clip_quantile_default),
+        "clip_learning_rate": _pick(draft.clip_learning_rate, config.clip_learning_rate_default),
+        "clip_count_noise": count_noise,
+    }
 
 
 def check_against_config(m: RoundManifest, config: FedLearnConfig, now: datetime) -> None:

@@ -12,6 +12,9 @@ Types, with the prefix the log uses (docs/architecture.md lists them with their 
 | fedlearn.round.joined              | Joined            | coordinator           |
 | fedlearn.round.mask_key            | MaskKey           | coordinator           |
 | fedlearn.round.roster              | Roster            | coordinator           |
+| fedlearn.round.shares              | Shares            | coordinator           |
+| fedlearn.round.shares_closed       | SharesClosed      | coordinator           |
+| fedlearn.round.unmask              | Unmask            | coordinator           |
 | fedlearn.round.submitted           | Submitted         | coordinator           |
 | fedlearn.round.rejected            | Rejected          | coordinator           |
 | fedlearn.round.aggregating         | RoundOnly         | coordinator           |
@@ -21,7 +24,9 @@ Types, with the prefix the log uses (docs/architecture.md lists them with their 
 | fedlearn.participant.offered       | Offered           | participant           |
 | fedlearn.consent.granted           | ConsentGranted    | participant           |
 | fedlearn.participant.joined        | MemberJoined      | participant           |
+| fedlearn.participant.shared        | MemberShared      | participant           |
 | fedlearn.participant.trained       | Trained           | participant           |
+| fedlearn.participant.revealed      | MemberRevealed    | participant           |
 | fedlearn.participant.submitted     | MemberSubmitted   | participant           |
 | fedlearn.participant.completed     | Completed         | participant           |
 | fedlearn.participant.aborted       | Aborted           | participant           |
@@ -35,6 +40,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from hearthnet.fedlearn.masks import MaskKeyAnnouncement
 from hearthnet.fedlearn.protocol import SignedDoc
+from hearthnet.fedlearn.secagg import UnmaskRequest
+from hearthnet.fedlearn.shares import ShareBundle
 from hearthnet.fedlearn.submission import ParticipantSubmission
 
 ROUND_PREFIX = "fedlearn.round."
@@ -86,6 +93,26 @@ class Roster(Payload):
     """The coordinator fixed a secure round's participants; later joins are refused."""
 
     participants: list[str]
+
+
+class Shares(Payload):
+    """The coordinator recorded a roster member's signed, encrypted shares (secure rounds); its
+    neighbours read theirs from this event."""
+
+    bundle: ShareBundle
+
+
+class SharesClosed(Payload):
+    """The share phase closed: the members (U2) whose shares are in, the ones who mask."""
+
+    participants: list[str]
+
+
+class Unmask(Payload):
+    """The coordinator asks the share set to reveal: survivors' self-mask shares, dropped
+    members' mask-key shares (logged again, unchanged, after a coordinator restart)."""
+
+    request: UnmaskRequest
 
 
 class Submitted(Payload):
@@ -160,6 +187,20 @@ class Trained(Payload):
     steps: int | None = None
     train_steps: int | None = None
     stopped_early: bool | None = None
+    clip_bit: float | None = None  # adaptive clipping's noised bit (clipping.py)
+
+
+class MemberShared(Payload):
+    """A participant sealed its shares for its neighbours (kept so a restart resends the same
+    bundle, not a new split)."""
+
+    bundle: ShareBundle
+
+
+class MemberRevealed(Payload):
+    """A participant answered this unmask request: the one request it will answer."""
+
+    unmask_sha: _SHA
 
 
 class MemberSubmitted(Payload):
@@ -174,6 +215,9 @@ ROUND_EVENTS: dict[str, type[Payload]] = {
     "joined": Joined,
     "mask_key": MaskKey,
     "roster": Roster,
+    "shares": Shares,
+    "shares_closed": SharesClosed,
+    "unmask": Unmask,
     "submitted": Submitted,
     "rejected": Rejected,
     "aggregating": RoundOnly,
@@ -186,7 +230,9 @@ MEMBER_EVENTS: dict[str, type[Payload]] = {
     "offered": Offered,
     "consent": ConsentGranted,
     "joined": MemberJoined,
+    "shared": MemberShared,
     "trained": Trained,
+    "revealed": MemberRevealed,
     "submitted": MemberSubmitted,
     "completed": Completed,
     "aborted": Aborted,

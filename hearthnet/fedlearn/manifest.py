@@ -22,6 +22,8 @@ from ulid import ULID
 from hearthnet import constants as C
 from hearthnet.canonical import canonical_bytes, parse_canonical, sha256_hex
 from hearthnet.errors import ErrorCode, HearthnetError
+from hearthnet.fedlearn import secagg_graph
+from hearthnet.fedlearn.clipping import ClipPolicy
 from hearthnet.fedlearn.draft import (
     DEFAULT_DEADLINE_IN_S,
     DRAFT_DEFAULTS,
@@ -70,6 +72,17 @@ class RoundManifest(RoundParams):
     deadline: Annotated[str, Field(pattern=r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")]
     dp_noise_scale: Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
     clip_norm: Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
+    # The clip policy (fedlearn/clipping.py): "adaptive" moves the topic's next clip toward the
+    # clip_quantile of update norms by clip_learning_rate; each participant's bit carries
+    # N(0, clip_count_noise²), which the ε of the round accounts (budget.py).
+    clip_policy: ClipPolicy = "fixed"
+    clip_quantile: Annotated[float, Field(gt=0.0, lt=1.0, allow_inf_nan=False)] = (
+        C.FEDLEARN_CLIP_QUANTILE_DEFAULT
+    )
+    clip_learning_rate: Annotated[
+        float, Field(gt=0.0, le=C.FEDLEARN_CLIP_LEARNING_RATE_MAX, allow_inf_nan=False)
+    ] = C.FEDLEARN_CLIP_LEARNING_RATE_DEFAULT
+    clip_count_noise: Annotated[float, Field(ge=0.0, allow_inf_nan=False)] = 0.0
 
     @field_validator("round_id")
     @classmethod
@@ -120,6 +133,14 @@ def structural_problems(m: RoundManifest) -> list[str]:
         problems.append("min_participants exceeds max_participants")
     if m.dp_noise_scale > 0 and m.clip_norm <= 0:
         problems.append("clip_norm must be > 0 when DP noise is on")
+    if m.clip_policy == "adaptive":
+        if m.clip_norm <= 0:
+            problems.append("adaptive clipping needs clip_norm > 0 (its starting clip)")
+        if m.dp_noise_scale > 0 and m.clip_count_noise <= 0:
+            problems.append(
+                "adaptive clipping with DP noise needs clip_count_noise > 0: an exact "
+                "clipped/unclipped bit would leak what the noise hides"
+            )
     if m.secure:
         if m.min_participants < C.FEDLEARN_SECURE_MIN_PARTICIPANTS:
             problems.append(
@@ -129,14 +150,38 @@ def structural_problems(m: RoundManifest) -> list[str]:
             problems.append("secure aggregation needs clip_norm > 0 (it bounds the quantiser)")
         if m.lora_aggregation == "product_svd":
             problems.append("secure aggregation cannot average B·A products; use frozen_a")
+        if m.secure_bucket_size < 2:
+            for n in range(
+                max(C.FEDLEARN_SECURE_MIN_PARTICIPANTS, m.min_participants),
+                m.max_participants + 1,
+            ):
+                try:
+                    secagg_graph.derive(n, m.secagg_dropout, m.secagg_corruption)
+                except HearthnetError as err:
+                    problems.append(err.message)
+                    break
+    elif m.secure_bucket_size:
+        problems.append("secure_bucket_size needs a secure round")
     try:
         spec = RuleSpec.parse(m.aggregation.rule, m.aggregation.params)
     except HearthnetError as err:
         problems.append(err.message)
     else:
-        if m.secure and (spec.robust or spec.reputation_weighted):
-            problems.append("secure aggregation only sums: the rule must be plain fedavg")
-        if m.min_participants < spec.minimum_n():
+        buckets = m.min_participants // max(m.secure_bucket_size, 1)
+        if m.secure and spec.reputation_weighted:
+            problems.append("secure aggregation hides who sent what: no reputation weighting")
+        elif m.secure and spec.robust and m.secure_bucket_size < 2:
+            problems.append(
+                "secure aggregation with a robust rule runs it over bucket means: set "
+                "secure_bucket_size (--bucket-size) to 2 or more"
+            )
+        elif m.secure and spec.robust and buckets < spec.minimum_n():
+            problems.append(
+                f"{spec.rule} defends nothing below {spec.minimum_n()} buckets; "
+                f"min_participants {m.min_participants} in buckets of {m.secure_bucket_size} "
+                f"gives {buckets}: raise min_participants or lower secure_bucket_size"
+            )
+        elif m.min_participants < spec.minimum_n():
             problems.append(
                 f"{spec.rule} defends nothing below {spec.minimum_n()} updates; "
                 f"min_participants is {m.min_participants}"

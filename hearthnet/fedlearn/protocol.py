@@ -15,6 +15,7 @@ from hearthnet import constants as C
 from hearthnet.canonical import canonical_bytes, parse_canonical, sha256_hex
 from hearthnet.errors import ErrorCode, HearthnetError
 from hearthnet.fedlearn.masks import MaskKeyAnnouncement
+from hearthnet.fedlearn.shares import Reveal, ShareBundle
 from hearthnet.fedlearn.submission import ParticipantSubmission
 from hearthnet.identity import NodeID, NodeIdentity, verify
 
@@ -113,6 +114,7 @@ class SubmissionRef(_Msg):
     delta_sha: Sha
     num_samples: Annotated[int, Field(ge=1, le=C.FEDLEARN_MAX_NUM_SAMPLES)]
     steps: Annotated[int, Field(ge=1, le=C.FEDLEARN_MAX_TRAIN_STEPS)] | None = None
+    clip_bit: Annotated[float, Field(allow_inf_nan=False)] | None = None  # adaptive clipping
     signature: Annotated[str, Field(pattern=r"^[0-9a-f]{128}$")]
 
 
@@ -243,6 +245,19 @@ class MaskKeyRequest(_Msg):
     (`round.mask_key`)."""
 
     announcement: MaskKeyAnnouncement
+
+
+class SharesRequest(_Msg):
+    """A roster member sends its signed, sealed share bundle to the coordinator
+    (`round.shares`)."""
+
+    bundle: ShareBundle
+
+
+class RevealRequest(_Msg):
+    """A share-set member answers the unmask request (`round.reveal`)."""
+
+    reveal: Reveal
 
 
 class SubmitRequest(_Msg):

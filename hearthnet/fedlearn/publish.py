@@ -131,6 +131,7 @@ def build_result(
                 delta_sha=sub.delta_sha,
                 num_samples=sub.num_samples,
                 steps=sub.steps,
+                clip_bit=sub.clip_bit,
                 signature=sub.signature,
             )
             for p, sub in ((p, aggregate.signed[p]) for p in aggregate.included)

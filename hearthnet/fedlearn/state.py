@@ -18,6 +18,8 @@ from hearthnet.fedlearn import events as ev
 from hearthnet.fedlearn.manifest import SignedManifest
 from hearthnet.fedlearn.masks import MaskKeyAnnouncement
 from hearthnet.fedlearn.protocol import SignedDoc
+from hearthnet.fedlearn.secagg import UnmaskRequest
+from hearthnet.fedlearn.shares import ShareBundle
 from hearthnet.fedlearn.submission import ParticipantSubmission
 
 ROUND_PREFIX = ev.ROUND_PREFIX
@@ -29,6 +31,7 @@ class Phase(StrEnum):
     """Where a coordinator's round is; ANNOUNCED, then AGGREGATING, then COMPLETED or ABORTED."""
 
     ANNOUNCED = "announced"
+    UNMASKING = "unmasking"  # secure rounds: submissions closed, reveals awaited
     AGGREGATING = "aggregating"
     COMPLETED = "completed"
     ABORTED = "aborted"
@@ -54,19 +57,24 @@ _ROUND_ALLOWED: dict[str, frozenset[Phase]] = {
     "joined": frozenset({Phase.ANNOUNCED}),
     "mask_key": frozenset({Phase.ANNOUNCED}),
     "roster": frozenset({Phase.ANNOUNCED}),
+    "shares": frozenset({Phase.ANNOUNCED}),
+    "shares_closed": frozenset({Phase.ANNOUNCED}),
+    "unmask": frozenset({Phase.ANNOUNCED, Phase.UNMASKING}),
     "submitted": frozenset({Phase.ANNOUNCED}),
     "rejected": frozenset(Phase),
-    "aggregating": frozenset({Phase.ANNOUNCED}),
+    "aggregating": frozenset({Phase.ANNOUNCED, Phase.UNMASKING}),
     "aggregated": frozenset({Phase.AGGREGATING}),
     "completed": frozenset({Phase.AGGREGATING}),
-    "aborted": frozenset({Phase.ANNOUNCED, Phase.AGGREGATING}),
+    "aborted": frozenset({Phase.ANNOUNCED, Phase.UNMASKING, Phase.AGGREGATING}),
 }
 
 # participant event (suffix after MEMBER_PREFIX, or the consent event) -> stages it may follow
 _MEMBER_ALLOWED: dict[str, frozenset[Stage]] = {
     "consent": frozenset({Stage.OFFERED}),
     "joined": frozenset({Stage.CONSENTED}),
+    "shared": frozenset({Stage.JOINED}),
     "trained": frozenset({Stage.JOINED}),
+    "revealed": frozenset({Stage.JOINED, Stage.TRAINED, Stage.SUBMITTED}),
     "submitted": frozenset({Stage.TRAINED}),
     "completed": frozenset({Stage.JOINED, Stage.TRAINED, Stage.SUBMITTED}),
     "aborted": frozenset(
@@ -100,6 +108,9 @@ class RoundRecord:
     joined: dict[str, SignedDoc] = field(default_factory=dict)
     masks: dict[str, MaskKeyAnnouncement] = field(default_factory=dict)
     roster: list[str] | None = None
+    bundles: dict[str, ShareBundle] = field(default_factory=dict)
+    shared: list[str] | None = None  # U2: the members whose shares are in
+    unmask: UnmaskRequest | None = None
     submissions: dict[str, Submitted] = field(default_factory=dict)
     rejected: list[dict[str, str]] = field(default_factory=list)
     adapter_sha: str | None = None
@@ -130,6 +141,13 @@ class RoundRecord:
             self.masks[payload.announcement.participant] = payload.announcement
         elif isinstance(payload, ev.Roster):
             self.roster = list(payload.participants)
+        elif isinstance(payload, ev.Shares):
+            self.bundles[payload.bundle.sender] = payload.bundle
+        elif isinstance(payload, ev.SharesClosed):
+            self.shared = list(payload.participants)
+        elif isinstance(payload, ev.Unmask):
+            self.unmask = payload.request
+            self.phase = Phase.UNMASKING
         elif isinstance(payload, ev.Submitted):
             sub = payload.submission
             self.submissions[sub.participant] = Submitted(sub, payload.blob_sha)
@@ -167,13 +185,20 @@ class Membership:
     num_samples: int | None = None
     train_loss: float | None = None
     steps: int | None = None  # training steps run (of the manifest's train_steps)
+    clip_bit: float | None = None  # adaptive clipping's noised bit, sent with the submission
     submission: ParticipantSubmission | None = None
     submitted_sha: str | None = None
     result: SignedDoc | None = None
     abort: dict[str, str] | None = None
+    bundle: ShareBundle | None = None  # secure rounds: this node's sealed shares
+    revealed_sha: str | None = None  # the unmask request this node answered
     # learned from the coordinator's events (not persisted: re-learned on resubscription)
     participants: set[str] = field(default_factory=set)
     roster: dict[str, MaskKeyAnnouncement] | None = None
+    bundles: dict[str, ShareBundle] = field(default_factory=dict)  # neighbours' shares
+    shared: list[str] | None = None  # U2
+    unmask: UnmaskRequest | None = None
+    unmask_count: int = 0  # unmask requests seen (a coordinator restart repeats it)
     coordinator_phase: str = Phase.ANNOUNCED
     seen_seq: int = 0
     # what this node's takeover was handed (memory only): a later result that lists exactly
@@ -202,12 +227,18 @@ class Membership:
             self.stage = Stage.CONSENTED
         elif suffix == "joined" and isinstance(payload, ev.MemberJoined):
             self.receipt = payload.receipt
+            self.num_samples = payload.num_samples  # what a secure round's key announces
             self.stage = Stage.JOINED
+        elif suffix == "shared" and isinstance(payload, ev.MemberShared):
+            self.bundle = payload.bundle
+        elif suffix == "revealed" and isinstance(payload, ev.MemberRevealed):
+            self.revealed_sha = payload.unmask_sha
         elif suffix == "trained" and isinstance(payload, ev.Trained):
             self.trained_sha = payload.blob_sha
             self.num_samples = payload.num_samples
             self.train_loss = payload.train_loss
             self.steps = payload.steps
+            self.clip_bit = payload.clip_bit
             self.stage = Stage.TRAINED
         elif suffix == "submitted" and isinstance(payload, ev.MemberSubmitted):
             self.submission = payload.submission

@@ -39,10 +39,18 @@ class ParticipantSubmission(BaseModel):
     submitted_at: str
     signature: Annotated[str, Field(pattern=r"^[0-9a-f]{128}$")]
     steps: Annotated[int, Field(ge=1, le=C.FEDLEARN_MAX_TRAIN_STEPS)] | None = None
+    # adaptive clipping's noised bit 1[‖Δ‖ ≤ clip_norm] (fedlearn/clipping.py); signed, so the
+    # round's result lists it and anyone can recompute the topic's next clip
+    clip_bit: Annotated[float, Field(allow_inf_nan=False)] | None = None
 
     @staticmethod
     def signing_bytes(
-        round_id: str, participant: str, delta_sha: str, num_samples: int, steps: int | None
+        round_id: str,
+        participant: str,
+        delta_sha: str,
+        num_samples: int,
+        steps: int | None,
+        clip_bit: float | None = None,
     ) -> bytes:
         """The canonical bytes a participant signs: the round, itself, its delta's hash and
         weight, under a purpose string so the signature cannot be replayed as another
@@ -56,6 +64,8 @@ class ParticipantSubmission(BaseModel):
         }
         if steps is not None:
             signed["steps"] = steps
+        if clip_bit is not None:
+            signed["clip_bit"] = float(clip_bit).hex()  # exact, one spelling
         return canonical_bytes(signed)
 
     @classmethod
@@ -68,10 +78,13 @@ class ParticipantSubmission(BaseModel):
         train_loss: float,
         now: datetime | None = None,
         steps: int | None = None,
+        clip_bit: float | None = None,
     ) -> ParticipantSubmission:
         """Hash and sign a delta for a round: what a participant sends with the delta's bytes."""
         delta_sha = sha256_hex(delta_bytes)
-        data = cls.signing_bytes(round_id, identity.node_id, delta_sha, num_samples, steps)
+        data = cls.signing_bytes(
+            round_id, identity.node_id, delta_sha, num_samples, steps, clip_bit
+        )
         return cls(
             round_id=round_id,
             participant=identity.node_id,
@@ -81,12 +94,18 @@ class ParticipantSubmission(BaseModel):
             submitted_at=format_ts(now or datetime.now(UTC)),
             signature=identity.sign(data).hex(),
             steps=steps,
+            clip_bit=clip_bit,
         )
 
     def verify(self, delta_bytes: bytes | None = None) -> None:
         """`signature_invalid` unless the participant signed this; with bytes, check their SHA."""
         data = self.signing_bytes(
-            self.round_id, self.participant, self.delta_sha, self.num_samples, self.steps
+            self.round_id,
+            self.participant,
+            self.delta_sha,
+            self.num_samples,
+            self.steps,
+            self.clip_bit,
         )
         if not verify(NodeID(self.participant), data, bytes.fromhex(self.signature)):
             raise HearthnetError(ErrorCode.SIGNATURE_INVALID, "submission signature is invalid")

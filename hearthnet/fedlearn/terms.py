@@ -82,6 +82,18 @@ class RoundParams(BaseModel):
     aggregation: AggregationSpec = AggregationSpec()
     lora_aggregation: LoraAggregation = "frozen_a"
     secure: bool = False
+    # SecAgg+ (secagg_graph.py): the drop-out and corruption fractions a secure round is built
+    # to tolerate; the neighbour graph's degree and threshold follow from them and the roster.
+    secagg_dropout: Annotated[float, Field(ge=0.0, lt=0.5, allow_inf_nan=False)] = (
+        C.FEDLEARN_SECAGG_DROPOUT_DEFAULT
+    )
+    secagg_corruption: Annotated[float, Field(ge=0.0, lt=0.5, allow_inf_nan=False)] = (
+        C.FEDLEARN_SECAGG_CORRUPTION_DEFAULT
+    )
+    # Secure + robust: members are split into buckets of this size by a public seed, secure
+    # aggregation runs per bucket, and the robust rule runs over the bucket means (0: no
+    # buckets, plain fedavg only).
+    secure_bucket_size: Annotated[int, Field(ge=0, le=C.FEDLEARN_SECURE_MAX_BUCKET)] = 0
     min_reputation: Annotated[float, Field(allow_inf_nan=False)] | None = None
 
     @field_validator("lora_target_modules")

@@ -6,8 +6,9 @@ generator seeded from the manifest, so a rerun on the same data repeats itself. 
 after `train_steps` or on a loss plateau (`plateaued`: a confident flat trend, never noise), is
 cancellable between steps, and reports progress; the result says how many steps ran.
 The delta is clipped to `clip_norm` when the manifest sets one and gets DP noise when it asks,
-drawn from a secret generator (never the public manifest seed). This is blocking work: the node
-runs it in a worker thread so its event loop keeps answering.
+drawn from a secret generator (never the public manifest seed); under adaptive clipping the
+result also carries the noised bit 1[‖Δ‖ ≤ clip_norm] the coordinator's next clip follows.
+This is blocking work: the node runs it in a worker thread so its event loop keeps answering.
 """
 
 from __future__ import annotations
@@ -26,9 +27,10 @@ import torch
 
 from hearthnet import constants as C
 from hearthnet.errors import ErrorCode, HearthnetError
+from hearthnet.fedlearn.clipping import noised_bit
 from hearthnet.fedlearn.lora import A_SUFFIX, B_SUFFIX, derive_lora_a, target_layers
 from hearthnet.fedlearn.manifest import RoundManifest
-from hearthnet.fedlearn.privacy import NoiseSource, add_dp_noise, clip_gradient
+from hearthnet.fedlearn.privacy import NoiseSource, add_dp_noise, clip_gradient, global_norm
 from hearthnet.llm import model as M
 from hearthnet.logs import get_logger
 
@@ -49,6 +51,9 @@ class TrainResult:
     stopped_early: bool
     losses: list[float] = field(default_factory=list)
     tokens: int = 0
+    # adaptive clipping: 1[‖Δ‖ ≤ clip_norm] + N(0, clip_count_noise²), for the coordinator's
+    # next clip of the topic (clipping.py); None under a fixed clip and in secure rounds
+    clip_bit: float | None = None
 
 
 def _share(train_steps: int, fraction: float) -> int:
@@ -259,10 +264,19 @@ class QLoRATrainer:
         finally:
             del model
             gc.collect()
+        rng = noise_rng or NoiseSource()  # a fresh secret key: unpredictable noise
+        clip_bit = None
+        if manifest.clip_policy == "adaptive" and manifest.clip_norm > 0 and not manifest.secure:
+            # measured before clipping: the coordinator's next clip follows these bits. Not in
+            # secure rounds: a plain bit would show the coordinator one participant's fact; it
+            # belongs in the masked vector (clipping.bit_entry), not wired yet
+            draw = float(rng.normal((1,))[0]) if manifest.clip_count_noise > 0 else 0.0
+            clip_bit = noised_bit(
+                global_norm(delta), manifest.clip_norm, manifest.clip_count_noise, draw
+            )
         if manifest.clip_norm > 0:
             delta = clip_gradient(delta, manifest.clip_norm)
         if manifest.dp_noise_scale > 0:
-            rng = noise_rng or NoiseSource()  # a fresh secret key: unpredictable noise
             delta = add_dp_noise(delta, manifest.dp_noise_scale, rng)
         window = losses[-C.TRAIN_LOSS_MEAN_STEPS :]
         return TrainResult(
@@ -273,6 +287,7 @@ class QLoRATrainer:
             stopped_early=stopped_early,
             losses=losses,
             tokens=tokens,
+            clip_bit=clip_bit,
         )
 
     @staticmethod

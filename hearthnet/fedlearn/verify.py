@@ -48,7 +48,12 @@ def check_listing(
         )
     for entry in result.submissions:  # every entry is what its participant signed
         signed = ParticipantSubmission.signing_bytes(
-            result.round_id, entry.participant, entry.delta_sha, entry.num_samples, entry.steps
+            result.round_id,
+            entry.participant,
+            entry.delta_sha,
+            entry.num_samples,
+            entry.steps,
+            entry.clip_bit,
         )
         if not verify(NodeID(entry.participant), signed, bytes.fromhex(entry.signature)):
             raise HearthnetError(

@@ -25,7 +25,7 @@ def _direct(sigma: float, rounds: int, delta: float = DELTA) -> float:
 
 
 def test_round_epsilon_matches_dp_accounting(make_manifest):
-    m = make_manifest(dp_noise_scale=2.0, clip_norm=0.5).manifest
+    m = make_manifest(dp_noise_scale=2.0, clip_norm=0.5, clip_policy="fixed").manifest
     assert budget.noise_multiplier(m) == 4.0
     eps = budget.round_epsilon(m, DELTA)
     assert eps == pytest.approx(_direct(4.0, 1))
@@ -41,15 +41,17 @@ def test_a_round_without_dp_is_infinite(make_manifest):
 
 
 def test_two_rounds_compose_to_more_than_one_and_less_than_twice(make_manifest):
-    a = make_manifest(dp_noise_scale=1.0, clip_norm=1.0).manifest
-    b = make_manifest(dp_noise_scale=1.0, clip_norm=1.0).manifest
+    a = make_manifest(dp_noise_scale=1.0, clip_norm=1.0, clip_policy="fixed").manifest
+    b = make_manifest(dp_noise_scale=1.0, clip_norm=1.0, clip_policy="fixed").manifest
     ledger = budget.fold_ledger([(a.round_id, a)])
     one = ledger[a.topic].epsilon(DELTA)
     two = budget.after_join(ledger, b, DELTA)
     assert one < two < 2 * one  # RDP composition beats adding ε
     assert two == pytest.approx(_direct(1.0, 2))
     assert budget.after_join(ledger, a, DELTA) == pytest.approx(one)  # a round counts once
-    other = make_manifest(dp_noise_scale=1.0, clip_norm=1.0, topic="other").manifest
+    other = make_manifest(
+        dp_noise_scale=1.0, clip_norm=1.0, clip_policy="fixed", topic="other"
+    ).manifest
     assert budget.after_join(ledger, other, DELTA) == pytest.approx(one)  # per topic
     no_dp = make_manifest(dp_noise_scale=0.0).manifest
     assert (
@@ -59,8 +61,8 @@ def test_two_rounds_compose_to_more_than_one_and_less_than_twice(make_manifest):
 
 
 def test_budget_refuses_the_round_that_would_exceed_it(make_manifest):
-    a = make_manifest(dp_noise_scale=1.0, clip_norm=1.0).manifest
-    b = make_manifest(dp_noise_scale=1.0, clip_norm=1.0).manifest
+    a = make_manifest(dp_noise_scale=1.0, clip_norm=1.0, clip_policy="fixed").manifest
+    b = make_manifest(dp_noise_scale=1.0, clip_norm=1.0, clip_policy="fixed").manifest
     limit = (_direct(1.0, 1) + _direct(1.0, 2)) / 2
     assert budget.check_join({}, a, DELTA, limit, False) == pytest.approx(_direct(1.0, 1))
     ledger = budget.fold_ledger([(a.round_id, a)])
@@ -79,7 +81,7 @@ def test_require_dp_refuses_a_round_without_noise(make_manifest):
     with raises_code(ErrorCode.PRIVACY_BUDGET_EXCEEDED) as exc:
         budget.check_join({}, no_dp, DELTA, None, True)
     assert "require_dp" in exc.value.message
-    dp = make_manifest(dp_noise_scale=1.0, clip_norm=1.0).manifest
+    dp = make_manifest(dp_noise_scale=1.0, clip_norm=1.0, clip_policy="fixed").manifest
     assert budget.check_join({}, dp, DELTA, None, True) < math.inf
 
 
@@ -88,7 +90,7 @@ async def test_a_node_refuses_a_second_round_once_its_budget_is_spent(tmp_path, 
     c = await start_cluster(
         tmp_path, ["alice", "bob"], tiny_model_dir, fedlearn={"dp_epsilon_budget": limit}
     )
-    dp = {"dp_noise_scale": 1.0, "clip_norm": 1.0}
+    dp = {"dp_noise_scale": 1.0, "clip_norm": 1.0, "clip_policy": "fixed"}
     try:
         first = await c.call("alice", "round.announce", {"draft": small_draft(**dp)})
         seen = await c.call("bob", "privacy", {})

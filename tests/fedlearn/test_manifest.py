@@ -117,15 +117,27 @@ def test_defaults_come_from_config(make_manifest):
         (
             {"secure": True, "aggregation": AggregationSpec(rule="median")},
             FedLearnConfig(),
-            "plain fedavg",
+            "set secure_bucket_size",
         ),
+        (
+            {
+                "aggregation": AggregationSpec(rule="median", params={"f": 2}),
+                "secure": True,
+                "secure_bucket_size": 3,
+                "min_participants": 10,
+                "max_participants": 10,
+            },
+            FedLearnConfig(),
+            "defends nothing below 5 buckets",
+        ),
+        ({"secure_bucket_size": 2}, FedLearnConfig(), "needs a secure round"),
         (
             {
                 "aggregation": AggregationSpec(rule="fedavg", params={"norm_bound": 2.0}),
                 "secure": True,
             },
             FedLearnConfig(),
-            "plain fedavg",
+            "set secure_bucket_size",
         ),
         ({"aggregation": AggregationSpec(rule="bulyan")}, FedLearnConfig(), "unknown rule"),
         (

@@ -4,52 +4,25 @@ import torch
 from scipy.stats import chisquare
 
 from hearthnet import constants as C
-from hearthnet.errors import ErrorCode, HearthnetError
+from hearthnet.errors import ErrorCode
 from hearthnet.fedlearn.aggregation.aggregator import FedAvgAggregator
 from hearthnet.fedlearn.aggregation.secure import (
     SecureFedAvgAggregator,
     deserialize_masked,
-    mask_delta,
     read_masked,
     serialize_masked,
 )
 from hearthnet.fedlearn.delta import deserialize_delta, serialize_delta
 from hearthnet.fedlearn.masks import MaskingKey
 from hearthnet.fedlearn.privacy import clip_gradient
+from hearthnet.fedlearn.secagg import (
+    SecAggRound,
+)
 from hearthnet.fedlearn.submission import ParticipantSubmission, capped_weights
-from hearthnet.identity import NodeIdentity
 from tests.helpers import raises_code
 
 from .conftest import MODEL_SHAPES, random_delta
-
-
-class Party:
-    def __init__(self):
-        self.identity = NodeIdentity.generate()
-        self.key = MaskingKey()
-
-
-def setup_round(make_manifest, n, samples=None, **overrides):
-    signed = make_manifest(secure=True, clip_norm=1.0, **overrides)
-    parties = [Party() for _ in range(n)]
-    samples = samples or [10 + 5 * i for i in range(n)]
-    anns = {
-        p.identity.node_id: p.key.announce(p.identity, signed.round_id, signed.manifest_sha, s)
-        for p, s in zip(parties, samples, strict=True)
-    }
-    return signed, parties, anns, samples
-
-
-def masked_for(signed, party, anns, delta):
-    return mask_delta(
-        delta,
-        party.key,
-        party.identity.node_id,
-        anns,
-        signed.manifest,
-        signed.manifest_sha,
-        MODEL_SHAPES,
-    )
+from .secure_helpers import Party, Round, setup_round
 
 
 def submission(signed, party, payload, samples):
@@ -57,29 +30,35 @@ def submission(signed, party, payload, samples):
 
 
 def test_secure_aggregation_masks_cancel(make_manifest):
-    signed, parties, anns, _ = setup_round(make_manifest, 4)
+    signed, parties, anns, samples = setup_round(make_manifest, 4)
+    rnd = Round(signed, parties, anns, samples)
     zero = {k: torch.zeros_like(v) for k, v in random_delta(signed, 0).items()}
-    vectors = [masked_for(signed, p, anns, zero) for p in parties]
+    agg = rnd.aggregator()
+    vectors = [rnd.mask(p, zero) for p in parties]
+    for p, v, n in zip(parties, vectors, samples, strict=True):
+        agg.add(submission(signed, p, b"x", n), v)
     total = np.zeros_like(vectors[0])
     for v in vectors:
         total += v
-    weights = [int(v) for v in (10, 15, 20, 25)]
-    assert np.all(total[:-1] == 0)  # Σ masks == 0 over every pair
-    assert int(total[-1]) == sum(weights)
+    assert np.count_nonzero(total[:-1]) > 0.99 * (total.size - 1)  # self masks stay on
+    (unmasked,) = agg.group_totals(rnd.unmasked([p.id for p in parties]))
+    assert np.all(unmasked[:-1] == 0)  # Σ pairwise masks == 0; the self masks removed
+    assert int(unmasked[-1]) == sum((10, 15, 20, 25))
     assert all(np.count_nonzero(v[:-1]) > 0.99 * (v.size - 1) for v in vectors)
 
 
 @pytest.mark.parametrize("n", [3, 5])
 def test_secure_sum_equals_plain_within_quantisation_bound(make_manifest, n):
     signed, parties, anns, samples = setup_round(make_manifest, n, samples=[7, 30, 12, 9, 100][:n])
-    secure = SecureFedAvgAggregator(signed.manifest, MODEL_SHAPES, anns, signed.manifest_sha)
+    rnd = Round(signed, parties, anns, samples)
+    secure = rnd.aggregator()
     plain = FedAvgAggregator(signed.manifest, MODEL_SHAPES)
     clipped_all = []
     for i, party in enumerate(parties):
         delta = random_delta(signed, 50 + i, scale=0.05 * (i + 1))
         clipped = clip_gradient(delta, signed.manifest.clip_norm)
         clipped_all.append(clipped)
-        vec = masked_for(signed, party, anns, delta)
+        vec = rnd.mask(party, delta)
         payload = serialize_masked(
             vec,
             manifest_sha=signed.manifest_sha,
@@ -90,7 +69,7 @@ def test_secure_sum_equals_plain_within_quantisation_bound(make_manifest, n):
         assert meta["participant"] == party.identity.node_id
         secure.add(submission(signed, party, payload, samples[i]), received)
         plain.add(submission(signed, party, payload, samples[i]), clipped)
-    got, want = secure.aggregate(), plain.aggregate()
+    got, want = secure.aggregate(rnd.unmasked([p.id for p in parties])), plain.aggregate()
     assert set(got) == set(want)
     secure_bound = signed.manifest.clip_norm * 2.0 ** -(C.FEDLEARN_SECURE_FRACTION_BITS + 1)
     for key in (k for k in want if k.endswith(".lora_B")):
@@ -112,15 +91,13 @@ def test_masked_vector_is_uniform_and_independent_of_delta(make_manifest):
         "model.layers.0.self_attn.q_proj": (8192, 64),
         "model.layers.0.self_attn.v_proj": (8192, 64),
     }
-    signed, parties, anns, _ = setup_round(make_manifest, 3)
+    signed, parties, anns, samples = setup_round(make_manifest, 3)
+    rnd = Round(signed, parties, anns, samples)
     keys = [f"{p}.lora_B" for p in shapes]
     small = {k: torch.zeros(8192, 4) for k in keys}
     large = {k: torch.full((8192, 4), 0.2) for k in keys}
-    me = parties[0].identity.node_id
     for delta in (small, large):
-        vec = mask_delta(
-            delta, parties[0].key, me, anns, signed.manifest, signed.manifest_sha, shapes
-        )
+        vec = rnd.mask(parties[0], delta, shapes)
         top = (vec >> np.uint64(56)).astype(np.int64)  # the byte a delta would bias most
         low = (vec & np.uint64(0xFF)).astype(np.int64)
         for byte in (top, low):
@@ -133,34 +110,31 @@ def test_masked_vector_is_uniform_and_independent_of_delta(make_manifest):
         p.identity.node_id: p.key.announce(p.identity, signed.round_id, signed.manifest_sha, 10)
         for p in other
     }
-    assert not np.array_equal(
-        masked_for(signed, other[0], anns2, zero)[:100],
-        masked_for(signed, parties[0], anns, zero)[:100],
-    )
+    rnd2 = Round(signed, other, anns2, [10] * 3)
+    assert not np.array_equal(rnd2.mask(other[0], zero)[:100], rnd.mask(parties[0], zero)[:100])
 
 
 def test_refusals(make_manifest):
     signed, parties, anns, samples = setup_round(make_manifest, 3)
+    rnd = Round(signed, parties, anns, samples)
     two = dict(list(anns.items())[:2])
-    with pytest.raises(HearthnetError) as exc:
-        SecureFedAvgAggregator(signed.manifest, MODEL_SHAPES, two, signed.manifest_sha)
-    assert exc.value.code is ErrorCode.FEDLEARN_AGGREGATION_FAILED
+    with raises_code(ErrorCode.MANIFEST_INVALID):  # fewer than 3: no secure graph
+        SecAggRound.build(signed.manifest, signed.manifest_sha, two)
     forged = dict(anns)
     victim = parties[1].identity.node_id
     forged[victim] = anns[victim].model_copy(update={"public_key": MaskingKey().public_key.hex()})
-    with pytest.raises(HearthnetError) as exc:
-        SecureFedAvgAggregator(signed.manifest, MODEL_SHAPES, forged, signed.manifest_sha)
-    assert exc.value.code is ErrorCode.SIGNATURE_INVALID
+    forged_plan = SecAggRound.build(signed.manifest, signed.manifest_sha, forged)
+    with raises_code(ErrorCode.SIGNATURE_INVALID):
+        SecureFedAvgAggregator(signed.manifest, MODEL_SHAPES, forged_plan, rnd.shared)
     plain_manifest = make_manifest()
     with raises_code(ErrorCode.MANIFEST_INVALID):
-        SecureFedAvgAggregator(plain_manifest.manifest, MODEL_SHAPES, anns, signed.manifest_sha)
+        SecureFedAvgAggregator(plain_manifest.manifest, MODEL_SHAPES, rnd.plan, rnd.shared)
 
-    agg = SecureFedAvgAggregator(signed.manifest, MODEL_SHAPES, anns, signed.manifest_sha)
+    agg = rnd.aggregator()
     delta = random_delta(signed, 3)
-    vecs = [masked_for(signed, p, anns, delta) for p in parties]
-    with pytest.raises(HearthnetError) as exc:
+    vecs = [rnd.mask(p, delta) for p in parties]
+    with raises_code(ErrorCode.DELTA_INVALID):
         agg.add(submission(signed, parties[0], b"x", samples[0]), vecs[0][:-1])
-    assert exc.value.code is ErrorCode.DELTA_INVALID
     with raises_code(ErrorCode.DELTA_INVALID):  # num_samples differs from the announcement
         agg.add(submission(signed, parties[0], b"x", samples[0] + 1), vecs[0])
     stranger = Party()
@@ -168,29 +142,28 @@ def test_refusals(make_manifest):
         agg.add(submission(signed, stranger, b"x", 10), vecs[0])
     agg.add(submission(signed, parties[0], b"x", samples[0]), vecs[0])
     agg.add(submission(signed, parties[1], b"x", samples[1]), vecs[1])
-    with pytest.raises(HearthnetError) as exc:  # the third never submitted: masks cannot cancel
-        agg.aggregate()
-    assert exc.value.code is ErrorCode.FEDLEARN_AGGREGATION_FAILED
-    assert exc.value.detail == {"missing": [parties[2].identity.node_id]}
+    with raises_code(ErrorCode.FEDLEARN_AGGREGATION_FAILED):  # survivors ≠ what was summed
+        agg.aggregate(rnd.unmasked([p.id for p in parties]))
 
 
 def test_lying_about_weight_is_detected(make_manifest):
     signed, parties, anns, samples = setup_round(make_manifest, 3)
-    agg = SecureFedAvgAggregator(signed.manifest, MODEL_SHAPES, anns, signed.manifest_sha)
+    rnd = Round(signed, parties, anns, samples)
+    agg = rnd.aggregator()
     delta = random_delta(signed, 4)
     for i, p in enumerate(parties):
-        vec = masked_for(signed, p, anns, delta)
+        vec = rnd.mask(p, delta)
         if i == 0:
             vec[-1] += np.uint64(1000)  # claims a bigger weight inside the masked vector
         agg.add(submission(signed, p, b"x", samples[i]), vec)
     with raises_code(ErrorCode.FEDLEARN_AGGREGATION_FAILED) as exc:
-        agg.aggregate()
+        agg.aggregate(rnd.unmasked([p.id for p in parties]))
     assert "weight" in exc.value.message
 
 
 def test_masked_serialisation_rejects_garbage(make_manifest):
-    signed, parties, anns, _ = setup_round(make_manifest, 3)
-    vec = masked_for(signed, parties[0], anns, random_delta(signed, 5))
+    signed, parties, anns, samples = setup_round(make_manifest, 3)
+    vec = Round(signed, parties, anns, samples).mask(parties[0], random_delta(signed, 5))
     data = serialize_masked(
         vec, manifest_sha=signed.manifest_sha, round_id=signed.round_id, participant="p"
     )
@@ -209,8 +182,8 @@ def test_masked_serialisation_rejects_garbage(make_manifest):
 
 def test_stored_masked_vector_streams_back_bit_for_bit(make_manifest, tmp_path):
     """Aggregation reads a vector checked at submission without parsing it again."""
-    signed, parties, anns, _ = setup_round(make_manifest, 3)
-    vec = masked_for(signed, parties[0], anns, random_delta(signed, 5))
+    signed, parties, anns, samples = setup_round(make_manifest, 3)
+    vec = Round(signed, parties, anns, samples).mask(parties[0], random_delta(signed, 5))
     data = serialize_masked(
         vec, manifest_sha=signed.manifest_sha, round_id=signed.round_id, participant="p"
     )
@@ -230,13 +203,14 @@ def test_stored_masked_vector_streams_back_bit_for_bit(make_manifest, tmp_path):
 def test_masking_the_trained_tensors_equals_masking_the_stored_delta(make_manifest):
     """A participant masks the tensors it stored instead of reading its blob back: same
     bytes, also when the delta has to be clipped."""
-    signed, parties, anns, _ = setup_round(make_manifest, 3)
+    signed, parties, anns, samples = setup_round(make_manifest, 3)
+    rnd = Round(signed, parties, anns, samples)
     delta = {k: v * 50 for k, v in random_delta(signed, 6).items()}  # beyond clip_norm
     tensors = {k: v.detach().contiguous().cpu() for k, v in sorted(delta.items())}
     data = serialize_delta(tensors, manifest_sha=signed.manifest_sha, round_id="r", participant="p")
     parsed, _ = deserialize_delta(data)
-    from_blob = masked_for(signed, parties[0], anns, dict(sorted(parsed.items())))
-    from_memory = masked_for(signed, parties[0], anns, tensors)
+    from_blob = rnd.mask(parties[0], dict(sorted(parsed.items())))
+    from_memory = rnd.mask(parties[0], tensors)
     assert from_memory.tobytes() == from_blob.tobytes()
 
 
@@ -245,18 +219,19 @@ def test_masked_inputs_beyond_the_clip_bound_are_refused(make_manifest):
     Every honest party at the very edge of the clip bound (one entry quantised to -_STEPS) sums
     to exactly -_STEPS × Σ weights and aggregates; one unit more from one party is refused."""
     signed, parties, anns, samples = setup_round(make_manifest, 3)
+    rnd = Round(signed, parties, anns, samples)
     first = min(random_delta(signed, 0))
     edge = {k: torch.zeros_like(v) for k, v in random_delta(signed, 0).items()}
     edge[first].view(-1)[0] = -5.0  # clipped to -clip_norm: quantised to exactly -_STEPS
 
     def run(cheat: int | None):
-        agg = SecureFedAvgAggregator(signed.manifest, MODEL_SHAPES, anns, signed.manifest_sha)
+        agg = rnd.aggregator()
         for i, p in enumerate(parties):
-            vec = masked_for(signed, p, anns, edge)
+            vec = rnd.mask(p, edge)
             if i == cheat:
                 vec[0] -= np.uint64(1)  # one quantisation step beyond its -_STEPS × weight
             agg.add(submission(signed, p, b"x", samples[i]), vec)
-        return agg.aggregate()
+        return agg.aggregate(rnd.unmasked([p.id for p in parties]))
 
     out = run(None)
     assert out[first].view(-1)[0].item() == pytest.approx(-1.0)  # the mean of three edges

@@ -21,10 +21,10 @@ from hearthnet.fedlearn.aggregation.secure import (
 from hearthnet.fedlearn.delta import LazyDelta, deserialize_delta, validate_delta
 from hearthnet.fedlearn.lora import ModelShapes
 from hearthnet.fedlearn.manifest import SignedManifest
-from hearthnet.fedlearn.masks import MaskKeyAnnouncement
 from hearthnet.fedlearn.protocol import AuditEntry, JoinReceipt, SignedDoc
 from hearthnet.fedlearn.publish import Aggregate, adapter_bytes
 from hearthnet.fedlearn.reputation import Observation, influence
+from hearthnet.fedlearn.secagg import Unmasked
 from hearthnet.fedlearn.submission import ParticipantSubmission
 
 
@@ -59,7 +59,7 @@ def aggregate_submissions(
     submissions: Mapping[str, ParticipantSubmission],
     blob_path: Callable[[str], Path],
     model_shapes: ModelShapes,
-    masks: Mapping[str, MaskKeyAnnouncement] | None = None,
+    unmasked: Unmasked | None = None,
     influence: Mapping[str, float] | None = None,
 ) -> Aggregate:
     """Blocking (run it in a thread). Every submission must already have been validated
@@ -68,11 +68,16 @@ def aggregate_submissions(
     manifest = signed.manifest
     order = sorted(submissions)
     if manifest.secure:
-        secure = SecureFedAvgAggregator(manifest, model_shapes, masks or {}, signed.manifest_sha)
+        if unmasked is None:
+            raise HearthnetError(
+                ErrorCode.FEDLEARN_AGGREGATION_FAILED, "a secure round needs its recovered secrets"
+            )
+        shared = [*unmasked.request.survivors, *unmasked.request.dropped]
+        secure = SecureFedAvgAggregator(manifest, model_shapes, unmasked.plan, shared)
         for p in order:
             sub = submissions[p]
             secure.add(sub, read_masked(blob_path(sub.delta_sha), secure.length))
-        tensors = secure.aggregate()
+        tensors = secure.aggregate(unmasked)
         audit: list[AuditEntry] = []
     else:
         plain = FedAvgAggregator(manifest, model_shapes, influence)

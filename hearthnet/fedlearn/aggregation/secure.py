@@ -1,34 +1,37 @@
-"""Secure aggregation by pairwise additive masking (docs/architecture.md).
+"""Secure aggregation by double masking, SecAgg+ (docs/architecture.md, "Secure rounds").
 
-Each participant makes a fresh X25519 key for the round and announces it signed by its node key
-together with its claimed num_samples. For every pair (i, j) both sides derive the same 32-byte
-key with HKDF-SHA256 over their X25519 secret, bound to the round, the manifest and the two
-NodeIDs, and expand it with ChaCha20 into a mask over Z/2^64. A participant clips its delta,
-quantises it (FEDLEARN_SECURE_FRACTION_BITS steps per clip_norm), multiplies by its capped
-weight, appends the weight, and adds the masks it shares with higher NodeIDs and subtracts those
-with lower ones. Alone, a masked vector is uniform over the ring; summed over every announced
-participant the masks cancel, leaving Σ w_i·q_i and Σ w_i exactly.
+Each participant clips its delta, quantises it (FEDLEARN_SECURE_FRACTION_BITS steps per
+clip_norm), multiplies by its capped weight, appends the weight, and adds over Z/2^64 its self
+mask (ChaCha20 keyed by its self-mask seed) and, for each neighbour in the share set U2 (the
+neighbour graph of `secagg_graph.py`), the pairwise mask both derive from their X25519 keys
+(added towards higher NodeIDs, subtracted towards lower). Alone, a masked vector is uniform over
+the ring. The coordinator sums the survivors' vectors, removes each survivor's self mask (its
+seed recovered from its neighbours' shares, `secagg.py`) and the pairwise masks the survivors
+share with members that dropped after sending their shares (those members' mask keys
+recovered); the pairwise masks between survivors cancel. What is left is Σ w_i·q_i and Σ w_i
+over the survivors exactly, per group (bucket) of the graph.
 
 Quantisation bound: each value is off by at most half a step, so the secure mean differs from the
-plain weighted mean of the clipped deltas by at most clip_norm·2^-(FRACTION_BITS+1) per entry
-(plus the final float32 rounding).
+plain weighted mean of the survivors' clipped deltas by at most clip_norm·2^-(FRACTION_BITS+1)
+per entry (plus the final float32 rounding).
 
-Threat model: an honest-but-curious coordinator and participants. Masks cancel only if every
-announced participant submits; recovery from a drop-out after the key exchange (Bonawitz et al.'s
-secret-shared seeds) is not implemented, so such a round fails with
-`fedlearn_aggregation_failed` instead of revealing anything.
+Threat model: up to the manifest's `secagg_dropout` of the roster may drop after the key
+exchange; a coordinator, even with up to `secagg_corruption` of the roster colluding, learns
+no member's update, only the sums of groups with at least two survivors.
 """
 
 from __future__ import annotations
 
 import struct
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from safetensors import SafetensorError
 from safetensors.numpy import load as np_load
 from safetensors.numpy import save as np_save
@@ -36,11 +39,20 @@ from safetensors.numpy import save as np_save
 from hearthnet import constants as C
 from hearthnet.errors import ErrorCode, HearthnetError
 from hearthnet.fedlearn.aggregation.aggregator import AdapterTensors, _Aggregator
+from hearthnet.fedlearn.aggregation.robust import run_rule
+from hearthnet.fedlearn.aggregation.robust_ops import TensorUpdates
 from hearthnet.fedlearn.delta import canonical_safetensors, read_header
 from hearthnet.fedlearn.lora import ModelShapes, expected_shapes
 from hearthnet.fedlearn.manifest import RoundManifest
-from hearthnet.fedlearn.masks import MaskingKey, MaskKeyAnnouncement, check_roster, roster_weights
+from hearthnet.fedlearn.masks import (
+    MaskingKey,
+    check_roster,
+    pairwise_key,
+    roster_weights,
+)
 from hearthnet.fedlearn.privacy import clip_gradient
+from hearthnet.fedlearn.rules.spec import RuleSpec
+from hearthnet.fedlearn.secagg import SecAggRound, Unmasked
 from hearthnet.fedlearn.submission import ParticipantSubmission
 
 _STEPS = 2**C.FEDLEARN_SECURE_FRACTION_BITS
@@ -62,19 +74,43 @@ def _mask_stream(key: bytes, count: int, zeros: bytes, out: bytearray) -> np.nda
     return np.frombuffer(out, dtype="<u8", count=count)
 
 
+def self_mask_key(seed: bytes, round_id: str) -> bytes:
+    """The ChaCha20 key of a self mask: HKDF of the seed, so it can never equal a pairwise key."""
+    info = b"hearthnet/fedlearn/self-mask-stream/v1\0" + round_id.encode()
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(seed)
+
+
+class _Streams:
+    """One reusable zero buffer and output buffer for mask streams of `count` u64 entries."""
+
+    def __init__(self, count: int):
+        self.count = count
+        self.zeros = bytes(8 * count)
+        self.buf = bytearray(8 * count + 16)
+
+    def mask(self, key: bytes) -> np.ndarray:
+        return _mask_stream(key, self.count, self.zeros, self.buf)
+
+
 def mask_delta(
     delta: Mapping[str, torch.Tensor],
     key: MaskingKey,
     me: str,
-    announcements: Mapping[str, MaskKeyAnnouncement],
+    plan: SecAggRound,
+    shared: Sequence[str],
     manifest: RoundManifest,
-    manifest_sha: str,
     model_shapes: ModelShapes,
 ) -> np.ndarray:
-    """The participant's masked vector (uint64, length P + 1) for the announced roster."""
-    check_roster(announcements, manifest, manifest_sha)
+    """The participant's masked vector (uint64, length P + 1): its self mask and the pairwise
+    masks of its neighbours in the share set `shared` (U2)."""
+    announcements = plan.announcements
+    check_roster(announcements, manifest, plan.manifest_sha)
     if me not in announcements or announcements[me].public_key != key.public_key.hex():
         raise HearthnetError(ErrorCode.FEDLEARN_AGGREGATION_FAILED, "not in the mask roster")
+    if me not in shared:
+        raise HearthnetError(
+            ErrorCode.FEDLEARN_AGGREGATION_FAILED, "this node's shares did not reach the round"
+        )
     weight = roster_weights(announcements)[me]
     clipped = clip_gradient(delta, manifest.clip_norm)
     parts = [
@@ -87,13 +123,15 @@ def mask_delta(
     np.multiply(q, weight, out=vec[:-1], casting="unsafe")
     vec[-1] = weight
     masked = vec.view(np.uint64)
-    zeros, buf = bytes(8 * vec.size), bytearray(8 * vec.size + 16)
-    for peer in sorted(announcements):
-        if peer == me:
+    streams = _Streams(vec.size)
+    masked += streams.mask(self_mask_key(key.self_seed, plan.round_id))  # wraps modulo 2^64
+    in_u2 = set(shared)
+    for peer in plan.neighbours[me]:
+        if peer not in in_u2:
             continue
-        mask = _mask_stream(key.pairwise_key(me, announcements[peer]), vec.size, zeros, buf)
+        mask = streams.mask(key.pairwise_key(me, announcements[peer]))
         if me < peer:
-            masked += mask  # uint64 arithmetic wraps modulo 2^64
+            masked += mask
         else:
             masked -= mask
     return masked
@@ -152,32 +190,33 @@ def read_masked(path: Path, length: int) -> np.ndarray:
 
 
 class SecureFedAvgAggregator(_Aggregator):
-    """Sums masked vectors as they arrive; sees only the total, never one participant's delta."""
+    """Sums masked vectors as they arrive, per group; sees only the unmasked group totals,
+    never one participant's delta."""
 
     def __init__(
         self,
         manifest: RoundManifest,
         model_shapes: ModelShapes,
-        announcements: Mapping[str, MaskKeyAnnouncement],
-        manifest_sha: str,
-        mask_scheme: Literal["additive_pairwise"] = "additive_pairwise",
+        plan: SecAggRound,
+        shared: Sequence[str],
     ):
-        if mask_scheme != "additive_pairwise":
-            raise HearthnetError(ErrorCode.MANIFEST_INVALID, f"unknown mask scheme {mask_scheme}")
         if not manifest.secure:
             raise HearthnetError(ErrorCode.MANIFEST_INVALID, "the manifest is not secure")
         super().__init__(manifest, model_shapes)
-        check_roster(announcements, manifest, manifest_sha)
-        self.announcements = dict(announcements)
+        check_roster(plan.announcements, manifest, plan.manifest_sha)
+        self.plan = plan
+        self.shared = frozenset(shared)
+        self.announcements = dict(plan.announcements)
         self._layout = layout(manifest, model_shapes)
         self.length = masked_length(manifest, model_shapes)
-        self._sum = np.zeros(self.length, dtype=np.uint64)
+        self._sums = [np.zeros(self.length, dtype=np.uint64) for _ in plan.groups]
+        self._group = {p: i for i, g in enumerate(plan.groups) for p in g}
 
     def add(self, submission: ParticipantSubmission, masked: np.ndarray) -> None:
-        """Add one participant's masked vector to the running sum, after checking it announced a
-        key with this weight and the vector's shape."""
-        if submission.participant not in self.announcements:
-            raise HearthnetError(ErrorCode.DELTA_INVALID, "participant did not announce a mask key")
+        """Add one participant's masked vector to its group's running sum, after checking it
+        sent its shares, announced a key with this weight and the vector's shape."""
+        if submission.participant not in self.shared:
+            raise HearthnetError(ErrorCode.DELTA_INVALID, "participant is not in the share set")
         if submission.num_samples != self.announcements[submission.participant].num_samples:
             raise HearthnetError(
                 ErrorCode.DELTA_INVALID, "num_samples differs from the announcement"
@@ -187,21 +226,45 @@ class SecureFedAvgAggregator(_Aggregator):
                 ErrorCode.DELTA_INVALID, "masked vector has the wrong shape", {"key": "masked"}
             )
         self._admit(submission, {})
-        self._sum += masked
+        self._sums[self._group[submission.participant]] += masked
 
-    def aggregate(self) -> AdapterTensors:
-        """Unmask the sum into the adapter; `fedlearn_aggregation_failed` unless every announced
-        participant submitted, since otherwise the masks do not cancel."""
-        missing = sorted(set(self.announcements) - set(self.participants))
-        if missing:
+    def group_totals(self, unmasked: Unmasked) -> list[np.ndarray]:
+        """Each group's Σ w_i·q_i and Σ w_i (int64; a group without survivors is absent): the
+        survivors' self masks and their pairwise masks with dropped members removed."""
+        req = unmasked.request
+        survivors = set(req.survivors)
+        if survivors != set(self.participants):
             raise HearthnetError(
                 ErrorCode.FEDLEARN_AGGREGATION_FAILED,
-                f"{len(missing)} announced participants did not submit; masks cannot cancel",
-                {"missing": missing},
+                "the unmask request's survivors are not the submissions summed",
             )
-        self._check_count()
-        total = self._sum.view(np.int64)
-        expected = sum(roster_weights(self.announcements).values())
+        streams = _Streams(self.length)
+        sums = [s.copy() for s in self._sums]
+        for owner in req.survivors:
+            seed = unmasked.self_seeds[owner]
+            sums[self._group[owner]] -= streams.mask(self_mask_key(seed, self.plan.round_id))
+        for dropped in unmasked.mask_keys:
+            private = X25519PrivateKey.from_private_bytes(unmasked.mask_keys[dropped])
+            for peer in self.plan.neighbours[dropped]:
+                if peer not in survivors:
+                    continue
+                pair = pairwise_key(private, dropped, self.announcements[peer])
+                if peer < dropped:  # the survivor added this mask
+                    sums[self._group[peer]] -= streams.mask(pair)
+                else:
+                    sums[self._group[peer]] += streams.mask(pair)
+        weights = roster_weights(self.announcements)
+        out = []
+        for i, group in enumerate(self.plan.groups):
+            alive = [p for p in group if p in survivors]
+            if not alive:
+                continue
+            total = sums[i].view(np.int64)
+            self._check_total(total, sum(weights[p] for p in alive))
+            out.append(total)
+        return out
+
+    def _check_total(self, total: np.ndarray, expected: int) -> None:
         if int(total[-1]) != expected:
             raise HearthnetError(
                 ErrorCode.FEDLEARN_AGGREGATION_FAILED,
@@ -209,7 +272,7 @@ class SecureFedAvgAggregator(_Aggregator):
             )
         # One masked input is uniform mod 2^64 and cannot be range-checked, but the total can:
         # an honest quantised entry is within ±_STEPS × its weight, so the sum is within
-        # ±_STEPS × the roster's total weight (docs/decisions.md, issue 13).
+        # ±_STEPS × the survivors' total weight (docs/decisions.md, issue 13).
         bound = np.int64(min(_STEPS * expected, 2**63 - 1))
         values = total[:-1]
         if values.size and (bool((values > bound).any()) or bool((values < -bound).any())):
@@ -218,7 +281,15 @@ class SecureFedAvgAggregator(_Aggregator):
                 "the masked inputs are out of range: a participant submitted values beyond "
                 "the clip bound",
             )
-        mean = total[:-1].astype(np.float64) / float(expected) * (self.manifest.clip_norm / _STEPS)
+
+    def mean_of(self, total: np.ndarray) -> np.ndarray:
+        """An unmasked total (Σ w·q, then Σ w) as its weighted mean, float64 in layout order."""
+        scale = self.manifest.clip_norm / _STEPS / float(total[-1])
+        mean: np.ndarray = total[:-1].astype(np.float64) * scale
+        return mean
+
+    def to_tensors(self, mean: np.ndarray) -> AdapterTensors:
+        """A vector in layout order as the adapter's tensors (float32)."""
         out: AdapterTensors = {}
         offset = 0
         for name, shape in self._layout:
@@ -227,4 +298,23 @@ class SecureFedAvgAggregator(_Aggregator):
                 mean[offset : offset + size].reshape(shape).astype(np.float32)
             )
             offset += size
-        return self._check_finite(self._complete(out))
+        return out
+
+    def aggregate(self, unmasked: Unmasked) -> AdapterTensors:
+        """The survivors' weighted mean (fedavg over every group's total); with a robust rule,
+        the rule over the bucket means (each bucket weighted by its total weight)."""
+        self._check_count()
+        totals = self.group_totals(unmasked)
+        m = self.manifest
+        spec = RuleSpec.parse(m.aggregation.rule, m.aggregation.params)
+        if spec.robust:
+            weights = [int(t[-1]) for t in totals]
+            spec.check(len(totals), weights)
+            means = [torch.from_numpy(self.mean_of(t)) for t in totals]
+            vec = run_rule(spec, TensorUpdates(means), weights, audit=False).tensors[0]
+            return self._check_finite(self._complete(self.to_tensors(vec.numpy())))
+        whole = np.zeros(self.length, dtype=np.uint64)
+        for t in totals:
+            whole += t.view(np.uint64)  # wraps like the masked sums; the total is range-checked
+        mean = self.mean_of(whole.view(np.int64))
+        return self._check_finite(self._complete(self.to_tensors(mean)))

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 from datetime import UTC, datetime
 
+from hearthnet import constants as C
 from hearthnet.canonical import sha256_hex
 from hearthnet.errors import ErrorCode, HearthnetError
 from hearthnet.fedlearn.aggregation.run import aggregate_submissions, check_payload
@@ -24,6 +25,7 @@ from hearthnet.fedlearn.manifest import RoundManifestDraft, SignedManifest, new_
 from hearthnet.fedlearn.masks import MaskKeyAnnouncement
 from hearthnet.fedlearn.protocol import SignedDoc, SubmitReceipt
 from hearthnet.fedlearn.publish import Aggregate
+from hearthnet.fedlearn.shares import Reveal, ShareBundle
 from hearthnet.fedlearn.state import ROUND_PREFIX, RoundRecord
 from hearthnet.fedlearn.submission import ParticipantSubmission
 from hearthnet.logs import get_logger
@@ -43,7 +45,7 @@ async def run_aggregate(ctx: FedContext, want: fx.Aggregate) -> Aggregate:
         want.submissions,
         lambda sha: ctx.blobs.path(want.blobs.get(sha, sha)),
         ctx.model_shapes(),
-        want.masks,
+        want.unmasked,
         want.influence,
     )
 
@@ -180,9 +182,48 @@ class RoundCoordinator:
             await self._run(effects)
         return answer
 
+    async def accept_shares(self, caller: str, bundle: ShareBundle) -> None:
+        """A secure round's share bundle; the share phase closes when every member sent one."""
+        self.machine.get(bundle.round_id)
+        async with self.lock(bundle.round_id):
+            await self._run(self.machine.accept_shares(caller, bundle))
+
+    async def accept_reveal(self, caller: str, rev: Reveal) -> None:
+        """A reveal for a secure round's unmask request, held in memory only."""
+        self.machine.get(rev.round_id)
+        async with self.lock(rev.round_id):
+            self.machine.accept_reveal(caller, rev)
+        async with self.changed:
+            self.changed.notify_all()
+
+    async def _await_reveals(self, round_id: str) -> None:
+        """Wait up to FEDLEARN_SECURE_REVEAL_S for the reveals; abort the round without them."""
+        async with self.changed:
+            try:
+                async with asyncio.timeout(C.FEDLEARN_SECURE_REVEAL_S):
+                    await self.changed.wait_for(lambda: not self.machine.unmasking(round_id))
+                return
+            except TimeoutError:
+                pass
+        why = finalize.Abort(
+            ErrorCode.FEDLEARN_AGGREGATION_FAILED,
+            f"too few members revealed their shares within {C.FEDLEARN_SECURE_REVEAL_S:.0f} s",
+        )
+        async with self.lock(round_id):
+            if self.machine.unmasking(round_id):
+                await self._run(self.machine.abort(round_id, why))
+        raise why.error()
+
     async def finalize(self, round_id: str) -> SignedDoc:
         """Close the round now: aggregate and publish, or abort (`finalize.plan`)."""
         self.machine.get(round_id)
+        async with self.lock(round_id):
+            done, effects = self.machine.close(round_id)
+            if done is not None:
+                return done
+            await self._run(effects)
+        if self.machine.unmasking(round_id):  # a secure round: wait for the reveals
+            await self._await_reveals(round_id)
         async with self.lock(round_id):
             done, effects = self.machine.close(round_id)
             if done is not None:

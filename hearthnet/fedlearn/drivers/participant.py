@@ -18,6 +18,7 @@ from typing import Any
 from hearthnet import constants as C
 from hearthnet.errors import ErrorCode, HearthnetError
 from hearthnet.eventlog import Event
+from hearthnet.fedlearn import round_secrets
 from hearthnet.fedlearn.budget import PrivacyPolicy, TopicLedger, fold_ledger
 from hearthnet.fedlearn.context import FedContext
 from hearthnet.fedlearn.data import TrainingDataProvider
@@ -29,10 +30,12 @@ from hearthnet.fedlearn.drivers.work import call_with_retry, submission_bytes, t
 from hearthnet.fedlearn.events import CONSENT_EVENT, MEMBER_PREFIX
 from hearthnet.fedlearn.machines.effects import Append, Call, SetTimer
 from hearthnet.fedlearn.machines.participant import (
+    MakeShares,
     NewMaskKey,
     ParticipantMachine,
     Submit,
     Train,
+    Wait,
     offer,
     offered_event,
 )
@@ -47,6 +50,7 @@ from hearthnet.fedlearn.protocol import (
     SubmitReceipt,
 )
 from hearthnet.fedlearn.requirements import check_base_model, check_resources
+from hearthnet.fedlearn.secagg import make_bundle
 from hearthnet.fedlearn.state import TERMINAL_STAGES, Membership, Stage, fold_memberships
 from hearthnet.logs import get_logger
 
@@ -134,10 +138,27 @@ class ParticipantDriver:
             if member.result is not None:
                 self.published.add(member.result.claimed(RoundResult).aggregated_delta_sha)
             if member.stage in (Stage.JOINED, Stage.TRAINED, Stage.SUBMITTED):
+                await self._unseal(self.machines[member.round_id])
                 self._start(member)
+            else:
+                round_secrets.discard(self.ctx.config.data_dir, member.round_id)
         for record in self.coordinator.rounds.values():
             if record.adapter_sha is not None:
                 self.published.add(record.adapter_sha)
+
+    async def _unseal(self, machine: ParticipantMachine) -> None:
+        """A secure round's sealed secrets, back into its machine after a restart."""
+        if not machine.signed.manifest.secure:
+            return
+        key = await asyncio.to_thread(
+            round_secrets.unseal,
+            self.ctx.config.data_dir,
+            self.ctx.identity,
+            machine.round_id,
+            machine.signed.manifest_sha,
+        )
+        if key is not None:
+            machine.keyed(key)
 
     def stop(self) -> None:
         """Ask a running training to stop at its next step."""
@@ -235,6 +256,8 @@ class ParticipantDriver:
                 for eff in effects:
                     await self._run(machine, eff)
         except HearthnetError as err:
+            if isinstance(err, Suspect):
+                await self._security_event(err.peer, err.what)
             if member.stage not in TERMINAL_STAGES:
                 log.warning(
                     "round failed here",
@@ -247,6 +270,8 @@ class ParticipantDriver:
         finally:
             for task in tasks:
                 task.cancel()
+            if member.stage in TERMINAL_STAGES:
+                round_secrets.discard(self.ctx.config.data_dir, member.round_id)
 
     async def _run(self, machine: ParticipantMachine, eff: Any) -> None:
         if isinstance(eff, Train):
@@ -258,7 +283,24 @@ class ParticipantDriver:
             for out in machine.trained(outcome):
                 await self._append(machine, out)
         elif isinstance(eff, NewMaskKey):
-            machine.keyed(MaskingKey())
+            key = MaskingKey()
+            signed = machine.signed
+            await asyncio.to_thread(
+                round_secrets.seal,
+                self.ctx.config.data_dir,
+                self.ctx.identity,
+                machine.round_id,
+                signed.manifest_sha,
+                key,
+            )
+            machine.keyed(key)
+        elif isinstance(eff, MakeShares):
+            assert machine.key is not None
+            bundle = await asyncio.to_thread(make_bundle, self.ctx.identity, machine.key, eff.plan)
+            for out in machine.shares_made(bundle):
+                await self._append(machine, out)
+        elif isinstance(eff, Wait):
+            await self._until(machine.settled)
         elif isinstance(eff, Call):
             reply, _ = await call_with_retry(self.ctx, eff, C.FEDLEARN_PEER_CALL_TIMEOUT_S)
             for out in machine.reply(eff.name, reply):

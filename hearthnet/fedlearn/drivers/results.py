@@ -130,7 +130,7 @@ class ResultIntake:
             dict(agg.submissions),
             self.ctx.blobs.path,
             self.ctx.model_shapes(),
-            dict(agg.masks) if agg.masks is not None else None,
+            agg.unmasked,
             dict(agg.influence),
         )
         machine.recomputed(result, sha256_hex(out.adapter))

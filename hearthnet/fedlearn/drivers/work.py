@@ -66,7 +66,12 @@ async def train(
         stopped_early=result.stopped_early,
     )
     outcome = TrainOutcome(
-        sha, result.num_samples, result.train_loss, result.steps, result.stopped_early
+        sha,
+        result.num_samples,
+        result.train_loss,
+        result.steps,
+        result.stopped_early,
+        result.clip_bit,
     )
     return outcome, tensors
 
@@ -74,13 +79,13 @@ async def train(
 async def submission_bytes(
     ctx: FedContext, signed: SignedManifest, eff: Submit, trained: Delta | None = None
 ) -> bytes:
-    """The bytes to submit: the trained delta, masked over the roster in a secure round.
+    """The bytes to submit: the trained delta, masked over the share set in a secure round.
 
     `trained` is the delta's tensors as `train` stored them; without it (the node restarted
     since training) the stored blob is read and parsed."""
-    if eff.key is None or eff.roster is None:
+    if eff.key is None or eff.plan is None or eff.shared is None:
         return await asyncio.to_thread(ctx.blobs.get, eff.trained_sha)
-    key, roster = eff.key, eff.roster
+    key, plan, shared = eff.key, eff.plan, eff.shared
     shapes = ctx.model_shapes()
     me = ctx.node_id
 
@@ -89,7 +94,7 @@ async def submission_bytes(
         if delta is None:
             delta, _ = deserialize_delta(ctx.blobs.get(eff.trained_sha))
             delta = dict(sorted(delta.items()))  # the file's order, as `train` returns it
-        vec = mask_delta(delta, key, me, roster, signed.manifest, signed.manifest_sha, shapes)
+        vec = mask_delta(delta, key, me, plan, shared, signed.manifest, shapes)
         return serialize_masked(
             vec, manifest_sha=signed.manifest_sha, round_id=signed.round_id, participant=me
         )

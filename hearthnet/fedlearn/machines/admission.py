@@ -128,8 +128,10 @@ def check_submission(
     if len(data) > limit:
         raise HearthnetError(ErrorCode.DELTA_INVALID, f"submission exceeds {limit} bytes")
     if m.secure:
-        if record.roster is None or sub.participant not in record.roster:
-            raise HearthnetError(ErrorCode.DELTA_INVALID, "not in the round's mask roster")
+        if record.shared is None or sub.participant not in record.shared:
+            raise HearthnetError(
+                ErrorCode.DELTA_INVALID, "not in the round's share set (mask roster, then shares)"
+            )
         if sub.num_samples != record.masks[sub.participant].num_samples:
             raise HearthnetError(ErrorCode.DELTA_INVALID, "num_samples differs from the mask key")
 

@@ -18,6 +18,8 @@ from hearthnet.config import NodeConfig
 from hearthnet.errors import ErrorCode, HearthnetError
 from hearthnet.eventlog import Event
 from hearthnet.fedlearn import events as ev
+from hearthnet.fedlearn import secagg
+from hearthnet.fedlearn.draft import carry_topic_clip
 from hearthnet.fedlearn.machines import effects as fx
 from hearthnet.fedlearn.machines import finalize
 from hearthnet.fedlearn.machines.admission import (
@@ -34,6 +36,7 @@ from hearthnet.fedlearn.manifest import RoundID, RoundManifestDraft, SignedManif
 from hearthnet.fedlearn.masks import MaskKeyAnnouncement
 from hearthnet.fedlearn.protocol import JoinReceipt, SignedDoc, SubmitReceipt
 from hearthnet.fedlearn.publish import Aggregate
+from hearthnet.fedlearn.shares import Reveal, ShareBundle
 from hearthnet.fedlearn.state import (
     ROUND_PREFIX,
     Phase,
@@ -46,6 +49,7 @@ from hearthnet.identity import NodeIdentity
 
 DEADLINE = "deadline:"
 ROSTER = "roster:"
+SHARES = "shares:"
 
 
 def _append(suffix: str, payload: ev.Payload) -> fx.Append:
@@ -56,17 +60,26 @@ def _timers(record: RoundRecord) -> list[fx.Effect]:
     """The deadline timer, and a secure round's roster timer at its fraction of the span."""
     m = record.signed.manifest
     out: list[fx.Effect] = [fx.SetTimer(DEADLINE + record.round_id, m.deadline_at)]
-    if m.secure and record.roster is None:
+    if m.secure and record.shared is None:
         span = (m.deadline_at - m.created_at_dt).total_seconds()
-        at = m.created_at_dt + timedelta(seconds=span * C.FEDLEARN_SECURE_ROSTER_FRACTION)
-        out.append(fx.SetTimer(ROSTER + record.round_id, at))
+        for name, fraction in (
+            (ROSTER, C.FEDLEARN_SECURE_ROSTER_FRACTION),
+            (SHARES, C.FEDLEARN_SECURE_SHARES_FRACTION),
+        ):
+            at = m.created_at_dt + timedelta(seconds=span * fraction)
+            out.append(fx.SetTimer(name + record.round_id, at))
     return out
 
 
 def _all_in(record: RoundRecord) -> bool:
-    """Every expected member (the roster, or everyone who joined) has submitted."""
+    """Every expected member (the share set, or everyone who joined) has submitted."""
     m = record.signed.manifest
-    expected = set(record.roster) if m.secure and record.roster is not None else set(record.joined)
+    if m.secure:
+        expected = set(record.shared) if record.shared is not None else None
+    else:
+        expected = set(record.joined)
+    if expected is None:
+        return False
     return len(expected) >= m.min_participants and expected <= set(record.submissions)
 
 
@@ -78,6 +91,11 @@ class CoordinatorMachine:
         self.identity = identity
         self.config = config
         self.rounds: dict[str, RoundRecord] = {}
+        # secure rounds, memory only: the public SecAgg+ structure, the reveals received (secret
+        # shares: never logged) and which unmask requests were (re)issued since this start
+        self._plans: dict[str, secagg.SecAggRound] = {}
+        self.reveals: dict[str, dict[str, Reveal]] = {}
+        self._requested: set[str] = set()
 
     @property
     def node_id(self) -> str:
@@ -104,6 +122,8 @@ class CoordinatorMachine:
         record.apply(suffix, payload)
         if isinstance(payload, ev.MaskKey):
             return self._maybe_close_roster(record, timer=False)
+        if isinstance(payload, ev.Shares):
+            return self._maybe_close_shares(record, timer=False)
         if isinstance(payload, ev.Submitted) and _all_in(record):
             return [fx.Finalize(record.round_id)]
         return []
@@ -115,7 +135,7 @@ class CoordinatorMachine:
         for record in self.rounds.values():
             if record.phase is Phase.ANNOUNCED:
                 out += _timers(record)
-            elif record.phase is Phase.AGGREGATING:
+            elif record.phase in (Phase.UNMASKING, Phase.AGGREGATING):
                 out.append(fx.Finalize(record.round_id))
         return out
 
@@ -127,6 +147,8 @@ class CoordinatorMachine:
             return []
         if kind + ":" == DEADLINE:
             return [fx.Finalize(round_id)]
+        if kind + ":" == SHARES:
+            return self._maybe_close_shares(record, timer=True)
         return self._maybe_close_roster(record, timer=True)
 
     # --- announce and join ------------------------------------------------------------------------
@@ -140,6 +162,7 @@ class CoordinatorMachine:
     ) -> tuple[SignedManifest, list[fx.Effect]]:
         """Sign a new round over this node's base model (`round_id` is drawn by the driver)."""
         check_announce(len(self.rounds), self.config, draft.secure)
+        draft = carry_topic_clip(draft, self.rounds.values())  # adaptive clipping (issue 15)
         signed = draft.build(self.identity, self.config.fedlearn, now=now, round_id=round_id)
         check_own_base_model(signed, base_model_sha)
         payload = ev.Announced(
@@ -208,6 +231,100 @@ class CoordinatorMachine:
         return [
             _append("roster", ev.Roster(round_id=record.round_id, participants=participants)),
             fx.Log("info", "mask roster closed", {"round_id": record.round_id, "participants": n}),
+        ]
+
+    def secagg_plan(self, record: RoundRecord) -> secagg.SecAggRound:
+        """The closed roster's SecAgg+ structure (graph, thresholds), derived once."""
+        plan = self._plans.get(record.round_id)
+        if plan is None:
+            assert record.roster is not None
+            roster = {p: record.masks[p] for p in record.roster}
+            plan = secagg.SecAggRound.build(
+                record.signed.manifest, record.signed.manifest_sha, roster
+            )
+            self._plans[record.round_id] = plan
+        return plan
+
+    def accept_shares(self, caller: str, bundle: ShareBundle) -> list[fx.Effect]:
+        """A roster member's signed share bundle while the share phase is open (idempotent)."""
+        record = self.get(bundle.round_id)
+        if not record.signed.manifest.secure or record.roster is None:
+            raise HearthnetError(ErrorCode.BAD_REQUEST, "the round has no closed mask roster")
+        secagg.check_bundle(self.secagg_plan(record), caller, bundle)
+        if caller in record.bundles:
+            if record.bundles[caller] != bundle:
+                raise HearthnetError(ErrorCode.BAD_REQUEST, "shares were already sent")
+            return []
+        if record.shared is not None or record.phase is not Phase.ANNOUNCED:
+            raise HearthnetError(ErrorCode.ROUND_CLOSED, "the share phase is closed")
+        return [_append("shares", ev.Shares(round_id=record.round_id, bundle=bundle))]
+
+    def _maybe_close_shares(self, record: RoundRecord, timer: bool) -> list[fx.Effect]:
+        """Close the share phase once every roster member sent its shares, or at its timer."""
+        if record.roster is None or record.shared is not None:
+            return []
+        if not timer and set(record.bundles) != set(record.roster):
+            return []
+        shared = sorted(record.bundles)
+        return [
+            _append(
+                "shares_closed", ev.SharesClosed(round_id=record.round_id, participants=shared)
+            ),
+            fx.Log(
+                "info",
+                "share phase closed",
+                {"round_id": record.round_id, "participants": len(shared)},
+            ),
+        ]
+
+    def accept_reveal(self, caller: str, rev: Reveal) -> bool:
+        """A share-set member's reveal for the open unmask request (the same one again: no
+        change); True once every secret the request needs can be recovered."""
+        record = self.get(rev.round_id)
+        if record.phase is not Phase.UNMASKING or record.unmask is None:
+            raise HearthnetError(ErrorCode.ROUND_CLOSED, "the round is not unmasking")
+        plan = self.secagg_plan(record)
+        secagg.check_reveal(plan, record.unmask, caller, rev)
+        held = self.reveals.setdefault(rev.round_id, {})
+        if caller in held and held[caller] != rev:
+            raise HearthnetError(ErrorCode.BAD_REQUEST, "a reveal was already sent")
+        held[caller] = rev
+        return self.reveals_ready(rev.round_id)
+
+    def reveals_ready(self, round_id: str) -> bool:
+        """Whether the reveals in hand recover every secret the unmask request needs."""
+        record = self.get(round_id)
+        if record.unmask is None:
+            return False
+        held = self.reveals.get(round_id, {})
+        return secagg.ready(self.secagg_plan(record), record.unmask, held)
+
+    def unmasking(self, round_id: str) -> bool:
+        """A secure round waiting for reveals."""
+        record = self.get(round_id)
+        return record.phase is Phase.UNMASKING and not self.reveals_ready(round_id)
+
+    def _unmask(self, record: RoundRecord) -> list[fx.Effect]:
+        """The unmask request (again, unchanged, after a restart), or nothing when the
+        survivors are too few to reveal a sum of (the round then aborts at `plan`)."""
+        rid = record.round_id
+        req = record.unmask
+        if req is None:
+            assert record.shared is not None
+            plan = self.secagg_plan(record)
+            req = secagg.unmask_request(plan, record.shared, list(record.submissions))
+            try:
+                secagg.check_unmask(self.secagg_plan(record), record.shared, req)
+            except HearthnetError:
+                return [_append("aggregating", ev.RoundOnly(round_id=rid))]
+        self._requested.add(rid)
+        return [
+            _append("unmask", ev.Unmask(round_id=rid, request=req)),
+            fx.Log(
+                "info",
+                "unmask requested",
+                {"round_id": rid, "survivors": len(req.survivors), "dropped": len(req.dropped)},
+            ),
         ]
 
     # --- submissions ------------------------------------------------------------------------------
@@ -282,14 +399,33 @@ class CoordinatorMachine:
         if record.phase is Phase.ABORTED:
             assert record.abort is not None
             raise HearthnetError(ErrorCode(record.abort["code"]), record.abort["reason"])
+        secure = record.signed.manifest.secure
+        if record.phase is Phase.ANNOUNCED and secure and record.shared is not None:
+            return None, self._unmask(record)
+        if record.phase is Phase.UNMASKING:
+            if round_id not in self._requested:
+                return None, self._unmask(record)
+            if not self.reveals_ready(round_id):
+                return None, []  # the driver waits for reveals (`unmasking`)
+            return None, [_append("aggregating", ev.RoundOnly(round_id=round_id))]
         if record.phase is Phase.ANNOUNCED:
             return None, [_append("aggregating", ev.RoundOnly(round_id=round_id))]
         return None, []
 
     def plan(self, round_id: str) -> finalize.Abort | fx.Aggregate:
-        """What to aggregate, or why the round aborts (the shared `finalize.plan`)."""
+        """What to aggregate, or why the round aborts (the shared `finalize.plan`); a secure
+        round's secrets are recovered from the reveals first."""
         record = self.get(round_id)
-        return finalize.plan(record.signed, record.submissions, record.joined, record.masks)
+        unmasked = None
+        if record.signed.manifest.secure and record.unmask is not None:
+            held = self.reveals.get(round_id, {})
+            try:
+                unmasked = secagg.recover_all(self.secagg_plan(record), record.unmask, held)
+            except HearthnetError as err:
+                return finalize.aggregation_failed(err)
+        survivors = set(unmasked.request.survivors) if unmasked is not None else None
+        subs = {p: s for p, s in record.submissions.items() if survivors is None or p in survivors}
+        return finalize.plan(record.signed, subs, record.joined, unmasked)
 
     def abort(self, round_id: str, why: finalize.Abort) -> list[fx.Effect]:
         """End the round without a result."""

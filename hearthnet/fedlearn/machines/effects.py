@@ -15,8 +15,8 @@ from typing import Any
 
 from hearthnet.fedlearn.events import Payload
 from hearthnet.fedlearn.manifest import SignedManifest
-from hearthnet.fedlearn.masks import MaskKeyAnnouncement
 from hearthnet.fedlearn.reputation import Observation
+from hearthnet.fedlearn.secagg import Unmasked
 from hearthnet.fedlearn.submission import ParticipantSubmission
 
 
@@ -51,7 +51,7 @@ class Aggregate:
     signed: SignedManifest
     submissions: Mapping[str, ParticipantSubmission]
     blobs: Mapping[str, str]
-    masks: Mapping[str, MaskKeyAnnouncement] | None
+    unmasked: Unmasked | None  # secure rounds: the recovered secrets that remove the masks
     influence: Mapping[str, float]
 
 

@@ -19,10 +19,10 @@ from hearthnet.errors import ErrorCode, HearthnetError
 from hearthnet.fedlearn.aggregation.run import observations, receipt_influence
 from hearthnet.fedlearn.machines import effects as fx
 from hearthnet.fedlearn.manifest import SignedManifest
-from hearthnet.fedlearn.masks import MaskKeyAnnouncement
 from hearthnet.fedlearn.protocol import Exclusion, SignedDoc
 from hearthnet.fedlearn.publish import Aggregate, build_result
 from hearthnet.fedlearn.reputation import Observation
+from hearthnet.fedlearn.secagg import Unmasked
 from hearthnet.fedlearn.state import Submitted
 from hearthnet.identity import NodeIdentity
 
@@ -56,10 +56,12 @@ def plan(
     signed: SignedManifest,
     submissions: Mapping[str, Submitted],
     receipts: Mapping[str, SignedDoc],
-    masks: Mapping[str, MaskKeyAnnouncement],
+    unmasked: Unmasked | None,
     takeover: bool = False,
 ) -> Abort | fx.Aggregate:
-    """Abort below `min_participants`; otherwise what to aggregate."""
+    """Abort below `min_participants`, or for a secure round whose secrets were not recovered
+    (too few survivors to reveal a sum; a takeover, which holds no reveals); otherwise what to
+    aggregate."""
     m = signed.manifest
     n = len(submissions)
     if n < m.min_participants:
@@ -68,11 +70,18 @@ def plan(
             ErrorCode.FEDLEARN_MIN_PARTICIPANTS_UNMET,
             f"{said}; the round needs {m.min_participants}",
         )
+    if m.secure and unmasked is None:
+        why = (
+            "a secure round is unmasked only by its coordinator, from its members' reveals"
+            if takeover
+            else f"{n} submissions survived: too few to unmask without revealing one update"
+        )
+        return Abort(ErrorCode.FEDLEARN_MIN_PARTICIPANTS_UNMET, why)
     return fx.Aggregate(
         signed=signed,
         submissions={p: s.submission for p, s in sorted(submissions.items())},
         blobs={s.submission.delta_sha: s.blob_sha for s in submissions.values()},
-        masks=dict(masks) if m.secure else None,
+        unmasked=unmasked if m.secure else None,
         influence=receipt_influence({p: receipts[p] for p in submissions}),
     )
 

@@ -13,7 +13,7 @@ stores and installs.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from hearthnet import constants as C
@@ -38,6 +38,9 @@ from hearthnet.fedlearn.protocol import (
     SignedDoc,
     SubmitReceipt,
 )
+from hearthnet.fedlearn.secagg import SecAggRound, check_bundle, check_unmask
+from hearthnet.fedlearn.secagg import reveal as secagg_reveal
+from hearthnet.fedlearn.shares import ShareBundle
 from hearthnet.fedlearn.state import TERMINAL_STAGES, Membership, Stage
 from hearthnet.fedlearn.submission import ParticipantSubmission
 from hearthnet.fedlearn.verify import check_recomputed
@@ -45,6 +48,7 @@ from hearthnet.identity import NodeIdentity
 
 CAP = C.FEDLEARN_CAP_PREFIX
 ROSTER_TIMER = "roster"
+UNMASK_TIMER = "unmask"
 
 
 @dataclass(frozen=True)
@@ -62,14 +66,29 @@ class NewMaskKey:
 
 
 @dataclass(frozen=True)
+class MakeShares:
+    """Seal Shamir shares of the round secrets for each neighbour (randomness: the driver's)
+    and feed the bundle to `shares_made`."""
+
+    round_id: str
+    plan: SecAggRound
+
+
+@dataclass(frozen=True)
+class Wait:
+    """Wait for the coordinator's next event (`settled`), with no deadline of its own."""
+
+
+@dataclass(frozen=True)
 class Submit:
-    """Read the trained delta; in a secure round mask it with `key` over `roster` (in a
-    thread); store the bytes and feed them to `submission`."""
+    """Read the trained delta; in a secure round mask it with `key` over `roster` and the
+    share set `shared` (in a thread); store the bytes and feed them to `submission`."""
 
     round_id: str
     trained_sha: str
     key: MaskingKey | None
-    roster: dict[str, MaskKeyAnnouncement] | None
+    plan: SecAggRound | None
+    shared: list[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -81,9 +100,12 @@ class TrainOutcome:
     train_loss: float
     steps: int
     stopped_early: bool
+    clip_bit: float | None = None  # adaptive clipping (clipping.py)
 
 
-ParticipantEffect = Append | Call | SetTimer | Aggregate | Train | NewMaskKey | Submit
+ParticipantEffect = (
+    Append | Call | SetTimer | Aggregate | Train | NewMaskKey | MakeShares | Wait | Submit
+)
 
 
 def offer(wire: dict[str, Any], caller: str, trusted: set[str]) -> SignedManifest:
@@ -125,6 +147,11 @@ class ParticipantMachine:
         self.announced = False
         self.anns: dict[str, MaskKeyAnnouncement] = {}
         self.refused: HearthnetError | None = None  # a mask roster this node will not mask with
+        self.shares_sent = False  # memory only: a restart resends the recorded bundle
+        self._plan: SecAggRound | None = None
+        self._answered = 0  # unmask requests answered (of member.unmask_count)
+        self._progress = 0  # coordinator events seen; a wait ends when it moves
+        self._waiting_from = 0
         self._pending: tuple[ParticipantSubmission, str] | None = None  # sent, not yet receipted
 
     @property
@@ -199,31 +226,123 @@ class ParticipantMachine:
     # --- train, (mask,) submit -----------------------------------------------------------------
 
     def next(self) -> list[ParticipantEffect]:
-        """The step to run now, from the stage alone (plus the in-memory mask key): the same
-        after a restart as before it. Empty: nothing to do but follow the coordinator."""
+        """The step to run now, from the stage alone (plus the in-memory round secrets and what
+        the coordinator's events said): the same after a restart as before it. Empty: nothing
+        to do but follow the coordinator."""
+        m = self.member
+        if not self.signed.manifest.secure:
+            if m.stage is Stage.JOINED:
+                return [Train(self.round_id)]
+            if m.stage is Stage.TRAINED:
+                assert m.trained_sha is not None
+                return [Submit(self.round_id, m.trained_sha, None, None)]
+            return []
+        if m.stage not in (Stage.JOINED, Stage.TRAINED, Stage.SUBMITTED):
+            return []
+        return self._next_secure()
+
+    def _next_secure(self) -> list[ParticipantEffect]:
+        """A secure round: keys, roster, shares before training; the share set before masking;
+        the one reveal after submitting (docs/architecture.md, "Secure rounds")."""
         m = self.member
         deadline = self.signed.manifest.deadline_at
-        if m.stage is Stage.JOINED:
-            return [Train(self.round_id)]
-        if m.stage is not Stage.TRAINED:
-            return []
-        assert m.trained_sha is not None
-        if not self.signed.manifest.secure:
-            return [Submit(self.round_id, m.trained_sha, None, None)]
         if self.refused is not None:
             raise self.refused
         if self.key is None:
-            if m.roster is not None:
+            if m.roster is not None or m.bundle is not None or m.stage is not Stage.JOINED:
                 raise HearthnetError(
                     ErrorCode.FEDLEARN_AGGREGATION_FAILED,
-                    "this node's mask key was lost (restart) after the roster closed",
+                    "this node's round secrets were lost (restart without its sealed secrets "
+                    "file) after the mask roster closed",
                 )
             return [NewMaskKey(self.round_id)]
-        if m.roster is not None:
-            return [Submit(self.round_id, m.trained_sha, self.key, m.roster)]
-        if not self.announced:
-            return [self._announce(), SetTimer(ROSTER_TIMER, deadline)]
-        return [SetTimer(ROSTER_TIMER, deadline)]
+        if m.roster is None:
+            if not self.announced:
+                return [self._announce(), self._wait(ROSTER_TIMER, deadline)]
+            return [self._wait(ROSTER_TIMER, deadline)]
+        if m.bundle is None:
+            return [MakeShares(self.round_id, self.plan())]
+        if not self.shares_sent:
+            return [self._send_shares(m.bundle)]
+        if m.unmask is not None and self._answered < m.unmask_count:
+            return self._reveal()
+        if m.stage is Stage.JOINED:
+            return [Train(self.round_id)]
+        if m.stage is Stage.TRAINED:
+            if m.shared is None:
+                return [self._wait(ROSTER_TIMER, deadline)]
+            assert m.trained_sha is not None
+            return [Submit(self.round_id, m.trained_sha, self.key, self.plan(), m.shared)]
+        if m.unmask is None:  # a secure round has no takeover: give up if never unmasked
+            grace = C.FEDLEARN_TAKEOVER_GRACE_S + 2 * C.FEDLEARN_SECURE_REVEAL_S
+            return [self._wait(UNMASK_TIMER, deadline + timedelta(seconds=grace))]
+        return [self._wait(None, None)]
+
+    def _wait(self, name: str | None, at: datetime | None) -> SetTimer | Wait:
+        """Wait for the coordinator's next event (`settled`), until `at` if given."""
+        self._waiting_from = self._progress
+        return Wait() if name is None or at is None else SetTimer(name, at)
+
+    def plan(self) -> SecAggRound:
+        """The closed roster's SecAgg+ structure, derived once."""
+        assert self.member.roster is not None
+        if self._plan is None:
+            self._plan = SecAggRound.build(
+                self.signed.manifest, self.signed.manifest_sha, self.member.roster
+            )
+        return self._plan
+
+    def shares_made(self, bundle: ShareBundle) -> list[Append]:
+        """The bundle `MakeShares` sealed: recorded before it is sent, so a restart resends it."""
+        payload = ev.MemberShared(round_id=self.round_id, bundle=bundle)
+        return [self._append("shared", payload)]
+
+    def _send_shares(self, bundle: ShareBundle) -> Call:
+        return Call(
+            "shares",
+            self.signed.manifest.coordinator,
+            CAP + "round.shares",
+            {"bundle": bundle.model_dump()},
+            retry_until=self.signed.manifest.deadline_at,
+        )
+
+    def _reveal(self) -> list[ParticipantEffect]:
+        """Answer the unmask request, the only one this node answers in the round (recorded
+        first); a different request later is refused as the coordinator's attempt to learn a
+        member's update from both of its secrets."""
+        m = self.member
+        assert m.unmask is not None and m.shared is not None and self.key is not None
+        req = m.unmask
+        if m.revealed_sha is not None and m.revealed_sha != req.sha:
+            err = HearthnetError(
+                ErrorCode.SIGNATURE_INVALID,
+                "the coordinator asked for a second, different unmask: refused",
+            )
+            self._answered = m.unmask_count
+            raise Suspect(self.signed.manifest.coordinator, "unmask", err)
+        plan = self.plan()
+        check_unmask(plan, m.shared, req)
+        out: list[ParticipantEffect] = []
+        if m.revealed_sha is None:
+            out.append(
+                self._append(
+                    "revealed", ev.MemberRevealed(round_id=self.round_id, unmask_sha=req.sha)
+                )
+            )
+        bundles = {p: b for p, b in m.bundles.items() if p in set(m.shared)}
+        rev = secagg_reveal(self.me, self.key, plan, bundles, req)
+        self._answered = m.unmask_count
+        out.append(
+            Call(
+                "reveal",
+                self.signed.manifest.coordinator,
+                CAP + "round.reveal",
+                {"reveal": rev.model_dump()},
+                retry_until=self.signed.manifest.deadline_at
+                + timedelta(seconds=C.FEDLEARN_SECURE_REVEAL_S),
+            )
+        )
+        return out
 
     def trained(self, outcome: TrainOutcome) -> list[Append]:
         """Training finished: record it (the delta is already stored)."""
@@ -235,11 +354,13 @@ class ParticipantMachine:
             steps=outcome.steps,
             train_steps=self.signed.manifest.train_steps,
             stopped_early=outcome.stopped_early,
+            clip_bit=outcome.clip_bit,
         )
         return [self._append("trained", payload)]
 
     def keyed(self, key: MaskingKey) -> None:
-        """The fresh masking key `NewMaskKey` asked for."""
+        """The round secrets `NewMaskKey` made (sealed to disk first), or those a restarted node
+        unsealed."""
         self.key = key
         self.announced = False
 
@@ -261,8 +382,16 @@ class ParticipantMachine:
         """Sign the submission of `data` (stored as `blob_sha`) and send it with the receipt."""
         m = self.member
         assert m.receipt is not None and m.num_samples is not None
+        # a secure round weighs each member by the num_samples its key announced
+        samples = m.roster[self.me].num_samples if m.roster is not None else m.num_samples
         sub = ParticipantSubmission.create(
-            self.identity, self.round_id, data, m.num_samples, m.train_loss or 0.0, steps=m.steps
+            self.identity,
+            self.round_id,
+            data,
+            samples,
+            m.train_loss or 0.0,
+            steps=m.steps,
+            clip_bit=m.clip_bit,
         )
         self._pending = (sub, blob_sha)
         body = {"submission": sub.model_dump(), "receipt": m.receipt.model_dump()}
@@ -280,6 +409,11 @@ class ParticipantMachine:
         if name == "mask_key":
             self.announced = True
             return []
+        if name == "shares":
+            self.shares_sent = True
+            return []
+        if name == "reveal":
+            return []
         if name == "submit" and isinstance(body, SubmitReceipt) and self._pending is not None:
             sub, sha = self._pending
             self._pending = None
@@ -288,16 +422,29 @@ class ParticipantMachine:
         raise HearthnetError(ErrorCode.PROTOCOL_ERROR, f"unexpected reply {name}")
 
     def settled(self) -> bool:
-        """Nothing left to wait for before the next step: the mask roster is in (or refused),
-        or the round ended here."""
+        """Something changed since the last wait (a coordinator event this machine uses), or
+        the round ended here: time to ask `next()` again."""
         m = self.member
-        return m.roster is not None or self.refused is not None or m.stage in TERMINAL_STAGES
+        return (
+            self._progress != self._waiting_from
+            or self.refused is not None
+            or m.stage in TERMINAL_STAGES
+        )
 
     def timer(self, name: str, now: datetime) -> None:
-        """A timer fired: the mask roster had to close by the deadline."""
-        if name == ROSTER_TIMER and not self.settled() and now >= self.signed.manifest.deadline_at:
+        """A timer fired: the mask roster and the share set had to close by the deadline, and
+        the coordinator had to ask to unmask within its grace after it."""
+        if self.settled() or now < self.signed.manifest.deadline_at:
+            return
+        if name == ROSTER_TIMER:
             raise HearthnetError(
                 ErrorCode.FEDLEARN_MIN_PARTICIPANTS_UNMET, "the mask roster never closed"
+            )
+        if name == UNMASK_TIMER and self.member.unmask is None:
+            raise HearthnetError(
+                ErrorCode.FEDLEARN_AGGREGATION_FAILED,
+                "the coordinator never asked to unmask this secure round (secure rounds are "
+                "not taken over)",
             )
 
     def failed(self, err: HearthnetError) -> list[Append]:
@@ -321,12 +468,23 @@ class ParticipantMachine:
         model = ev.ROUND_EVENTS.get(suffix)
         out: list[Any] = []
         event = model.model_validate(payload) if model is not None else None
+        self._progress += 1
         if isinstance(event, ev.Joined):
             m.participants.add(event.participant)
         elif isinstance(event, ev.MaskKey):
             self.anns[event.announcement.participant] = event.announcement
         elif isinstance(event, ev.Roster):
             self._roster(event.participants)
+        elif isinstance(event, ev.Shares) and m.roster is not None:
+            check_bundle(self.plan(), event.bundle.sender, event.bundle)
+            m.bundles[event.bundle.sender] = event.bundle
+        elif isinstance(event, ev.SharesClosed):
+            if not set(event.participants) <= set(m.bundles):
+                raise HearthnetError(ErrorCode.PROTOCOL_ERROR, "share set names unknown bundles")
+            m.shared = list(event.participants)
+        elif isinstance(event, ev.Unmask):
+            m.unmask = event.request
+            m.unmask_count += 1
         elif isinstance(event, ev.Completed):
             out.append(event.result)
         elif isinstance(event, ev.Aborted) and m.stage not in TERMINAL_STAGES:

@@ -72,15 +72,16 @@ def recompute_plan(
     check_listing(result, me, member.submission, member.participants)
     if result.aggregator == me:
         return None
+    if member.signed.manifest.secure:
+        return None  # masked inputs: only the unmasking coordinator holds what removes the masks
     use, missing = held_for_recompute(result, held)
     if missing:
         return None
-    secure = member.signed.manifest.secure
     return Aggregate(
         member.signed,
         use,
         {s.delta_sha: s.delta_sha for s in use.values()},
-        masks if secure else None,
+        None,
         influence({p: receipts[p] for p in use}),
     )
 

@@ -95,8 +95,8 @@ class TakerMachine:
     def watch(self, member: Membership) -> list[fx.Effect]:
         """Start watching a round this node takes part in (not one it coordinates)."""
         m = member.signed.manifest
-        if m.coordinator == self.node_id:
-            return []
+        if m.coordinator == self.node_id or m.secure:
+            return []  # a secure round is unmasked only by its coordinator (docs/decisions.md)
         at = m.deadline_at + timedelta(seconds=C.FEDLEARN_TAKEOVER_GRACE_S)
         return [fx.SetTimer(GRACE + member.round_id, at)]
 
@@ -217,7 +217,7 @@ class TakerMachine:
 
     def plan(self, member: Membership, g: Gathering) -> finalize.Abort | fx.Aggregate:
         """The coordinator's finalize plan over what was gathered."""
-        return finalize.plan(member.signed, g.submissions, g.receipts, g.masks, takeover=True)
+        return finalize.plan(member.signed, g.submissions, g.receipts, None, takeover=True)
 
     def publish(
         self, member: Membership, g: Gathering, agg: Aggregate, now: datetime

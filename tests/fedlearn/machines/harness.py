@@ -64,7 +64,7 @@ def aggregate(blobs: BlobStore, want: fx.Aggregate) -> Aggregate:
         want.submissions,
         lambda sha: blobs.path(want.blobs.get(sha, sha)),
         MODEL_SHAPES,
-        want.masks,
+        want.unmasked,
         want.influence,
     )
 

@@ -12,12 +12,16 @@ from hearthnet import constants as C
 from hearthnet.blobs import BlobStore
 from hearthnet.canonical import sha256_hex
 from hearthnet.errors import ErrorCode
+from hearthnet.fedlearn.aggregation.secure import mask_delta, serialize_masked
 from hearthnet.fedlearn.machines import effects as fx
 from hearthnet.fedlearn.machines.coordinator import DEADLINE, ROSTER
 from hearthnet.fedlearn.masks import MaskingKey
 from hearthnet.fedlearn.protocol import RoundResult
+from hearthnet.fedlearn.secagg import make_bundle, reveal
 from hearthnet.fedlearn.state import Phase
+from hearthnet.fedlearn.submission import ParticipantSubmission
 from hearthnet.identity import NodeIdentity
+from tests.fedlearn.conftest import MODEL_SHAPES, random_delta
 from tests.fedlearn.machines.harness import (
     ROUND_ID,
     T0,
@@ -213,3 +217,71 @@ def test_a_crash_inside_finalize_refinalizes_to_the_same_bytes(
     assert back.finalize_asked == [ROUND_ID]  # a round caught aggregating is finalized again
     assert back.machine.get(ROUND_ID).phase is Phase.AGGREGATING
     assert back.finalize().body.encode() == straight
+
+
+def _masked(signed, who: NodeIdentity, key: MaskingKey, plan, shared, seed: int, samples: int):
+    vec = mask_delta(
+        random_delta(signed, seed), key, who.node_id, plan, shared, signed.manifest, MODEL_SHAPES
+    )
+    data = serialize_masked(
+        vec, manifest_sha=signed.manifest_sha, round_id=ROUND_ID, participant=who.node_id
+    )
+    sub = ParticipantSubmission.create(who, ROUND_ID, data, samples, 1.5, steps=10)
+    return sub, data
+
+
+def test_secure_round_unmasks_survivors_after_a_drop_and_a_restart(
+    harness: CoordinatorHarness, ids: list[NodeIdentity]
+):
+    """Keys, shares, three of four masked submissions, the deadline: the unmask request names
+    the fourth as dropped; the reveals recover the secrets (again after a restart, which
+    repeats the same request) and the result is the three survivors' mean."""
+    signed = harness.announce(secure=True, clip_norm=1.0, max_participants=4)
+    members = ids[:4]
+    keys = {p.node_id: MaskingKey() for p in members}
+    receipts = {}
+    for p in members:
+        receipts[p.node_id] = harness.enroll(p)
+        ann = keys[p.node_id].announce(p, ROUND_ID, signed.manifest_sha, 4)
+        harness.run(harness.machine.accept_mask_key(p.node_id, ann))
+    record = harness.machine.get(ROUND_ID)
+    plan = harness.machine.secagg_plan(record)
+    with raises_code(ErrorCode.FORBIDDEN):  # a bundle is its sender's own
+        harness.machine.accept_shares(
+            members[1].node_id, make_bundle(members[0], keys[members[0].node_id], plan)
+        )
+    bundles = {p.node_id: make_bundle(p, keys[p.node_id], plan) for p in members}
+    for p in members:
+        harness.run(harness.machine.accept_shares(p.node_id, bundles[p.node_id]))
+        harness.run(harness.machine.accept_shares(p.node_id, bundles[p.node_id]))  # no-op
+    assert harness.log.types()[-1] == "shares_closed"
+    shared = sorted(bundles)
+    survivors = members[:3]
+    for i, p in enumerate(survivors):
+        sub, data = _masked(signed, p, keys[p.node_id], plan, shared, i, 4)
+        harness.submit(p, sub, receipts[p.node_id], data)
+    harness.run(harness.machine.timer(DEADLINE + ROUND_ID, signed.manifest.deadline_at))
+    done, effects = harness.machine.close(ROUND_ID)
+    harness.run(effects)
+    assert done is None and harness.log.types()[-1] == "unmask"
+    req = harness.machine.get(ROUND_ID).unmask
+    assert req is not None and req.dropped == [members[3].node_id]
+    assert harness.machine.unmasking(ROUND_ID)
+    restored = CoordinatorHarness.restored(harness)  # reveals lived in memory only
+    assert restored.finalize_asked == [ROUND_ID] and restored.machine.unmasking(ROUND_ID)
+    _, again = restored.machine.close(ROUND_ID)
+    restored.run(again)
+    assert restored.log.types()[-1] == "unmask"
+    assert restored.log.events[-1].payload == harness.log.events[-1].payload  # the same request
+    for p in survivors:
+        rev = reveal(p.node_id, keys[p.node_id], plan, bundles, req)
+        restored.machine.accept_reveal(p.node_id, rev)
+        with raises_code(ErrorCode.BAD_REQUEST):  # one answer per member
+            restored.machine.accept_reveal(
+                p.node_id, rev.model_copy(update={"key_shares": {}, "self_shares": {}})
+            )
+    assert not restored.machine.unmasking(ROUND_ID)
+    doc = restored.finalize()
+    result = doc.open(RoundResult, restored.machine.node_id)
+    assert result.secure and result.n_participants == 3
+    assert [e.participant for e in result.excluded] == [members[3].node_id]

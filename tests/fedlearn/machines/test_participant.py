@@ -16,16 +16,19 @@ from hearthnet.fedlearn import events as ev
 from hearthnet.fedlearn.aggregation.run import receipt_influence
 from hearthnet.fedlearn.machines.effects import Aggregate, Append, Call, SetTimer
 from hearthnet.fedlearn.machines.participant import (
+    MakeShares,
     NewMaskKey,
     ParticipantMachine,
     Submit,
     Train,
     TrainOutcome,
+    Wait,
     offer,
     offered_event,
 )
 from hearthnet.fedlearn.machines.results import Suspect
 from hearthnet.fedlearn.masks import MaskingKey
+from hearthnet.fedlearn.secagg import make_bundle, unmask_request
 from hearthnet.fedlearn.protocol import (
     EnrollResponse,
     JoinReceipt,
@@ -220,7 +223,7 @@ def test_a_result_this_node_can_recompute_is_recomputed(node: Node):
         result, {node.me: m.member.submission}, {node.me: m.member.receipt}, {}, receipt_influence
     )
     assert isinstance(agg, Aggregate) and set(agg.submissions) == {node.me}
-    assert agg.masks is None
+    assert agg.unmasked is None
     with raises_code(ErrorCode.FEDLEARN_AGGREGATION_FAILED):
         m.recomputed(result, "00" * 32)
     m.recomputed(result, result.aggregated_delta_sha)
@@ -328,24 +331,29 @@ def secure_node(coordinator, make_manifest, roster: set[str]) -> Node:
     signed = make_manifest(secure=True, clip_norm=1.0)
     node = Node(coordinator, signed, roster)
     node.join(samples=4)
-    node.train()
     return node
 
 
-def announce(machine: ParticipantMachine, seq: int, who: NodeIdentity) -> None:
+def announce(machine: ParticipantMachine, seq: int, who: NodeIdentity, key=None) -> None:
     rid, sha = machine.round_id, machine.signed.manifest_sha
     machine.observe(seq, ev.ROUND_PREFIX + "joined", joined(machine, who.node_id))
-    ann = MaskingKey().announce(who, rid, sha, 5)
+    ann = (key or MaskingKey()).announce(who, rid, sha, 5)
     body = {"round_id": rid, "announcement": ann.model_dump()}
     machine.observe(seq + 1, ev.ROUND_PREFIX + "mask_key", body)
 
 
-def test_secure_round_masks_once_the_roster_closes(coordinator, make_manifest):
+def test_secure_round_keys_shares_trains_masks_and_reveals_once(coordinator, make_manifest):
+    """Keys and shares before training, the share set before masking, one reveal; a second,
+    different unmask request is refused; a restart with its sealed secrets carries on, one
+    without them after the roster closed fails."""
     peers = [NodeIdentity.generate() for _ in range(2)]
+    peer_keys = [MaskingKey() for _ in peers]
     node = secure_node(coordinator, make_manifest, {p.node_id for p in peers})
     m = node.machine
-    assert m.next() == [NewMaskKey(m.round_id)]
-    m.keyed(MaskingKey())
+    rid = m.round_id
+    assert m.next() == [NewMaskKey(rid)]
+    key = MaskingKey()
+    m.keyed(key)
     call, timer = m.next()
     assert isinstance(call, Call) and call.name == "mask_key"
     assert call.body["announcement"]["participant"] == node.me
@@ -356,19 +364,67 @@ def test_secure_round_masks_once_the_roster_closes(coordinator, make_manifest):
     with raises_code(ErrorCode.FEDLEARN_MIN_PARTICIPANTS_UNMET):
         m.timer("roster", node.signed.manifest.deadline_at + timedelta(seconds=1))
     mine = call.body["announcement"]
-    m.observe(1, ev.ROUND_PREFIX + "mask_key", {"round_id": m.round_id, "announcement": mine})
-    for i, peer in enumerate(peers):
-        announce(m, 10 + 2 * i, peer)
+    m.observe(1, ev.ROUND_PREFIX + "mask_key", {"round_id": rid, "announcement": mine})
+    for i, (peer, k) in enumerate(zip(peers, peer_keys, strict=True)):
+        announce(m, 10 + 2 * i, peer, k)
     names = [node.me, *(p.node_id for p in peers)]
-    m.observe(20, ev.ROUND_PREFIX + "roster", {"round_id": m.round_id, "participants": names})
+    m.observe(20, ev.ROUND_PREFIX + "roster", {"round_id": rid, "participants": names})
     assert m.settled() and m.refused is None
+    [make] = m.next()
+    assert isinstance(make, MakeShares)
+    bundle = make_bundle(node.identity, key, make.plan)
+    node.run(m.shares_made(bundle))
+    [send] = m.next()
+    assert send.name == "shares" and send.capability.endswith("round.shares")
+    m.reply("shares", None)
+    assert m.next() == [Train(rid)]  # training comes after the shares are out
+    node.train()
+    [wait] = m.next()
+    assert isinstance(wait, SetTimer)  # for the share set
+    seq = 30
+    bundles = {node.me: bundle}
+    for peer, k in zip(peers, peer_keys, strict=True):
+        bundles[peer.node_id] = make_bundle(peer, k, make.plan)
+    for b in bundles.values():
+        m.observe(seq, ev.ROUND_PREFIX + "shares", {"round_id": rid, "bundle": b.model_dump()})
+        seq += 1
+    shared = sorted(names)
+    m.observe(seq, ev.ROUND_PREFIX + "shares_closed", {"round_id": rid, "participants": shared})
+    assert m.settled()
     [submit] = m.next()
-    assert isinstance(submit, Submit) and set(submit.roster or {}) == set(names)
-    assert node.restarted().next() != m.next()  # restarted: the key is gone
+    assert isinstance(submit, Submit) and submit.shared == shared and submit.key is key
+    node.submit()
+    [idle] = m.next()  # waits for the unmask request, not forever (no takeover)
+    assert isinstance(idle, SetTimer) and idle.name == "unmask" and not m.settled()
+    with raises_code(ErrorCode.FEDLEARN_AGGREGATION_FAILED, "never asked to unmask"):
+        node.restarted().timer("unmask", idle.at)
+    req = unmask_request(make.plan, shared, shared)
+    m.observe(seq + 1, ev.ROUND_PREFIX + "unmask", {"round_id": rid, "request": req.model_dump()})
+    assert m.settled()
+    record, call = m.next()
+    assert isinstance(m.next()[0], Wait)  # answered: wait for the result
+    node.run([record])
+    assert m.member.revealed_sha == req.sha
+    rev = call.body["reveal"]
+    assert set(rev["self_shares"]) == {p.node_id for p in peers} and rev["key_shares"] == {}
+    # restarted with its sealed secrets: the same answer to the same request
+    again = node.restarted()
+    again.keyed(key)
+    again.member.roster, again.member.shared = m.member.roster, m.member.shared
+    again.member.bundles, again.shares_sent = dict(m.member.bundles), True
+    again.member.unmask, again.member.unmask_count = req, 1
+    [same] = again.next()
+    assert same.body == call.body
+    # the coordinator asks again with a member moved to dropped: refused, as a suspect
+    other = req.model_copy(update={"survivors": shared[:2], "dropped": shared[2:]})
+    m.observe(seq + 2, ev.ROUND_PREFIX + "unmask", {"round_id": rid, "request": other.model_dump()})
+    with raises_code(ErrorCode.SIGNATURE_INVALID) as exc:
+        m.next()
+    assert isinstance(exc.value, Suspect) and "second, different unmask" in exc.value.message
+    lost = node.restarted()  # restarted without its sealed secrets after the roster closed
+    lost.member.roster = m.member.roster
     with raises_code(ErrorCode.FEDLEARN_AGGREGATION_FAILED):
-        fresh = node.restarted()
-        fresh.member.roster = m.member.roster
-        fresh.next()
+        lost.next()
 
 
 def test_secure_round_with_an_outsider_key_is_refused_and_left(coordinator, make_manifest):

@@ -1,0 +1,89 @@
+"""A participant's round secrets sealed at rest, so a node restarted after the mask roster
+closed rejoins its secure round instead of sinking it.
+
+The three secrets (`masks.MaskingKey.to_bytes`) are sealed with ChaCha20-Poly1305 under a key
+derived from the node's identity key for that round (`NodeIdentity.derive_key`), bound to the
+round and manifest as associated data, and written 0600 through a temp file. The file is removed
+when the round ends here. A copied or altered file does not open on another node or round.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+from pathlib import Path
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
+from hearthnet.errors import ErrorCode, HearthnetError
+from hearthnet.fedlearn.masks import MaskingKey
+from hearthnet.identity import NodeIdentity
+
+DIR_NAME = "round-secrets"
+_INFO = b"hearthnet/fedlearn/round-secrets/v1\0"
+
+
+def _path(data_dir: Path, round_id: str) -> Path:
+    if not round_id.isalnum():
+        raise HearthnetError(ErrorCode.BAD_REQUEST, "invalid round id")
+    return data_dir / DIR_NAME / f"{round_id}.sealed"
+
+
+def _aead(identity: NodeIdentity, round_id: str) -> ChaCha20Poly1305:
+    return ChaCha20Poly1305(identity.derive_key(_INFO + round_id.encode()))
+
+
+def seal(
+    data_dir: Path, identity: NodeIdentity, round_id: str, manifest_sha: str, key: MaskingKey
+) -> None:
+    """Write the round's secrets sealed (0600, atomically)."""
+    path = _path(data_dir, round_id)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    nonce = secrets.token_bytes(12)
+    sealed = nonce + _aead(identity, round_id).encrypt(
+        nonce, key.to_bytes(), (round_id + manifest_sha).encode()
+    )
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(sealed)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
+def unseal(
+    data_dir: Path, identity: NodeIdentity, round_id: str, manifest_sha: str
+) -> MaskingKey | None:
+    """The round's secrets, or None if none were sealed here; `eventlog_invalid` if the file
+    does not open (altered, or another node's)."""
+    path = _path(data_dir, round_id)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return None
+    with os.fdopen(fd, "rb") as fh:
+        data = fh.read(12 + MaskingKey.SECRET_BYTES + 16 + 1)
+    try:
+        plain = _aead(identity, round_id).decrypt(
+            data[:12], data[12:], (round_id + manifest_sha).encode()
+        )
+    except (InvalidTag, ValueError):
+        raise HearthnetError(
+            ErrorCode.EVENTLOG_INVALID,
+            f"the sealed secrets of round {round_id} do not open; remove {path} to leave the round",
+        ) from None
+    return MaskingKey.from_bytes(plain)
+
+
+def discard(data_dir: Path, round_id: str) -> None:
+    """Remove the round's sealed secrets (the round ended here)."""
+    with contextlib.suppress(FileNotFoundError):
+        _path(data_dir, round_id).unlink()

@@ -1,0 +1,248 @@
+"""SecAgg+ (fedlearn/secagg.py, secagg_graph.py, shares.py): drop-outs after the key exchange,
+the neighbour graph, Shamir recovery and what a member refuses to reveal."""
+
+import math
+
+import pytest
+
+from hearthnet import constants as C
+from hearthnet.errors import ErrorCode
+from hearthnet.fedlearn import secagg_graph, shares
+from hearthnet.fedlearn.privacy import clip_gradient
+from hearthnet.fedlearn.secagg import check_reveal, check_unmask, recover_all, unmask_request
+from hearthnet.fedlearn.submission import capped_weights
+from tests.helpers import raises_code
+
+from .conftest import random_delta
+from .secure_helpers import Round, setup_round
+from .test_secure import submission
+
+
+def test_degree_grows_with_log_n_and_holds_the_declared_fractions():
+    small = secagg_graph.derive(6, 0.3, 0.1)
+    assert (small.degree, small.threshold, small.complete) == (5, 3, True)
+    assert small.tolerated_dropouts == 2
+    degrees = [secagg_graph.derive(n, 0.1, 0.05).degree for n in (10**3, 10**4, 10**5)]
+    assert degrees == sorted(degrees) and degrees[-1] < 60  # sparse, and ~log n
+    assert degrees[-1] - degrees[0] <= 2 * math.log2(100) + 2
+    for n in (10, 32, 1000):
+        p = secagg_graph.derive(n, 0.3, 0.1)
+        assert p.threshold == p.degree // 2 + 1
+        if p.complete:  # the exact counts hold
+            assert math.floor(0.3 * n) <= p.degree - p.threshold
+    with raises_code(ErrorCode.MANIFEST_INVALID) as exc:
+        secagg_graph.derive(5, 0.45, 0.1)
+    assert "secagg_dropout" in exc.value.message
+
+
+def test_sparse_graph_is_symmetric_and_regular():
+    names = [f"n{i:04d}" for i in range(400)]
+    params = secagg_graph.derive(400, 0.1, 0.05)
+    assert not params.complete
+    near = secagg_graph.neighbours(b"s" * 32, [names], {400: params})
+    assert all(len(v) == params.degree for v in near.values())
+    assert all(a in near[b] for a, vs in near.items() for b in vs)
+    other = secagg_graph.neighbours(b"t" * 32, [names], {400: params})
+    assert other != near  # the seed places nodes on the ring
+
+
+def test_shamir_shares_recover_only_from_the_threshold_and_outvote_a_bad_share():
+    secret = bytes(range(32))
+    parts = shares.split(secret, 3, 5)
+    assert all(len(p) == shares.SHARE_BYTES for p in parts)
+    assert shares.combine(parts[1:4]) == secret
+    assert shares.combine(parts[:2] + parts[2:3]) == secret
+    assert shares.combine(parts[:2]) != secret  # two of three: another secret entirely
+    with raises_code(ErrorCode.FEDLEARN_AGGREGATION_FAILED):
+        shares.recover(parts[:2], 3, lambda s: s == secret)
+    bad = bytearray(parts[0])
+    bad[5] ^= 1
+    assert shares.recover([bytes(bad), *parts[1:]], 3, lambda s: s == secret) == secret
+
+
+def _plain_mean(signed, deltas, samples, names):
+    weights = dict(
+        zip(sorted(names), capped_weights([samples[n] for n in sorted(names)]), strict=True)
+    )
+    clipped = {n: clip_gradient(deltas[n], signed.manifest.clip_norm) for n in names}
+    total = sum(weights.values())
+    return {
+        k: sum(weights[n] * clipped[n][k].double() for n in names) / total
+        for k in clipped[names[0]]
+    }
+
+
+@pytest.mark.parametrize("lost_before_shares", [0, 1])
+def test_survivors_sum_is_recovered_after_two_of_six_drop(make_manifest, lost_before_shares):
+    """Two of six drop after the key exchange (both after sending shares, or one before): the
+    round gives the survivors' weighted mean within the quantisation bound, and the weights are
+    the roster's capped weights of the survivors."""
+    signed, parties, anns, samples = setup_round(
+        make_manifest, 6, samples=[7, 30, 12, 9, 100, 20], max_participants=6
+    )
+    lost = {parties[4].id} if lost_before_shares else set()
+    rnd = Round(signed, parties, anns, samples, lost_before_shares=lost)
+    dropped = {parties[4].id, parties[5].id}
+    survivors = [p for p in parties if p.id not in dropped]
+    deltas = {
+        p.id: random_delta(signed, 70 + i, scale=0.05 * (i + 1)) for i, p in enumerate(parties)
+    }
+    agg = rnd.aggregator()
+    by_name = {p.id: n for p, n in zip(parties, samples, strict=True)}
+    for p in survivors:
+        agg.add(submission(signed, p, b"x", by_name[p.id]), rnd.mask(p, deltas[p.id]))
+    unmasked = rnd.unmasked([p.id for p in survivors])
+    assert set(unmasked.mask_keys) == dropped - lost  # only keys of members that shared
+    assert set(unmasked.self_seeds) == {p.id for p in survivors}
+    got = agg.aggregate(unmasked)
+    roster_w = dict(
+        zip(sorted(anns), capped_weights([anns[p].num_samples for p in sorted(anns)]), strict=True)
+    )
+    names = [p.id for p in survivors]
+    total_w = sum(roster_w[n] for n in names)
+    clipped = {n: clip_gradient(deltas[n], 1.0) for n in names}
+    bound = 2.0 ** -(C.FEDLEARN_SECURE_FRACTION_BITS + 1)
+    for key in (k for k in got if k.endswith(".lora_B")):
+        ref = sum(roster_w[n] * clipped[n][key].double() for n in names) / total_w
+        assert (got[key].double() - ref).abs().max().item() <= bound + float(
+            ref.abs().max()
+        ) * 2**-24
+
+
+def test_a_dropped_members_update_stays_hidden_and_no_member_reveals_both(make_manifest):
+    signed, parties, anns, samples = setup_round(make_manifest, 6, max_participants=6)
+    rnd = Round(signed, parties, anns, samples)
+    ids = [p.id for p in parties]
+    req = unmask_request(rnd.plan, rnd.shared, ids[:4])
+    reveals = rnd.reveals(req)
+    for rev in reveals.values():
+        assert not set(rev.self_shares) & set(rev.key_shares)
+        assert set(rev.key_shares) <= {ids[4], ids[5]}
+    check_reveal(rnd.plan, req, ids[0], reveals[ids[0]])
+    # a reveal that hands over a survivor's mask-key share is refused
+    forged = reveals[ids[0]].model_copy(
+        update={"key_shares": {ids[1]: next(iter(reveals[ids[0]].self_shares.values()))}}
+    )
+    with raises_code(ErrorCode.DELTA_INVALID):
+        check_reveal(rnd.plan, req, ids[0], forged)
+    with raises_code(ErrorCode.FORBIDDEN):
+        check_reveal(rnd.plan, req, ids[1], reveals[ids[0]])
+
+
+def test_a_member_refuses_an_unmask_that_does_not_split_the_share_set(make_manifest):
+    signed, parties, anns, samples = setup_round(make_manifest, 6, max_participants=6)
+    rnd = Round(signed, parties, anns, samples)
+    ids = sorted(p.id for p in parties)
+    good = unmask_request(rnd.plan, rnd.shared, ids[:4])
+    check_unmask(rnd.plan, rnd.shared, good)
+    both = good.model_copy(update={"dropped": [*good.dropped, ids[0]]})
+    with raises_code(ErrorCode.SIGNATURE_INVALID):
+        check_unmask(rnd.plan, rnd.shared, both)  # one member listed survived and dropped
+    with raises_code(ErrorCode.FEDLEARN_MIN_PARTICIPANTS_UNMET):
+        check_unmask(rnd.plan, rnd.shared, unmask_request(rnd.plan, rnd.shared, ids[:2]))
+
+
+def test_the_coordinator_gets_neither_secret_below_the_threshold(make_manifest):
+    """With fewer than t reveals a secret stays unrecoverable, and the recovered key of a
+    dropped member is checked against its announced public key."""
+    signed, parties, anns, samples = setup_round(make_manifest, 6, max_participants=6)
+    rnd = Round(signed, parties, anns, samples)
+    ids = [p.id for p in parties]
+    req = unmask_request(rnd.plan, rnd.shared, ids[:4])
+    reveals = rnd.reveals(req)
+    t = rnd.plan.threshold(ids[0])
+    few = dict(list(reveals.items())[: t - 1])
+    from hearthnet.fedlearn.secagg import ready, recover_all
+
+    assert not ready(rnd.plan, req, few)
+    with raises_code(ErrorCode.FEDLEARN_AGGREGATION_FAILED):
+        recover_all(rnd.plan, req, few)
+    assert ready(rnd.plan, req, reveals)
+
+
+def test_buckets_come_from_the_public_seed_and_cover_the_roster():
+    roster = [f"n{i:02d}" for i in range(10)]
+    one = secagg_graph.buckets(b"a" * 32, roster, 3)
+    assert sorted(len(b) for b in one) == [3, 3, 4]
+    assert sorted(p for b in one for p in b) == roster
+    assert secagg_graph.buckets(b"a" * 32, roster, 3) == one
+    assert secagg_graph.buckets(b"b" * 32, roster, 3) != one
+
+
+def _bucket_round(make_manifest, rule, params, size, lost=()):
+    from hearthnet.fedlearn.terms import AggregationSpec
+
+    signed, parties, anns, samples = setup_round(
+        make_manifest,
+        10,
+        samples=[10] * 10,
+        min_participants=10,
+        max_participants=10,
+        secure_bucket_size=size,
+        aggregation=AggregationSpec(rule=rule, params=params),
+    )
+    rnd = Round(signed, parties, anns, samples)
+    honest = random_delta(signed, 5, scale=0.02)
+    poison = {k: -v * 40 for k, v in honest.items()}  # clipped to norm 1, pointing away
+    bad = {sorted(p.id for p in parties)[0]}
+    agg = rnd.aggregator()
+    for p in parties:
+        if p.id in lost:
+            continue
+        delta = poison if p.id in bad else honest
+        agg.add(submission(signed, p, b"x", 10), rnd.mask(p, delta))
+    survivors = [p.id for p in parties if p.id not in lost]
+    req = unmask_request(rnd.plan, rnd.shared, survivors)
+    return rnd, agg, req, honest
+
+
+def test_secure_median_over_bucket_means_resists_a_poisoned_member(make_manifest):
+    rnd, agg, req, honest = _bucket_round(make_manifest, "median", {"f": 2}, 2)
+    assert len(rnd.plan.groups) == 5 and all(len(g) == 2 for g in rnd.plan.groups)
+    out = agg.aggregate(rnd.recover(req))
+    key = next(k for k in out if k.endswith(".lora_B"))
+    # the honest delta's own value, clipped (it is within norm 1), up to quantisation
+    ref = clip_gradient(honest, 1.0)[key].double()
+    assert (out[key].double() - ref).abs().max().item() <= 1e-6
+    mean = (9 * ref + clip_gradient({key: -honest[key] * 40}, 1.0)[key].double()) / 10
+    assert (mean - ref).abs().max().item() > 10 * (out[key].double() - ref).abs().max().item()
+
+
+def test_secure_trimmed_mean_over_bucket_means_trims_the_poisoned_bucket(make_manifest):
+    rnd, agg, req, honest = _bucket_round(make_manifest, "trimmed_mean", {"beta": 0.2}, 2)
+    out = agg.aggregate(rnd.recover(req))  # five buckets: one trimmed per tail
+    key = next(k for k in out if k.endswith(".lora_B"))
+    ref = clip_gradient(honest, 1.0)[key].double()
+    assert (out[key].double() - ref).abs().max().item() <= 1e-6
+
+
+def test_a_bucket_that_lost_a_member_is_left_out_not_revealed(make_manifest):
+    """A bucket of two with one member dropped: its lone survivor's vector is left out (listed
+    as dropped) and nobody reveals its self-mask share; the other buckets still aggregate."""
+    signed, parties, anns, samples = setup_round(
+        make_manifest,
+        6,
+        samples=[10] * 6,
+        min_participants=4,
+        max_participants=6,
+        secure_bucket_size=2,
+    )
+    rnd = Round(signed, parties, anns, samples)
+    victim = rnd.plan.groups[0][0]
+    partner = rnd.plan.groups[0][1]
+    req = unmask_request(rnd.plan, rnd.shared, [p.id for p in parties if p.id != victim])
+    assert partner in req.dropped and victim in req.dropped
+    reveals = rnd.reveals(req)
+    assert partner not in reveals  # listed dropped: it is not asked
+    assert all(
+        partner not in r.self_shares and victim not in r.key_shares for r in reveals.values()
+    )
+    agg = rnd.aggregator()
+    deltas = {p.id: random_delta(signed, 90 + i, scale=0.03) for i, p in enumerate(parties)}
+    for p in parties:
+        if p.id in req.survivors:
+            agg.add(submission(signed, p, b"x", 10), rnd.mask(p, deltas[p.id]))
+    out = agg.aggregate(recover_all(rnd.plan, req, reveals))
+    key = next(k for k in out if k.endswith(".lora_B"))
+    ref = sum(clip_gradient(deltas[p], 1.0)[key].double() for p in req.survivors) / 4
+    assert (out[key].double() - ref).abs().max().item() <= 1e-6
