@@ -45,6 +45,9 @@ _FLAG_FIELDS = {
     "clip_count_noise": "clip_count_noise",
     "lora_aggregation": "lora_aggregation",
     "min_reputation": "min_reputation",
+    "secagg_dropout": "secagg_dropout",
+    "secagg_corruption": "secagg_corruption",
+    "bucket_size": "secure_bucket_size",
 }
 
 
@@ -149,6 +152,21 @@ def add_announce_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clip-quantile", type=float, help="adaptive: target unclipped share γ")
     p.add_argument("--clip-count-noise", type=float, help="adaptive + DP: noise σ_b on the bit")
     p.add_argument("--secure", action="store_true", help="secure (masked) aggregation")
+    p.add_argument(
+        "--secagg-dropout",
+        type=float,
+        help="secure: share of members that may drop after the key exchange (default 0.3)",
+    )
+    p.add_argument(
+        "--secagg-corruption",
+        type=float,
+        help="secure: share of members that may collude with the coordinator (default 0.1)",
+    )
+    p.add_argument(
+        "--bucket-size",
+        type=int,
+        help="secure + robust rule: members per bucket; the rule runs over bucket means",
+    )
     p.add_argument(
         "--rule",
         help=f"aggregation rule: {', '.join(RULES)} (default fedavg)",

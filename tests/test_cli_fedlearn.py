@@ -33,6 +33,10 @@ def test_draft_from_file_overridden_by_flags(tmp_path):
             "--secure",
             "--clip-norm",
             "0",
+            "--secagg-dropout",
+            "0.2",
+            "--bucket-size",
+            "3",
         ]
     )
     fields = draft_fields(args)
@@ -44,6 +48,8 @@ def test_draft_from_file_overridden_by_flags(tmp_path):
         "lora_target_modules": ["q_proj", "v_proj"],
         "secure": True,
         "clip_norm": 0.0,
+        "secagg_dropout": 0.2,
+        "secure_bucket_size": 3,
     }
     bad = tmp_path / "bad.toml"
     bad.write_text("topic = ")

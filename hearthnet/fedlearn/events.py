@@ -90,9 +90,12 @@ class MaskKey(Payload):
 
 
 class Roster(Payload):
-    """The coordinator fixed a secure round's participants; later joins are refused."""
+    """The coordinator fixed a secure round's participants; later joins are refused. `graph`:
+    the SecAgg+ structure every member derives from it (its group sizes → degree, threshold),
+    recorded for the operator; members derive their own and refuse a roster that differs."""
 
     participants: list[str]
+    graph: list[dict[str, int]] | None = None
 
 
 class Shares(Payload):

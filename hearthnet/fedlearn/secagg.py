@@ -103,6 +103,17 @@ class SecAggRound:
             secagg_graph.neighbours(seed, parts, params_of),
         )
 
+    def graph(self) -> list[dict[str, int]]:
+        """Per group: its size, degree and threshold (what the roster event records)."""
+        return [
+            {
+                "size": len(g),
+                "degree": self.params_of[len(g)].degree,
+                "threshold": self.params_of[len(g)].threshold,
+            }
+            for g in self.groups
+        ]
+
     def group_of(self, participant: str) -> tuple[str, ...]:
         """The group (bucket) a participant masks within."""
         for g in self.groups:

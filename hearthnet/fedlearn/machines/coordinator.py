@@ -228,9 +228,19 @@ class CoordinatorMachine:
         if participants is None:
             return []
         n = len(participants)
+        plan = secagg.SecAggRound.build(
+            record.signed.manifest,
+            record.signed.manifest_sha,
+            {p: record.masks[p] for p in participants},
+        )
+        payload = ev.Roster(round_id=record.round_id, participants=participants, graph=plan.graph())
         return [
-            _append("roster", ev.Roster(round_id=record.round_id, participants=participants)),
-            fx.Log("info", "mask roster closed", {"round_id": record.round_id, "participants": n}),
+            _append("roster", payload),
+            fx.Log(
+                "info",
+                "mask roster closed",
+                {"round_id": record.round_id, "participants": n, "graph": plan.graph()},
+            ),
         ]
 
     def secagg_plan(self, record: RoundRecord) -> secagg.SecAggRound:

@@ -475,6 +475,14 @@ class ParticipantMachine:
             self.anns[event.announcement.participant] = event.announcement
         elif isinstance(event, ev.Roster):
             self._roster(event.participants)
+            if (
+                event.graph is not None
+                and m.roster is not None
+                and event.graph != self.plan().graph()
+            ):
+                self.refused = HearthnetError(  # this node masks over no other graph
+                    ErrorCode.PROTOCOL_ERROR, "the roster's graph is not the one its members derive"
+                )
         elif isinstance(event, ev.Shares) and m.roster is not None:
             check_bundle(self.plan(), event.bundle.sender, event.bundle)
             m.bundles[event.bundle.sender] = event.bundle
