@@ -19,6 +19,11 @@ Markdown table and a PNG (worst-case perplexity against f per rule) to benchmark
 Target: at f = 3 the best robust rule's worst case is within 10% of clean FedAvg's
 perplexity, while undefended FedAvg's worst case is at least 2× worse.
 
+Secure + robust (same run, same deltas, f ∈ {0, 1, 2}): secure median and trimmed mean with
+buckets of 2 and 3, each through the whole SecAgg+ round in memory (real keys, shares,
+masking, reveals, recovery, unmasking) and the rule over the bucket means; a cell the announce
+check refuses is recorded with its reason, and the buckets holding an attacker are counted.
+
     .venv/bin/python -m benchmarks.bench_robustness [--steps 30] [--out FILE]
 """
 
@@ -36,6 +41,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -45,10 +51,31 @@ from hearthnet.config import FedLearnConfig
 from hearthnet.demo import _ASKS, _DAYS, _PLACES, _THINGS, _TIMES
 from hearthnet.errors import ErrorCode, HearthnetError
 from hearthnet.fedlearn.aggregation.aggregator import FedAvgAggregator
+from hearthnet.fedlearn.aggregation.secure import (
+    SecureFedAvgAggregator,
+    deserialize_masked,
+    layout,
+    mask_delta,
+    serialize_masked,
+)
 from hearthnet.fedlearn.delta import serialize_delta, validate_delta
 from hearthnet.fedlearn.lora import A_SUFFIX, complete_adapter
-from hearthnet.fedlearn.manifest import AggregationSpec, RoundManifest, RoundManifestDraft
+from hearthnet.fedlearn.manifest import (
+    AggregationSpec,
+    RoundManifest,
+    RoundManifestDraft,
+    SignedManifest,
+)
+from hearthnet.fedlearn.masks import MaskingKey, MaskKeyAnnouncement, roster_weights
 from hearthnet.fedlearn.rules.spec import RuleSpec
+from hearthnet.fedlearn.secagg import (
+    SecAggRound,
+    make_bundle,
+    recover_all,
+    reveal,
+    unmask_request,
+)
+from hearthnet.fedlearn.shares import ShareBundle
 from hearthnet.fedlearn.submission import ParticipantSubmission
 from hearthnet.fedlearn.trainer import QLoRATrainer
 from hearthnet.identity import NodeIdentity
@@ -74,6 +101,21 @@ RULES: dict[str, tuple[str, dict[str, Any]]] = {
 }
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 CACHE = RESULTS_DIR / "robustness_cache"
+# Secure + robust (README, "Secure + robust under attack"): SecAgg+ per bucket, the rule over
+# the bucket means. Each cell's manifest declares the tolerance f it is attacked with (at least
+# 1): median {"f": f} needs 2f + 1 buckets; trimmed_mean trims β = f / buckets per tail. The
+# clip norm is above every honest delta's L2 norm (22.9–24.1), so clipping leaves them as
+# they are and only bounds what an attacker can submit.
+SECURE_RULES = ("median", "trimmed_mean")
+BUCKET_SIZES = (2, 3)
+SECURE_FS = (0, 1, 2)
+# Secure rows only: an attacker that skips clipping and writes its masked vector by hand, every
+# entry at the quantiser's limit (±clip_norm) against the honest mean's sign. It passes the
+# bucket total's range check (each entry within ±steps × the bucket's weight): that check
+# bounds entries, not the L2 norm the clip sets.
+FORGED = "forged_max"
+SECURE_CLIP = 25.0
+SAMPLES = 40
 
 
 def notice(rng: random.Random, thing: str) -> str:
@@ -271,6 +313,159 @@ def aggregate(
     return complete_adapter(tensors, m, shapes), rejected + excluded, clipped, None
 
 
+def secure_params(rule: str, f: int, buckets: int) -> dict[str, Any]:
+    """The parameters a coordinator declaring tolerance f over `buckets` buckets would set."""
+    declared = max(f, 1)
+    if rule == "median":
+        return {"f": declared}
+    return {"beta": declared / buckets}
+
+
+def secure_manifest(
+    sha: str, steps: int, rule: str, params: dict[str, Any], size: int
+) -> SignedManifest | str:
+    """A secure round of N with buckets of `size`, signed; or the announce check's refusal."""
+    try:
+        draft = RoundManifestDraft(
+            base_model_id="SmolLM2-135M-Instruct",
+            base_model_sha=sha,
+            lora_target_modules=MODULES,
+            lora_rank=8,
+            lora_alpha=16,
+            train_steps=steps,
+            learning_rate=3e-3,
+            batch_size=4,
+            seed=11,
+            min_participants=N,
+            max_participants=N,
+            topic="hearthdale",
+            consent_text="bench",
+            clip_norm=SECURE_CLIP,
+            clip_policy="fixed",
+            dp_noise_scale=0.0,
+            secure=True,
+            secure_bucket_size=size,
+            aggregation=AggregationSpec(rule=rule, params=params),
+            deadline=datetime.now(UTC) + timedelta(hours=1),
+        )
+        return draft.build(NodeIdentity.generate(), FedLearnConfig(min_round_participants=1))
+    except HearthnetError as err:
+        if err.code is not ErrorCode.MANIFEST_INVALID:
+            raise
+        return f"{err.code}: {err.message}"
+
+
+def secure_aggregate(
+    signed: SignedManifest,
+    deltas: list[dict[str, torch.Tensor]],
+    shapes: dict[str, tuple[int, int]],
+    ids: list[NodeIdentity],
+    forged: dict[str, np.ndarray] | None = None,
+) -> tuple[dict[str, torch.Tensor] | None, list[list[str]], str | None, dict[str, float]]:
+    """The whole SecAgg+ round in memory, every member honest in protocol: fresh mask keys
+    announced, the plan built from the public seed (buckets included), shares sent, each
+    member masks its delta (the attackers mask their crafted ones), the coordinator sums the
+    masked vectors per bucket, asks for the unmask, collects every reveal, recovers the seeds
+    and runs the rule over the bucket means. Returns the adapter (None if refused), the
+    buckets, any refusal and timings. A member in `forged` masks zeros and adds its own
+    quantised vector (layout order, ±1 per entry = ±clip_norm) to the masked one."""
+    m, msha = signed.manifest, signed.manifest_sha
+    keys = [MaskingKey() for _ in ids]
+    anns: dict[str, MaskKeyAnnouncement] = {
+        i.node_id: k.announce(i, m.round_id, msha, SAMPLES) for i, k in zip(ids, keys, strict=True)
+    }
+    plan = SecAggRound.build(m, msha, anns)
+    bundles: dict[str, ShareBundle] = {
+        i.node_id: make_bundle(i, k, plan) for i, k in zip(ids, keys, strict=True)
+    }
+    shared = sorted(bundles)
+    agg = SecureFedAvgAggregator(m, shapes, plan, shared)
+    mask_s = 0.0
+    for ident, key, delta in zip(ids, keys, deltas, strict=True):
+        start = time.perf_counter()
+        own = (forged or {}).get(ident.node_id)
+        if own is not None:
+            delta = {k: torch.zeros_like(v) for k, v in delta.items()}
+        vec = mask_delta(delta, key, ident.node_id, plan, shared, m, shapes)
+        mask_s = max(mask_s, time.perf_counter() - start)
+        if own is not None:
+            steps_ = 2**C.FEDLEARN_SECURE_FRACTION_BITS * roster_weights(anns)[ident.node_id]
+            vec[:-1] += (np.rint(own) * steps_).astype(np.int64).view(np.uint64)
+        data = serialize_masked(
+            vec, manifest_sha=msha, round_id=m.round_id, participant=ident.node_id
+        )
+        masked, _ = deserialize_masked(data, agg.length)
+        agg.add(ParticipantSubmission.create(ident, m.round_id, data, SAMPLES, 0.0), masked)
+    start = time.perf_counter()
+    req = unmask_request(plan, shared, [i.node_id for i in ids])
+    by_id: dict[str, MaskingKey] = dict(zip((i.node_id for i in ids), keys, strict=True))
+    reveals = {p: reveal(p, by_id[p], plan, bundles, req) for p in req.survivors}
+    unmasked = recover_all(plan, req, reveals)
+    groups = [list(g) for g in plan.groups]
+    try:
+        adapter = agg.aggregate(unmasked)
+    except HearthnetError as err:
+        if err.code not in (
+            ErrorCode.FEDLEARN_TOLERANCE_EXCEEDED,
+            ErrorCode.FEDLEARN_AGGREGATION_FAILED,
+        ):
+            raise
+        return None, groups, f"{err.code}: {err.message}", {"mask_max_s": mask_s}
+    times = {"mask_max_s": mask_s, "unmask_aggregate_s": time.perf_counter() - start}
+    return adapter, groups, None, times
+
+
+def run_secure(
+    sha: str,
+    steps: int,
+    f: int,
+    kind: str,
+    deltas: list[dict[str, torch.Tensor]],
+    shapes: dict[str, tuple[int, int]],
+    ids: list[NodeIdentity],
+    ev: Evaluator,
+    against: dict[str, torch.Tensor] | None = None,
+) -> list[dict[str, Any]]:
+    """The secure + robust cells for one attack: every rule × bucket size. With `against` (the
+    honest mean), the attackers forge their vectors at −clip_norm·sign(mean) per entry."""
+    byzantine_ids = {ids[j].node_id for j in range(f)}
+    cells = []
+    for rule in SECURE_RULES:
+        for size in BUCKET_SIZES:
+            params = secure_params(rule, f, N // size)
+            cell: dict[str, Any] = {
+                "rule": f"secure+{rule}",
+                "bucket_size": size,
+                "params": params,
+                "attack": kind,
+                "f": f,
+            }
+            signed = secure_manifest(sha, steps, rule, params, size)
+            if isinstance(signed, str):
+                cells.append({**cell, "perplexity": None, "refused": f"at announce: {signed}"})
+                print(json.dumps(cells[-1]), file=sys.stderr)
+                continue
+            forged = None
+            if against is not None:
+                order = layout(signed.manifest, shapes)
+                flat = torch.cat([-against[k].sign().double().reshape(-1) for k, _ in order])
+                forged = {str(ids[j].node_id): flat.numpy() for j in range(f)}
+            adapter, groups, refused, times = secure_aggregate(signed, deltas, shapes, ids, forged)
+            ppl = None if adapter is None else ev.perplexity(adapter)
+            per_bucket = [len(byzantine_ids & set(g)) for g in groups]
+            cell.update(
+                perplexity=None if ppl is None else round(ppl, 4),
+                refused=None if refused is None else f"at aggregation: {refused}",
+                bucket_sizes=[len(g) for g in groups],
+                byzantine_per_bucket=per_bucket,
+                buckets_corrupted=sum(1 for b in per_bucket if b),
+                **{k: round(v, 3) for k, v in times.items()},
+            )
+            cells.append(cell)
+            print(json.dumps(cell), file=sys.stderr)
+    return cells
+
+
 def run(steps: int) -> dict[str, Any]:
     cache_root = RESULTS_DIR / "model-cache"
     source = M.resolve_source(None)
@@ -287,6 +482,7 @@ def run(steps: int) -> dict[str, Any]:
     own_ppl = [ev.perplexity(complete_adapter(h, base_m, shapes)) for h in honest]
     manifests = {name: manifest(sha, steps, r, p) for name, (r, p) in RULES.items()}
     cells: list[dict[str, Any]] = []
+    secure: list[dict[str, Any]] = []
     rng = torch.Generator().manual_seed(5)
     for f in FS:
         for kind in ("none",) if f == 0 else ATTACKS:
@@ -315,12 +511,19 @@ def run(steps: int) -> dict[str, Any]:
                 }
                 cells.append(cell)
                 print(json.dumps(cell), file=sys.stderr)
+            if f in SECURE_FS:
+                # the same deltas (attackers at ids[0..f-1]); buckets come from the public seed
+                secure += run_secure(sha, steps, f, kind, deltas, shapes, ids, ev)
+        if f in SECURE_FS and f:
+            mean = {k: torch.stack([h[k] for h in honest]).mean(0) for k in honest[0]}
+            secure += run_secure(sha, steps, f, FORGED, honest, shapes, ids, ev, mean)
     return {
         "n": N,
         "steps": steps,
         "base_perplexity": round(base_ppl, 4),
         "own_adapter_perplexity": [round(p, 4) for p in own_ppl],
         "cells": cells,
+        "secure_cells": secure,
     }
 
 
@@ -361,7 +564,101 @@ def summarise(result: dict[str, Any]) -> dict[str, Any]:
         "nonfinite_rejected_as_delta_invalid": all(
             c["byzantine_excluded"] == c["f"] for c in cells if c["attack"] == "nonfinite"
         ),
+        "secure_worst_case_perplexity": secure_worst(result.get("secure_cells", [])),
     }
+
+
+def secure_worst(cells: list[dict[str, Any]]) -> dict[str, dict[int, float | None]]:
+    """Per secure row (rule, bucket size) and f: the worst perplexity where it gave an adapter."""
+    out: dict[str, dict[int, float | None]] = {}
+    for c in cells:
+        got = out.setdefault(f"{c['rule']} (buckets of {c['bucket_size']})", {})
+        if c["perplexity"] is not None:
+            got[c["f"]] = max(got.get(c["f"]) or 0.0, c["perplexity"])
+        else:
+            got.setdefault(c["f"], None)
+    return out
+
+
+def secure_markdown(result: dict[str, Any]) -> list[str]:
+    """The secure + robust table: each cell is the perplexity and, in brackets, how many buckets
+    the public seed put an attacker in; — is a refusal (listed under the table)."""
+    cells = result.get("secure_cells", [])
+    if not cells:
+        return []
+    lines = [
+        "## Secure + robust under attack",
+        "",
+        f"SecAgg+ per bucket (real mask keys, Shamir shares, reveals, recovery; clip_norm "
+        f"{SECURE_CLIP}, above every honest delta's norm), then the rule over the bucket means. "
+        "Attackers are bucketed by the public seed like everyone else. Cell: perplexity "
+        "[buckets holding an attacker]; — = refused (below). The plain rules' rows are from the "
+        "same run, on the same deltas.",
+        "",
+    ]
+    refusals: dict[tuple[str, str], list[str]] = {}
+    for f in SECURE_FS[1:]:
+        cols = (*ATTACKS, FORGED)
+        lines += [f"### f = {f}", "", "| rule | " + " | ".join(cols) + " | worst |"]
+        lines.append("|---" * (len(cols) + 2) + "|")
+        for name in ("median", "trimmed_mean"):
+            row = []
+            for kind in ATTACKS:
+                c = next(
+                    x
+                    for x in result["cells"]
+                    if x["rule"] == name and x["f"] == f and x["attack"] == kind
+                )
+                row.append("—" if c["perplexity"] is None else f"{c['perplexity']:.2f}")
+            got = [float(v) for v in row if v != "—"]
+            worst = f"{max(got):.2f}" if got else "—"
+            row.append("n/a")
+            lines.append(
+                f"| {name} (plain, {RULES[name][1] or 'no params'}, 10 updates) | "
+                + " | ".join(row)
+                + f" | {worst} |"
+            )
+        for rule in SECURE_RULES:
+            for size in BUCKET_SIZES:
+                row, vals = [], []
+                params = ""
+                for kind in cols:
+                    c = next(
+                        x
+                        for x in cells
+                        if x["rule"] == f"secure+{rule}"
+                        and x["bucket_size"] == size
+                        and x["f"] == f
+                        and x["attack"] == kind
+                    )
+                    params = ", ".join(f"{k}={v:.2g}" for k, v in c["params"].items())
+                    if c["perplexity"] is None:
+                        row.append("—")
+                        where = f"secure+{rule}, buckets of {size}, f = {f}"
+                        refusals.setdefault((where, c["refused"]), []).append(kind)
+                    else:
+                        vals.append(c["perplexity"])
+                        row.append(f"{c['perplexity']:.2f} [{c['buckets_corrupted']}]")
+                worst = f"{max(vals):.2f}" if vals else "—"
+                lines.append(
+                    f"| secure+{rule} ({params}), buckets of {size} | "
+                    + " | ".join(row)
+                    + f" | {worst} |"
+                )
+        lines.append("")
+    clean = [c for c in cells if c["f"] == 0]
+    lines.append(
+        "Clean (f = 0): "
+        + "; ".join(
+            f"{c['rule']} buckets of {c['bucket_size']}: "
+            + ("—" if c["perplexity"] is None else f"{c['perplexity']:.2f}")
+            for c in clean
+        )
+        + "."
+    )
+    lines += ["", "Refused:", ""]
+    lines += [f"- {w} ({', '.join(k)}): {why}" for (w, why), k in refusals.items()]
+    return lines
 
 
 def markdown(result: dict[str, Any], summary: dict[str, Any]) -> str:
@@ -396,6 +693,7 @@ def markdown(result: dict[str, Any], summary: dict[str, Any]) -> str:
         f"(worst {summary['best_robust_worst_at_f3']:.2f}); undefended FedAvg worst "
         f"{summary['fedavg_worst_at_f3']:.2f}."
     )
+    lines += ["", *secure_markdown(result)]
     return "\n".join(lines) + "\n"
 
 

@@ -25,8 +25,8 @@ Where the bit travels. In a plain round it is a signed field of the participant'
 (`ParticipantSubmission.clip_bit`), and the round's result lists it with each included
 submission, so anyone holding the result recomputes b̄ and the next clip (`next_round_terms`);
 the coordinator's next draft of the topic takes them (`RoundManifestDraft.with_carried_clip`).
-In a secure round it must travel inside the masked vector, so the coordinator sees only the
-sum; `bit_entry` gives the value to append there.
+A secure round keeps a fixed clip (its bit would have to travel inside the masked vector so
+the coordinator sees only the sum; not built), and an adaptive secure manifest is refused.
 
 Pure: no torch, no I/O.
 """
@@ -69,13 +69,6 @@ def noised_bit(norm: float, clip: float, count_noise: float, standard_normal: fl
     """The bit a participant reports: 1[norm ≤ clip] + σ_b·g for one standard normal draw g
     (from the participant's secret noise source)."""
     return unclipped_bit(norm, clip) + count_noise * standard_normal
-
-
-def bit_entry(norm: float, clip: float, count_noise: float, standard_normal: float) -> float:
-    """The bit as one extra entry of a secure round's masked vector, centred to b − ½ so its
-    magnitude stays within the quantiser's bound like every clipped value; the sum over
-    participants plus ½·n is the count of unclipped updates."""
-    return noised_bit(norm, clip, count_noise, standard_normal) - 0.5
 
 
 def mean_bit(bits: Iterable[float]) -> float:

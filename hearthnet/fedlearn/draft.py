@@ -187,7 +187,8 @@ def _clip_policy_fields(
     default policy is "fixed" (nothing to adapt); without DP noise the bit is sent exactly
     (count noise 0: ε is ∞ anyway); with DP and no count noise configured, σ_b is the delta's
     noise multiplier (docs/decisions.md, issue 15)."""
-    default_policy = config.clip_policy_default if clip > 0 else "fixed"
+    # secure rounds keep a fixed clip: their bit would have to travel masked (not built yet)
+    default_policy = config.clip_policy_default if clip > 0 and not draft.secure else "fixed"
     policy = _pick(draft.clip_policy, default_policy)
     count_noise = draft.clip_count_noise
     if count_noise is None:

@@ -134,6 +134,11 @@ def structural_problems(m: RoundManifest) -> list[str]:
     if m.dp_noise_scale > 0 and m.clip_norm <= 0:
         problems.append("clip_norm must be > 0 when DP noise is on")
     if m.clip_policy == "adaptive":
+        if m.secure:
+            problems.append(
+                "adaptive clipping is not available in secure rounds yet (the bit would have to "
+                "travel masked): use --clip-policy fixed"
+            )
         if m.clip_norm <= 0:
             problems.append("adaptive clipping needs clip_norm > 0 (its starting clip)")
         if m.dp_noise_scale > 0 and m.clip_count_noise <= 0:

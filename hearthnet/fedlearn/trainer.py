@@ -269,7 +269,7 @@ class QLoRATrainer:
         if manifest.clip_policy == "adaptive" and manifest.clip_norm > 0 and not manifest.secure:
             # measured before clipping: the coordinator's next clip follows these bits. Not in
             # secure rounds: a plain bit would show the coordinator one participant's fact; it
-            # belongs in the masked vector (clipping.bit_entry), not wired yet
+            # would belong in the masked vector; secure manifests are fixed-clip
             draw = float(rng.normal((1,))[0]) if manifest.clip_count_noise > 0 else 0.0
             clip_bit = noised_bit(
                 global_norm(delta), manifest.clip_norm, manifest.clip_count_noise, draw

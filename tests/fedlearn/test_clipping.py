@@ -60,8 +60,6 @@ def test_the_bit_counts_norm_at_the_clip_as_unclipped_and_adds_its_noise():
     assert clipping.unclipped_bit(2.0, 2.0) == 1.0
     assert clipping.unclipped_bit(2.0 + 1e-9, 2.0) == 0.0
     assert clipping.noised_bit(1.0, 2.0, 0.5, -2.0) == pytest.approx(0.0)
-    assert clipping.bit_entry(1.0, 2.0, 0.0, 0.0) == 0.5
-    assert clipping.bit_entry(3.0, 2.0, 0.0, 0.0) == -0.5
     with pytest.raises(ValueError):
         clipping.mean_bit([])
     with pytest.raises(ValueError):
@@ -168,8 +166,8 @@ def test_the_trainer_reports_the_bit_before_clipping(make_manifest, tiny_model_d
     assert loose.clip_bit == 1.0
     fixed = make_manifest(clip_norm=1e-4, clip_policy="fixed", **kw).manifest
     assert QLoRATrainer(tiny_model_dir).train(fixed, TEXTS).clip_bit is None
-    secure = make_manifest(clip_norm=1e-4, secure=True, **kw).manifest  # no plain bit there
-    assert secure.clip_policy == "adaptive"
+    secure = make_manifest(clip_norm=1e-4, secure=True).manifest  # fixed: no plain bit there
+    assert secure.clip_policy == "fixed"
     assert QLoRATrainer(tiny_model_dir).train(secure, TEXTS).clip_bit is None
     noisy = make_manifest(clip_norm=1e4, dp_noise_scale=1e-6, clip_count_noise=0.5, **kw)
     bits = {QLoRATrainer(tiny_model_dir).train(noisy.manifest, TEXTS).clip_bit for _ in range(2)}
@@ -348,3 +346,11 @@ def test_the_participant_signs_its_trained_bit_into_the_submission_across_a_rest
     sub = ParticipantSubmission.model_validate(call.body["submission"])
     assert sub.clip_bit == 0.375
     sub.verify(b"delta bytes")
+
+
+def test_a_secure_draft_defaults_to_a_fixed_clip(make_manifest):
+    """The node's default policy is adaptive, but a secure round's bit would have to travel
+    masked (not built): its draft takes a fixed clip instead of a policy it cannot keep."""
+    signed = make_manifest(secure=True, clip_norm=2.0)
+    assert signed.manifest.clip_policy == "fixed"
+    assert make_manifest(clip_norm=2.0).manifest.clip_policy == "adaptive"

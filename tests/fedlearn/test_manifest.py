@@ -132,6 +132,11 @@ def test_defaults_come_from_config(make_manifest):
         ),
         ({"secure_bucket_size": 2}, FedLearnConfig(), "needs a secure round"),
         (
+            {"secure": True, "clip_norm": 1.0, "clip_policy": "adaptive"},
+            FedLearnConfig(),
+            "use --clip-policy fixed",
+        ),
+        (
             {
                 "aggregation": AggregationSpec(rule="fedavg", params={"norm_bound": 2.0}),
                 "secure": True,

@@ -3,7 +3,9 @@ the neighbour graph, Shamir recovery and what a member refuses to reveal."""
 
 import math
 
+import numpy as np
 import pytest
+import torch
 
 from hearthnet import constants as C
 from hearthnet.errors import ErrorCode
@@ -246,3 +248,36 @@ def test_a_bucket_that_lost_a_member_is_left_out_not_revealed(make_manifest):
     key = next(k for k in out if k.endswith(".lora_B"))
     ref = sum(clip_gradient(deltas[p], 1.0)[key].double() for p in req.survivors) / 4
     assert (out[key].double() - ref).abs().max().item() <= 1e-6
+
+
+def test_a_bucket_out_of_range_is_left_out_and_a_non_finite_delta_is_never_masked(make_manifest):
+    """One member writes values beyond the clip bound straight into its masked vector: its
+    bucket's total fails the range check and is left out; the median runs over the other four
+    buckets. A NaN delta is refused before masking (it would quantise to the lowest int64)."""
+    from hearthnet.fedlearn.terms import AggregationSpec
+
+    signed, parties, anns, samples = setup_round(
+        make_manifest,
+        10,
+        samples=[10] * 10,
+        min_participants=10,
+        max_participants=10,
+        secure_bucket_size=2,
+        aggregation=AggregationSpec(rule="median", params={"f": 1}),
+    )
+    rnd = Round(signed, parties, anns, samples)
+    honest = random_delta(signed, 5, scale=0.02)
+    agg = rnd.aggregator()
+    cheat = sorted(p.id for p in parties)[3]
+    for p in parties:
+        vec = rnd.mask(p, honest)
+        if p.id == cheat:
+            vec[:-1] += np.uint64(2**40)  # far beyond ±2^32 per entry
+        agg.add(submission(signed, p, b"x", 10), vec)
+    out = agg.aggregate(rnd.unmasked([p.id for p in parties]))
+    assert len(agg.refused_groups) == 1
+    key = next(k for k in out if k.endswith(".lora_B"))
+    assert (out[key].double() - clip_gradient(honest, 1.0)[key].double()).abs().max() <= 1e-6
+    nan = {k: torch.full_like(v, float("nan")) for k, v in honest.items()}
+    with raises_code(ErrorCode.DELTA_INVALID, "not finite"):
+        rnd.mask(parties[0], nan)

@@ -112,6 +112,10 @@ def mask_delta(
             ErrorCode.FEDLEARN_AGGREGATION_FAILED, "this node's shares did not reach the round"
         )
     weight = roster_weights(announcements)[me]
+    if not all(bool(torch.isfinite(t).all()) for t in delta.values()):
+        raise HearthnetError(  # NaN would quantise to the lowest int64 and sink the round
+            ErrorCode.DELTA_INVALID, "the trained delta is not finite: nothing to mask"
+        )
     clipped = clip_gradient(delta, manifest.clip_norm)
     parts = [
         clipped[k].to(torch.float64).reshape(-1).numpy() for k, _ in layout(manifest, model_shapes)
@@ -210,6 +214,7 @@ class SecureFedAvgAggregator(_Aggregator):
         self._layout = layout(manifest, model_shapes)
         self.length = masked_length(manifest, model_shapes)
         self._sums = [np.zeros(self.length, dtype=np.uint64) for _ in plan.groups]
+        self.refused_groups: list[str] = []  # buckets left out as out of range
         self._group = {p: i for i, g in enumerate(plan.groups) for p in g}
 
     def add(self, submission: ParticipantSubmission, masked: np.ndarray) -> None:
@@ -255,12 +260,22 @@ class SecureFedAvgAggregator(_Aggregator):
                     sums[self._group[peer]] += streams.mask(pair)
         weights = roster_weights(self.announcements)
         out = []
+        self.refused_groups = []
+        buckets = len(self.plan.groups) > 1
         for i, group in enumerate(self.plan.groups):
             alive = [p for p in group if p in survivors]
             if not alive:
                 continue
             total = sums[i].view(np.int64)
-            self._check_total(total, sum(weights[p] for p in alive))
+            try:
+                self._check_total(total, sum(weights[p] for p in alive))
+            except HearthnetError as err:
+                if not buckets:
+                    raise
+                # one bucket out of range: a member in it sent values beyond the clip bound;
+                # the rule runs over the other buckets (and refuses if too few are left)
+                self.refused_groups.append(err.message)
+                continue
             out.append(total)
         return out
 

@@ -28,7 +28,6 @@ from hearthnet.fedlearn.machines.participant import (
 )
 from hearthnet.fedlearn.machines.results import Suspect
 from hearthnet.fedlearn.masks import MaskingKey
-from hearthnet.fedlearn.secagg import make_bundle, unmask_request
 from hearthnet.fedlearn.protocol import (
     EnrollResponse,
     JoinReceipt,
@@ -37,6 +36,7 @@ from hearthnet.fedlearn.protocol import (
     SubmissionRef,
     SubmitReceipt,
 )
+from hearthnet.fedlearn.secagg import make_bundle, unmask_request
 from hearthnet.fedlearn.state import Stage, fold_memberships
 from hearthnet.fedlearn.submission import ParticipantSubmission
 from hearthnet.identity import NodeIdentity
