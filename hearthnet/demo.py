@@ -321,8 +321,8 @@ class Demo:
             "3",
             "--deadline-in",
             "8m",
-            # No DP noise in this round, so no clipping either: clipping to the default norm 1
-            # would shrink a 30-step delta to almost nothing (README, "Federated rounds").
+            # No DP noise in this round, so no clipping either (the default clip, 24, is about a
+            # 30-step delta's norm and would cut the larger ones a little; README, "Clipping").
             "--clip-norm",
             "0",
             "--consent-text",
