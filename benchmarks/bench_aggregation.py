@@ -1,16 +1,13 @@
-"""Aggregation cost: exact deterministic FedAvg, secure masking and unmasking, coordinator memory.
+"""Aggregation cost: exact deterministic FedAvg and coordinator memory.
 
 For n participants and P parameters (frozen_a: B matrices of 4096 × 16 per layer):
 - `fedavg_ratio`: FedAggregator-style exact weighted mean, tensor by tensor, as a ratio to a plain
   float `torch.stack(...).mean(0)` over the same tensors in the same run (target ≤ 3);
-- `mask_s`: one participant clipping, quantising and masking its delta against n-1 peers;
-- `unmask_s`: the coordinator deserialising, summing and unmasking all n masked vectors
-  (targets at n=10, P=10M: each ≤ 1 s). A masked vector is 8 bytes per parameter, so at the
-  default 64 MiB submission limit a secure round holds at most ~8.3M parameters; the benchmark
-  lifts the limit to measure compute at P=10M;
 - `coordinator_peak_above_start_mib`: a fresh coordinator process's peak resident memory above
   its start while aggregating the n deltas streamed from safetensors files; compare with
   `all_deltas_mib` (what loading every delta at once would take) and `adapter_out_mib`.
+
+Secure aggregation (masking, unmasking, against Flower) is `bench_secagg.py`.
 
     .venv/bin/python -m benchmarks.bench_aggregation [--quick] [--out FILE]
 """
@@ -34,23 +31,16 @@ from benchmarks._common import PeakRSS, write_result
 from hearthnet.config import FedLearnConfig
 from hearthnet.fedlearn.aggregation.aggregator import FedAvgAggregator
 from hearthnet.fedlearn.aggregation.exact import exact_weighted_means, plan_groups
-from hearthnet.fedlearn.aggregation.secure import (
-    SecureFedAvgAggregator,
-    deserialize_masked,
-    mask_delta,
-    serialize_masked,
-)
 from hearthnet.fedlearn.delta import LazyDelta, serialize_delta
 from hearthnet.fedlearn.lora import expected_shapes
 from hearthnet.fedlearn.manifest import RoundManifestDraft, SignedManifest
-from hearthnet.fedlearn.masks import MaskingKey
 from hearthnet.fedlearn.submission import ParticipantSubmission
 from hearthnet.identity import NodeIdentity
 
 RANK, OUT, IN = 16, 4096, 4096
 
 
-def setup(n: int, params: int, secure: bool) -> tuple[SignedManifest, dict[str, tuple[int, int]]]:
+def setup(n: int, params: int) -> tuple[SignedManifest, dict[str, tuple[int, int]]]:
     layers = max(1, round(params / (OUT * RANK)))
     shapes = {f"model.layers.{i}.self_attn.q_proj": (OUT, IN) for i in range(layers)}
     draft = RoundManifestDraft(
@@ -68,14 +58,14 @@ def setup(n: int, params: int, secure: bool) -> tuple[SignedManifest, dict[str, 
         topic="bench",
         consent_text="bench",
         deadline=datetime.now(UTC) + timedelta(hours=1),
-        secure=secure,
-        clip_norm=1.0,
     )
     config = FedLearnConfig(min_round_participants=1)
     return draft.build(NodeIdentity.generate(), config), shapes
 
 
-def deltas(signed: SignedManifest, shapes: dict, n: int) -> list[dict[str, torch.Tensor]]:
+def deltas(
+    signed: SignedManifest, shapes: dict[str, tuple[int, int]], n: int
+) -> list[dict[str, torch.Tensor]]:
     gen = torch.Generator().manual_seed(0)
     keys = expected_shapes(signed.manifest, shapes)
     return [{k: torch.randn(s, generator=gen) * 1e-3 for k, s in keys.items()} for _ in range(n)]
@@ -99,7 +89,7 @@ def interleaved_best(
 
 
 def fedavg_timing(n: int, params: int) -> dict[str, float]:
-    signed, shapes = setup(n, params, secure=False)
+    signed, shapes = setup(n, params)
     ds = deltas(signed, shapes, n)
     keys = sorted(ds[0])
     weights = list(range(10, 10 + n))
@@ -120,39 +110,9 @@ def fedavg_timing(n: int, params: int) -> dict[str, float]:
     }
 
 
-def secure_timing(n: int, params: int) -> dict[str, float]:
-    signed, shapes = setup(n, params, secure=True)
-    parties = [(NodeIdentity.generate(), MaskingKey()) for _ in range(n)]
-    anns = {i.node_id: k.announce(i, signed.round_id, signed.manifest_sha, 10) for i, k in parties}
-    delta = deltas(signed, shapes, 1)[0]
-    payloads, subs = [], []
-    mask_times = []
-    for ident, key in parties:
-        start = time.perf_counter()
-        vec = mask_delta(
-            delta, key, ident.node_id, anns, signed.manifest, signed.manifest_sha, shapes
-        )
-        mask_times.append(time.perf_counter() - start)
-        payload = serialize_masked(
-            vec,
-            manifest_sha=signed.manifest_sha,
-            round_id=signed.round_id,
-            participant=ident.node_id,
-        )
-        payloads.append(payload)
-        subs.append(ParticipantSubmission.create(ident, signed.round_id, payload, 10, 0.0))
-    start = time.perf_counter()
-    agg = SecureFedAvgAggregator(signed.manifest, shapes, anns, signed.manifest_sha)
-    for sub, payload in zip(subs, payloads, strict=True):
-        agg.add(sub, deserialize_masked(payload, agg.length, max_bytes=len(payload))[0])
-    agg.aggregate()
-    unmask = time.perf_counter() - start
-    return {"mask_s": round(min(mask_times), 4), "unmask_s": round(unmask, 4)}
-
-
 def write_inputs(n: int, params: int, folder: Path) -> None:
     """Delta files and signed submissions, written by the parent so the child only aggregates."""
-    signed, shapes = setup(n, params, secure=False)
+    signed, shapes = setup(n, params)
     gen = torch.Generator().manual_seed(0)
     keys = expected_shapes(signed.manifest, shapes)
     subs = []
@@ -221,7 +181,6 @@ def main() -> None:
         for n in ns:
             row: dict[str, object] = {"n": n, "params": params}
             row.update(fedavg_timing(n, params))
-            row.update(secure_timing(n, params))
             with tempfile.TemporaryDirectory() as tmp:
                 write_inputs(n, params, Path(tmp))
                 # A fixed mmap threshold makes glibc return freed blocks of >= 128 KiB to the
@@ -243,11 +202,7 @@ def main() -> None:
         {
             "rows": rows,
             "max_fedavg_ratio": max(float(r["fedavg_ratio"]) for r in rows),  # type: ignore[arg-type]
-            "targets": {
-                "fedavg_ratio_le": 3.0,
-                "mask_s_le_at_n10_p10m": 1.0,
-                "unmask_s_le_at_n10_p10m": 1.0,
-            },
+            "targets": {"fedavg_ratio_le": 3.0},
             "at_n10_p10m": target,
         },
         args.out,

@@ -196,9 +196,12 @@ def cmd_consent(args: argparse.Namespace) -> int:
             print("not accepted; nothing was recorded")
             return 1
     joined = _call(args, CAP + "round.join", {"round_id": args.round_id, "consent": True}, 120.0)
-    return _out(
-        args, joined, f"consent recorded; joined round {args.round_id}; training starts now"
+    then = (
+        "training starts once the mask roster closes and the shares are out"
+        if m["secure"]
+        else "training starts now"
     )
+    return _out(args, joined, f"consent recorded; joined round {args.round_id}; {then}")
 
 
 def cmd_join(args: argparse.Namespace) -> int:

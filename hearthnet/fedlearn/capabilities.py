@@ -35,6 +35,7 @@ from hearthnet.fedlearn.protocol import (
     AnnounceResponse,
     ApplyReceipt,
     ApplyRequest,
+    ConfirmRequest,
     Empty,
     EnrollRequest,
     EnrollResponse,
@@ -238,6 +239,12 @@ class FedLearnService:
 
     async def _round_shares(self, ctx: CallContext, req: SharesRequest) -> Ack:
         await self.coordinator.accept_shares(ctx.caller, req.bundle)
+        return Ack()
+
+    async def _round_confirm(self, ctx: CallContext, req: ConfirmRequest) -> Ack:
+        await self.coordinator.accept_confirm(
+            ctx.caller, req.round_id, req.unmask_sha, req.signature
+        )
         return Ack()
 
     async def _round_reveal(self, ctx: CallContext, req: RevealRequest) -> Ack:

@@ -88,6 +88,13 @@ CAPABILITIES: tuple[Capability, ...] = (
         "coordinator: a secure round's sealed Shamir shares",
     ),
     Capability(
+        "round.confirm",
+        P.ConfirmRequest,
+        P.Ack,
+        PEER,
+        "coordinator: a survivor's signature on a secure round's unmask request",
+    ),
+    Capability(
         "round.reveal",
         P.RevealRequest,
         P.Ack,

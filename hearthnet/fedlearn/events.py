@@ -15,6 +15,7 @@ Types, with the prefix the log uses (docs/architecture.md lists them with their 
 | fedlearn.round.shares              | Shares            | coordinator           |
 | fedlearn.round.shares_closed       | SharesClosed      | coordinator           |
 | fedlearn.round.unmask              | Unmask            | coordinator           |
+| fedlearn.round.confirmed           | Confirmed         | coordinator           |
 | fedlearn.round.submitted           | Submitted         | coordinator           |
 | fedlearn.round.rejected            | Rejected          | coordinator           |
 | fedlearn.round.aggregating         | RoundOnly         | coordinator           |
@@ -118,6 +119,14 @@ class Unmask(Payload):
     request: UnmaskRequest
 
 
+class Confirmed(Payload):
+    """Every survivor signed the unmask request `unmask_sha`; members reveal only once they
+    hold these signatures (logged again after a coordinator restart)."""
+
+    unmask_sha: _SHA
+    signatures: dict[str, Annotated[str, Field(pattern=r"^[0-9a-f]{128}$")]]
+
+
 class Submitted(Payload):
     """The coordinator accepted a participant's signed submission; the delta is the blob
     `blob_sha`."""
@@ -201,7 +210,7 @@ class MemberShared(Payload):
 
 
 class MemberRevealed(Payload):
-    """A participant answered this unmask request: the one request it will answer."""
+    """A participant signed this unmask request: the one request it confirms and reveals for."""
 
     unmask_sha: _SHA
 
@@ -221,6 +230,7 @@ ROUND_EVENTS: dict[str, type[Payload]] = {
     "shares": Shares,
     "shares_closed": SharesClosed,
     "unmask": Unmask,
+    "confirmed": Confirmed,
     "submitted": Submitted,
     "rejected": Rejected,
     "aggregating": RoundOnly,

@@ -149,10 +149,13 @@ def structural_problems(m: RoundManifest) -> list[str]:
     if m.secure:
         if m.min_participants < C.FEDLEARN_SECURE_MIN_PARTICIPANTS:
             problems.append(
-                f"secure aggregation needs min_participants >= {C.FEDLEARN_SECURE_MIN_PARTICIPANTS}"
+                "secure aggregation needs min_participants (--min-participants) >= "
+                f"{C.FEDLEARN_SECURE_MIN_PARTICIPANTS}"
             )
         if m.clip_norm <= 0:
-            problems.append("secure aggregation needs clip_norm > 0 (it bounds the quantiser)")
+            problems.append(
+                "secure aggregation needs clip_norm (--clip-norm) > 0 (it bounds the quantiser)"
+            )
         if m.lora_aggregation == "product_svd":
             problems.append("secure aggregation cannot average B·A products; use frozen_a")
         if m.secure_bucket_size < 2:
@@ -181,10 +184,16 @@ def structural_problems(m: RoundManifest) -> list[str]:
                 "secure_bucket_size (--bucket-size) to 2 or more"
             )
         elif m.secure and spec.robust and buckets < spec.minimum_n():
+            need = spec.minimum_n() * m.secure_bucket_size
             problems.append(
                 f"{spec.rule} defends nothing below {spec.minimum_n()} buckets; "
                 f"min_participants {m.min_participants} in buckets of {m.secure_bucket_size} "
-                f"gives {buckets}: raise min_participants or lower secure_bucket_size"
+                f"gives {buckets}: raise min_participants (--min-participants) to {need}"
+                + (
+                    " or lower secure_bucket_size (--bucket-size)"
+                    if m.secure_bucket_size > 2
+                    else ""
+                )
             )
         elif m.min_participants < spec.minimum_n():
             problems.append(

@@ -254,6 +254,14 @@ class SharesRequest(_Msg):
     bundle: ShareBundle
 
 
+class ConfirmRequest(_Msg):
+    """A survivor signs the one unmask request it will reveal for (`round.confirm`)."""
+
+    round_id: Annotated[str, Field(min_length=26, max_length=26)]
+    unmask_sha: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+    signature: Annotated[str, Field(pattern=r"^[0-9a-f]{128}$")]
+
+
 class RevealRequest(_Msg):
     """A share-set member answers the unmask request (`round.reveal`)."""
 

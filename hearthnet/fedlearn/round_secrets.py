@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import stat
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
@@ -41,6 +42,12 @@ def seal(
     """Write the round's secrets sealed (0600, atomically)."""
     path = _path(data_dir, round_id)
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    folder = os.lstat(path.parent)
+    if not stat.S_ISDIR(folder.st_mode) or folder.st_mode & 0o077:
+        raise HearthnetError(
+            ErrorCode.KEY_FILE_INSECURE,
+            f"{path.parent} must be a directory only this user can read (chmod 700)",
+        )
     nonce = secrets.token_bytes(12)
     sealed = nonce + _aead(identity, round_id).encrypt(
         nonce, key.to_bytes(), (round_id + manifest_sha).encode()
@@ -65,10 +72,19 @@ def unseal(
     """The round's secrets, or None if none were sealed here; `eventlog_invalid` if the file
     does not open (altered, or another node's)."""
     path = _path(data_dir, round_id)
+    broken = HearthnetError(
+        ErrorCode.EVENTLOG_INVALID,
+        f"the sealed secrets of round {round_id} do not open; remove {path} to leave the round",
+    )
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except FileNotFoundError:
         return None
+    except OSError:  # a symlink, a directory, …: not a file this node wrote
+        raise broken from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise broken  # a directory, FIFO or device: would fail, block or lie
     with os.fdopen(fd, "rb") as fh:
         data = fh.read(12 + MaskingKey.SECRET_BYTES + 16 + 1)
     try:
@@ -76,10 +92,7 @@ def unseal(
             data[:12], data[12:], (round_id + manifest_sha).encode()
         )
     except (InvalidTag, ValueError):
-        raise HearthnetError(
-            ErrorCode.EVENTLOG_INVALID,
-            f"the sealed secrets of round {round_id} do not open; remove {path} to leave the round",
-        ) from None
+        raise broken from None
     return MaskingKey.from_bytes(plain)
 
 

@@ -27,15 +27,16 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field
 
 from hearthnet import constants as C
-from hearthnet.canonical import canonical_sha256
+from hearthnet.canonical import canonical_bytes, canonical_sha256
 from hearthnet.errors import ErrorCode, HearthnetError
 from hearthnet.fedlearn import secagg_graph, shares
 from hearthnet.fedlearn.manifest import RoundManifest
 from hearthnet.fedlearn.masks import MaskingKey, MaskKeyAnnouncement, commitment, x25519_public
 from hearthnet.fedlearn.shares import Reveal, ShareBundle
-from hearthnet.identity import NodeIdentity
+from hearthnet.identity import NodeID, NodeIdentity, verify
 
 UNMASK_PURPOSE = "hearthnet.fedlearn.unmask/1"
+CONFIRM_PURPOSE = "hearthnet.fedlearn.unmask-confirm/1"
 
 _Names = Annotated[
     list[Annotated[str, Field(max_length=128)]], Field(max_length=C.FEDLEARN_MAX_PARTICIPANTS)
@@ -140,11 +141,12 @@ def make_bundle(identity: NodeIdentity, key: MaskingKey, plan: SecAggRound) -> S
     t = plan.threshold(me)
     self_shares = shares.split(key.self_seed, t, len(near))
     key_shares = shares.split(key.mask_secret(), t, len(near))
+    rid = plan.round_id
     sealed = {
         peer: shares.seal(
             key.share_private,
             plan.announcements[peer].share_key,
-            plan.round_id,
+            rid,
             me,
             peer,
             self_shares[i],
@@ -152,7 +154,12 @@ def make_bundle(identity: NodeIdentity, key: MaskingKey, plan: SecAggRound) -> S
         )
         for i, peer in enumerate(near)
     }
-    return ShareBundle.create(identity, plan.round_id, plan.manifest_sha, sealed)
+    commitments = {
+        peer: shares.commit(rid, me, peer, "self", self_shares[i])
+        + shares.commit(rid, me, peer, "key", key_shares[i])
+        for i, peer in enumerate(near)
+    }
+    return ShareBundle.create(identity, rid, plan.manifest_sha, sealed, commitments)
 
 
 def check_bundle(plan: SecAggRound, caller: str, bundle: ShareBundle) -> None:
@@ -162,7 +169,8 @@ def check_bundle(plan: SecAggRound, caller: str, bundle: ShareBundle) -> None:
         raise HearthnetError(ErrorCode.FORBIDDEN, "shares come from a mask roster member")
     if bundle.round_id != plan.round_id or bundle.manifest_sha != plan.manifest_sha:
         raise HearthnetError(ErrorCode.SIGNATURE_INVALID, "shares are for another round")
-    if set(bundle.shares) != set(plan.neighbours[caller]):
+    near = set(plan.neighbours[caller])
+    if set(bundle.shares) != near or set(bundle.commitments) != near:
         raise HearthnetError(
             ErrorCode.DELTA_INVALID, "a share bundle holds one share per neighbour, no other"
         )
@@ -176,8 +184,9 @@ def unmask_request(
     plan: SecAggRound, shared: Sequence[str], submitted: Sequence[str]
 ) -> UnmaskRequest:
     """The coordinator's request: U3 = the members of U2 that submitted, less every group
-    (bucket) that cannot be unmasked without revealing one update: a lone survivor, or a dropped
-    member whose mask key too few surviving neighbours could rebuild. Those survivors are listed
+    (bucket) that cannot be unmasked without revealing one update: a lone survivor, a dropped
+    member whose mask key too few surviving neighbours could rebuild, or a survivor whose seed
+    they could not. Those survivors are listed
     as dropped; their vectors are left out of the sum and their self masks stay secret."""
     alive = set(shared) & set(submitted)
     in_u2 = set(shared)
@@ -185,9 +194,11 @@ def unmask_request(
         members = [p for p in group if p in in_u2]
         here = [p for p in members if p in alive]
         dead = [p for p in members if p not in alive]
-        lost = any(
-            0 < sum(q in alive for q in plan.neighbours[d]) < plan.threshold(d) for d in dead
-        )
+
+        alive_near = {p: sum(q in alive for q in plan.neighbours[p]) for p in members}
+        short = {p for p in members if alive_near[p] < plan.threshold(p)}  # can't be rebuilt
+        lost = any(p in short and alive_near[p] > 0 for p in dead)
+        lost = lost or (len(here) > 1 and any(p in short for p in here))
         if len(here) == 1 or lost:
             alive -= set(here)
     return UnmaskRequest(
@@ -223,6 +234,44 @@ def check_unmask(plan: SecAggRound, shared: Sequence[str], req: UnmaskRequest) -
             )
 
 
+def check_own_view(me: str, plan: SecAggRound, req: UnmaskRequest) -> None:
+    """What a member checks of the request about itself before it signs it: it is listed as a
+    survivor, and no more of its neighbours are listed dropped than its secrets' threshold
+    tolerates (a request that claims more would let the coordinator rebuild its masks)."""
+    if me not in req.survivors:
+        raise HearthnetError(
+            ErrorCode.FEDLEARN_AGGREGATION_FAILED,
+            "this node is listed as dropped: it reveals nothing for this request",
+        )
+    near = set(plan.neighbours[me])
+    if len(near & set(req.dropped)) > plan.params_of[len(plan.group_of(me))].tolerated_dropouts:
+        raise HearthnetError(
+            ErrorCode.SIGNATURE_INVALID,
+            "the unmask request lists more of this node's neighbours as dropped than may drop",
+        )
+
+
+def confirm_bytes(round_id: str, unmask_sha: str) -> bytes:
+    """What a member signs: the one unmask request it will reveal for in this round."""
+    return canonical_bytes(
+        {"purpose": CONFIRM_PURPOSE, "round_id": round_id, "unmask_sha": unmask_sha}
+    )
+
+
+def check_confirmations(req: UnmaskRequest, signatures: Mapping[str, str]) -> None:
+    """Every survivor signed this exact request (each member signs one request per round), so
+    no two requests with a member in common can both be revealed for: the consistency round
+    that stops a coordinator telling members different stories (Bonawitz et al. 2017)."""
+    data = confirm_bytes(req.round_id, req.sha)
+    for member in req.survivors:
+        sig = signatures.get(member)
+        if sig is None or not verify(NodeID(member), data, bytes.fromhex(sig)):
+            raise HearthnetError(
+                ErrorCode.SIGNATURE_INVALID,
+                f"the unmask request lacks a valid confirmation by {member[:16]}…",
+            )
+
+
 def reveal(
     me: str,
     key: MaskingKey,
@@ -239,14 +288,25 @@ def reveal(
         bundle = bundles.get(sender)
         if bundle is None or (sender not in survivors and sender not in needed):
             continue  # dropped before sending shares, or its key unmasks nothing
-        self_share, key_share = shares.open_sealed(
-            key.share_private,
-            plan.announcements[sender].share_key,
-            plan.round_id,
-            sender,
-            me,
-            bundle.shares[me],
-        )
+        try:
+            self_share, key_share = shares.open_sealed(
+                key.share_private,
+                plan.announcements[sender].share_key,
+                plan.round_id,
+                sender,
+                me,
+                bundle.shares[me],
+            )
+        except HearthnetError:
+            continue  # a sender's bad shares are its own loss, never this node's failure
+        x = plan.x_of(sender, me).to_bytes(2, "big")
+        if self_share[:2] != x or key_share[:2] != x:
+            continue
+        rid = plan.round_id
+        if shares.commit(rid, sender, me, "self", self_share) != bundle.committed(me, "self"):
+            continue  # not what the sender committed to: revealing it would be refused
+        if shares.commit(rid, sender, me, "key", key_share) != bundle.committed(me, "key"):
+            continue
         if sender in survivors:
             self_out[sender] = self_share.hex()
         else:
@@ -260,12 +320,19 @@ def reveal(
     )
 
 
-def check_reveal(plan: SecAggRound, req: UnmaskRequest, caller: str, rev: Reveal) -> None:
+def check_reveal(
+    plan: SecAggRound,
+    req: UnmaskRequest,
+    caller: str,
+    rev: Reveal,
+    bundles: Mapping[str, ShareBundle],
+) -> None:
     """A reveal from a member of U2 answering this request, with shares only of its neighbours,
-    of the kind the request asked for, at the x-coordinate each owner gave it."""
+    of the kind the request asked for, at the x-coordinate each owner gave it, each the share
+    its owner committed to in its signed bundle (so one bad revealer cannot spoil recovery)."""
     survivors, dropped = set(req.survivors), set(needed_keys(plan, req))
-    if rev.sender != caller or caller not in survivors | set(req.dropped):
-        raise HearthnetError(ErrorCode.FORBIDDEN, "reveals come from members of the share set")
+    if rev.sender != caller or caller not in survivors:
+        raise HearthnetError(ErrorCode.FORBIDDEN, "reveals come from the request's survivors")
     if rev.round_id != plan.round_id or rev.unmask_sha != req.sha:
         raise HearthnetError(ErrorCode.BAD_REQUEST, "the reveal answers another unmask request")
     near = set(plan.neighbours[caller])
@@ -275,6 +342,15 @@ def check_reveal(plan: SecAggRound, req: UnmaskRequest, caller: str, rev: Reveal
                 raise HearthnetError(ErrorCode.DELTA_INVALID, "a share that was not asked for")
             if int(hexed[:4], 16) != plan.x_of(owner, caller):
                 raise HearthnetError(ErrorCode.DELTA_INVALID, "a share at the wrong coordinate")
+            which = "self" if kind is survivors else "key"
+            share = bytes.fromhex(hexed)
+            bundle = bundles.get(owner)
+            if bundle is None or shares.commit(
+                plan.round_id, owner, caller, which, share
+            ) != bundle.committed(caller, which):
+                raise HearthnetError(
+                    ErrorCode.DELTA_INVALID, "a share that is not the one its owner committed to"
+                )
 
 
 # --- step 4: recover ---------------------------------------------------------------------------

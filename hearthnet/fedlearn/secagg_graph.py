@@ -6,15 +6,17 @@ the cost per participant grows with the degree, not with n (Bell et al. 2020). T
 Harary graph over a seeded permutation: each node's neighbours are the `degree / 2` nodes on
 either side of it on a ring. A small roster gets the complete graph.
 
-The threshold is a strict majority of a node's neighbours (`degree // 2 + 1`): the coordinator
-gets t shares of a participant's self-mask seed only from neighbours told it survived, and t
-shares of its mask key only from neighbours told it dropped, and since each neighbour answers one
-unmask request per round, both together would need 2t > degree neighbours. The degree is the
+The threshold t is at least a strict majority of a node's neighbours: the coordinator gets t
+shares of a participant's self-mask seed only from neighbours told it survived, and t shares of
+its mask key only from neighbours told it dropped; honest neighbours answer one unmask request
+per round (the one every survivor signed, `secagg.check_confirmations`), so both together need
+2t − degree corrupt neighbours answering twice, and t is raised until 2t − degree exceeds the
+corrupt neighbours the manifest declares (`secagg_corruption`). The degree is the
 smallest that, for the manifest's declared drop-out fraction δ and corruption fraction γ, keeps
-P[some node has more than degree − t neighbours drop] ≤ 2^-20 and P[some node has t or more
-corrupt neighbours] ≤ 2^-40 (binomial tails, union bound over the n nodes: hence the log n
+P[some node has more than degree − t neighbours drop] ≤ 2^-20 and P[some node has 2t − degree
+or more corrupt neighbours] ≤ 2^-40 (binomial tails, union bound over the n nodes: hence the log n
 growth); where no sparse degree does, the complete graph with the exact counts
-⌊δ·n⌋ ≤ degree − t and ⌊γ·n⌋ < t is used, and a roster those cannot hold is refused.
+⌊δ·n⌋ ≤ degree − t and ⌊γ·n⌋ < 2t − degree is used, and a roster those cannot hold is refused.
 
 Pure Python; no torch or numpy.
 """
@@ -72,25 +74,28 @@ def derive(n: int, dropout: float, corruption: float, minimum: int = 3) -> Graph
     if minimum < 3:
         return GraphParams(n, n - 1, (n - 1) // 2 + 1)
     for k in range(2, n - 1, 2):
-        t = k // 2 + 1
-        drops_ok = n * _tail_at_least(k, dropout, k - t + 1) <= 2.0**-CORRECTNESS_BITS
-        corrupt_ok = n * _tail_at_least(k, corruption, t) <= 2.0**-SECURITY_BITS
-        if drops_ok and corrupt_ok:
+        # the smallest majority t whose 2t − k exceeds the corrupt neighbours w.h.p.
+        t = next(
+            (
+                t
+                for t in range(k // 2 + 1, k + 1)
+                if n * _tail_at_least(k, corruption, 2 * t - k) <= 2.0**-SECURITY_BITS
+            ),
+            None,
+        )
+        if t is not None and n * _tail_at_least(k, dropout, k - t + 1) <= 2.0**-CORRECTNESS_BITS:
             return GraphParams(n, k, t)
     k = n - 1
-    t = k // 2 + 1
+    corrupt = math.floor(corruption * n)
+    t = max(k // 2 + 1, (k + corrupt) // 2 + 1)
     if math.floor(dropout * n) > k - t:
         raise HearthnetError(
             ErrorCode.MANIFEST_INVALID,
-            f"{n} participants cannot tolerate secagg_dropout={dropout:g}: with a majority "
-            f"threshold of {t} of {k} neighbours at most {k - t} may drop; lower "
-            "secagg_dropout or raise max_participants",
-        )
-    if math.floor(corruption * n) >= t:
-        raise HearthnetError(
-            ErrorCode.MANIFEST_INVALID,
-            f"{n} participants cannot tolerate secagg_corruption={corruption:g} "
-            f"(threshold {t}); lower secagg_corruption or raise max_participants",
+            f"{n} participants cannot tolerate secagg_dropout={dropout:g} with "
+            f"secagg_corruption={corruption:g}: the threshold is {t} of {k} neighbours, so at "
+            f"most {k - t} may drop; lower secagg_dropout (--secagg-dropout) or "
+            "secagg_corruption (--secagg-corruption), or raise min_participants "
+            "(--min-participants): larger rosters tolerate more",
         )
     return GraphParams(n, k, t)
 

@@ -14,6 +14,7 @@ Shares travel as fixed-size canonical bytes (hex in canonical JSON), never pickl
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import struct
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -42,6 +43,7 @@ _MAX_TRIES = 64  # share subsets tried before a secret counts as unrecoverable
 _NodeName = Annotated[str, Field(max_length=128)]
 _CipherHex = Annotated[str, Field(pattern=rf"^[0-9a-f]{{{_CIPHER_HEX}}}$")]
 _ShareHex = Annotated[str, Field(pattern=rf"^[0-9a-f]{{{2 * SHARE_BYTES}}}$")]
+_CommitHex = Annotated[str, Field(pattern=r"^[0-9a-f]{128}$")]
 
 
 def split(secret: bytes, threshold: int, count: int) -> list[bytes]:
@@ -140,9 +142,18 @@ def open_sealed(
     return plain[:SHARE_BYTES], plain[SHARE_BYTES:]
 
 
+def commit(round_id: str, owner: str, holder: str, kind: str, share: bytes) -> str:
+    """The public commitment to one share (SHA-256, bound to the round, owner, holder and kind):
+    in the signed bundle, so the coordinator can check a revealed share without learning it."""
+    h = hashlib.sha256(b"hearthnet/fedlearn/share-commit/v1\0")
+    h.update("\0".join((round_id, owner, holder, kind)).encode() + b"\0" + share)
+    return h.hexdigest()
+
+
 class ShareBundle(BaseModel):
     """A participant's encrypted shares, one per neighbour, signed by it so the coordinator that
-    routes them cannot swap or forge one."""
+    routes them cannot swap or forge one; `commitments[holder]` is the hex SHA-256 commitment
+    to that neighbour's self-mask share, then to its mask-key share (`commit`)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
@@ -150,11 +161,18 @@ class ShareBundle(BaseModel):
     manifest_sha: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
     sender: _NodeName
     shares: Annotated[dict[_NodeName, _CipherHex], Field(max_length=C.FEDLEARN_MAX_PARTICIPANTS)]
+    commitments: Annotated[
+        dict[_NodeName, _CommitHex], Field(max_length=C.FEDLEARN_MAX_PARTICIPANTS)
+    ]
     signature: Annotated[str, Field(pattern=r"^[0-9a-f]{128}$")]
 
     @staticmethod
     def signing_bytes(
-        round_id: str, manifest_sha: str, sender: str, shares: Mapping[str, str]
+        round_id: str,
+        manifest_sha: str,
+        sender: str,
+        shares: Mapping[str, str],
+        commitments: Mapping[str, str],
     ) -> bytes:
         """The canonical bytes the sender signs."""
         return canonical_bytes(
@@ -164,26 +182,40 @@ class ShareBundle(BaseModel):
                 "manifest_sha": manifest_sha,
                 "sender": sender,
                 "shares": dict(shares),
+                "commitments": dict(commitments),
             }
         )
 
     @classmethod
     def create(
-        cls, identity: NodeIdentity, round_id: str, manifest_sha: str, shares: Mapping[str, str]
+        cls,
+        identity: NodeIdentity,
+        round_id: str,
+        manifest_sha: str,
+        shares: Mapping[str, str],
+        commitments: Mapping[str, str],
     ) -> ShareBundle:
-        """Sign `shares` (recipient → sealed hex) as this node's bundle."""
-        data = cls.signing_bytes(round_id, manifest_sha, identity.node_id, shares)
+        """Sign `shares` (recipient → sealed hex) and their commitments as this node's bundle."""
+        data = cls.signing_bytes(round_id, manifest_sha, identity.node_id, shares, commitments)
         return cls(
             round_id=round_id,
             manifest_sha=manifest_sha,
             sender=identity.node_id,
             shares=dict(shares),
+            commitments=dict(commitments),
             signature=identity.sign(data).hex(),
         )
 
+    def committed(self, holder: str, kind: str) -> str:
+        """The commitment to `holder`'s share of `kind` ("self" or "key")."""
+        both = self.commitments[holder]
+        return both[:64] if kind == "self" else both[64:]
+
     def verify(self) -> None:
         """`signature_invalid` unless the sender signed this bundle."""
-        data = self.signing_bytes(self.round_id, self.manifest_sha, self.sender, self.shares)
+        data = self.signing_bytes(
+            self.round_id, self.manifest_sha, self.sender, self.shares, self.commitments
+        )
         if not verify(NodeID(self.sender), data, bytes.fromhex(self.signature)):
             raise HearthnetError(ErrorCode.SIGNATURE_INVALID, "share bundle signature is invalid")
 

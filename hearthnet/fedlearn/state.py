@@ -60,6 +60,7 @@ _ROUND_ALLOWED: dict[str, frozenset[Phase]] = {
     "shares": frozenset({Phase.ANNOUNCED}),
     "shares_closed": frozenset({Phase.ANNOUNCED}),
     "unmask": frozenset({Phase.ANNOUNCED, Phase.UNMASKING}),
+    "confirmed": frozenset({Phase.UNMASKING}),
     "submitted": frozenset({Phase.ANNOUNCED}),
     "rejected": frozenset(Phase),
     "aggregating": frozenset({Phase.ANNOUNCED, Phase.UNMASKING}),
@@ -199,6 +200,8 @@ class Membership:
     shared: list[str] | None = None  # U2
     unmask: UnmaskRequest | None = None
     unmask_count: int = 0  # unmask requests seen (a coordinator restart repeats it)
+    confirmations: dict[str, str] | None = None  # every survivor's signature on the request
+    confirm_count: int = 0
     coordinator_phase: str = Phase.ANNOUNCED
     seen_seq: int = 0
     # what this node's takeover was handed (memory only): a later result that lists exactly

@@ -113,6 +113,6 @@ def validated(model: type[_M], fields: dict[str, Any], what: str) -> _M:
         return model.model_validate(fields)
     except ValidationError as exc:
         where, reason = first_problem(exc, what)
-        raise HearthnetError(
-            ErrorCode.MANIFEST_INVALID, f"{what} field '{where}': {reason}"
-        ) from None
+        # a rule across fields (no one field to name) reads as the rule itself
+        said = reason if where in (what, "") else f"{what} field '{where}': {reason}"
+        raise HearthnetError(ErrorCode.MANIFEST_INVALID, said) from None

@@ -11,6 +11,7 @@ beside the converted model.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import importlib.util
 import json
 import os
@@ -111,11 +112,21 @@ def model_dir(source: ModelSource, cache_root: Path, sha: str) -> Path:
     target = cache_root / sha
     if (target / "config.json").is_file():
         return target
+    cache_root.mkdir(parents=True, exist_ok=True)
+    # Nodes on one machine may share the cache: one converts, the others wait for it (a lock
+    # file, then the check again), so none fails on the rename of another's finished copy.
+    with open(cache_root / ".convert.lock", "a+b") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (target / "config.json").is_file():
+            return target
+        return _convert(source, cache_root, target)
+
+
+def _convert(source: ModelSource, cache_root: Path, target: Path) -> Path:
     from safetensors.torch import save_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("converting GGUF once into a safetensors cache", source=str(source.path))
-    cache_root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=cache_root, prefix=".convert-"))
     try:
         folder, name = str(source.path.parent), source.path.name

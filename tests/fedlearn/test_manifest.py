@@ -110,7 +110,7 @@ def test_defaults_come_from_config(make_manifest):
         (
             {"secure": True, "min_participants": 2},
             FedLearnConfig(min_round_participants=1),
-            "min_participants >= 3",
+            "(--min-participants) >= 3",
         ),
         ({"secure": True, "lora_aggregation": "product_svd"}, FedLearnConfig(), "product"),
         ({"secure": True, "clip_norm": 0.0}, FedLearnConfig(), "clip_norm"),

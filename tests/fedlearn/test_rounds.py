@@ -149,12 +149,14 @@ async def test_node_apply_refuses_an_adapter_that_fails_the_held_out_check(
 
 
 async def test_three_node_secure_round_matches_plain_average(tmp_path, tiny_model_dir):
-    c = await start_cluster(tmp_path, ["alice", "bob", "carol"], tiny_model_dir)
+    c = await start_cluster(tmp_path, ["alice", "bob", "carol", "dave"], tiny_model_dir)
     try:
         ann = await _announce(
             c, secure=True, min_participants=3, max_participants=3, deadline_in_s=90
         )
-        await _join(c, ["alice", "bob", "carol"], ann.round_id)
+        with raises_code(ErrorCode.FORBIDDEN, "cannot also be a member"):
+            await _join(c, ["alice"], ann.round_id)  # it would hold a share of every secret
+        await _join(c, ["bob", "carol", "dave"], ann.round_id)
         status = await wait_status(c, "alice", ann.round_id, 120)
         assert status.phase == "completed", status.abort
         result = _result(status)
@@ -168,7 +170,7 @@ async def test_three_node_secure_round_matches_plain_average(tmp_path, tiny_mode
             )
             assert meta["format"] == C.FEDLEARN_MASKED_FORMAT
         plain = {}
-        for name in ("alice", "bob", "carol"):
+        for name in ("bob", "carol", "dave"):
             member = c[name].fedlearn.participant.members[ann.round_id]
             plain[c[name].node_id] = (member.trained_sha, member.num_samples, c[name])
         tensors, _ = read_adapter(c["alice"].blobs.get(result.aggregated_delta_sha))

@@ -1,7 +1,8 @@
-"""Issue 15's bar for SecAgg+: six real daemons (`hearthnet node start` processes on loopback,
-the real 4-bit SmolLM2) run a secure round, two of them are SIGKILLed after the key exchange
-(their shares are out, they are training), and the round still completes with the survivors'
-weighted mean: the coordinator unmasks it from the survivors' reveals."""
+"""Issue 15's bar for SecAgg+: a secure round of six member daemons (`hearthnet node start`
+processes on loopback, the real 4-bit SmolLM2; a seventh coordinates, since a secure round's
+coordinator may not also be a member), two of them SIGKILLed after the key exchange (their
+shares are out, they are training), still completes with the four survivors' weighted mean:
+the coordinator unmasks it from the survivors' confirmed reveals."""
 
 import json
 import os
@@ -24,7 +25,8 @@ from tests.fedlearn.rounds import write_corpus
 from tests.test_daemon_cli import free_port
 
 HEARTHNET = [sys.executable, "-m", "hearthnet.cli"]
-NAMES = [f"n{i}" for i in range(6)]
+NAMES = [f"n{i}" for i in range(7)]
+MEMBERS = NAMES[1:]
 CLIP = 4.0
 
 
@@ -98,17 +100,17 @@ def test_six_daemon_secure_round_survives_two_sigkilled_after_the_key_exchange(
             env=env,
             start_new_session=True,
         )
-    coord, victims = dirs["n0"], ["n4", "n5"]
+    coord, victims = dirs["n0"], ["n5", "n6"]
     try:
 
         def all_connected() -> bool:
             for d in dirs.values():
                 out = cli(d, "node", "status", "--json")
-                if out.returncode != 0 or len(json.loads(out.stdout)["peers"]) != 5:
+                if out.returncode != 0 or len(json.loads(out.stdout)["peers"]) != 6:
                     return False
             return True
 
-        wait_for(all_connected, 180, "six connected daemons")
+        wait_for(all_connected, 180, "seven connected daemons")
         announced = cli(
             coord,
             "fedlearn",
@@ -143,7 +145,8 @@ def test_six_daemon_secure_round_survives_two_sigkilled_after_the_key_exchange(
         )
         assert announced.returncode == 0, announced.stderr
         round_id = announced.stdout.split()[2]
-        for name, d in dirs.items():
+        for name in MEMBERS:
+            d = dirs[name]
             wait_for(
                 lambda d=d: round_id in cli(d, "fedlearn", "pending").stdout, 60, f"{name} offer"
             )
@@ -155,7 +158,7 @@ def test_six_daemon_secure_round_survives_two_sigkilled_after_the_key_exchange(
             lambda: events(coord, "fedlearn.round.shares_closed"), 120, "the share phase to close"
         )
         (closed,) = events(coord, "fedlearn.round.shares_closed")
-        assert sorted(closed["participants"]) == sorted(ids.values())
+        assert sorted(closed["participants"]) == sorted(ids[n] for n in MEMBERS)
         for name in victims:
             assert not events(dirs[name], "fedlearn.participant.submitted")
             procs[name].send_signal(signal.SIGKILL)
@@ -169,7 +172,7 @@ def test_six_daemon_secure_round_survives_two_sigkilled_after_the_key_exchange(
         )
         assert not events(coord, "fedlearn.round.aborted"), events(coord, "fedlearn.round.aborted")
         (unmask,) = events(coord, "fedlearn.round.unmask")
-        survivors = sorted(ids[n] for n in NAMES if n not in victims)
+        survivors = sorted(ids[n] for n in MEMBERS if n not in victims)
         assert unmask["request"]["survivors"] == survivors
         assert unmask["request"]["dropped"] == sorted(ids[n] for n in victims)
         (completed,) = events(coord, "fedlearn.round.completed")
@@ -183,7 +186,7 @@ def test_six_daemon_secure_round_survives_two_sigkilled_after_the_key_exchange(
         order = sorted(anns)
         weight = dict(zip(order, capped_weights([anns[p] for p in order]), strict=True))
         deltas = {}
-        for name in NAMES:
+        for name in MEMBERS:
             if name in victims:
                 continue
             (trained,) = events(dirs[name], "fedlearn.participant.trained")
@@ -203,14 +206,20 @@ def test_six_daemon_secure_round_survives_two_sigkilled_after_the_key_exchange(
         assert checked > 0 and any(
             float(t.abs().max()) > 0 for k, t in tensors.items() if k.endswith("lora_B")
         )
-        for name in NAMES:
+        (confirmed,) = events(coord, "fedlearn.round.confirmed")
+        assert sorted(confirmed["signatures"]) == survivors  # every survivor signed it
+        for name in MEMBERS:
             if name not in victims:  # every survivor accepted the result; secrets discarded
                 wait_for(
                     lambda n=name: events(dirs[n], "fedlearn.participant.completed"),
                     60,
                     f"{name} to accept the result",
                 )
-                assert not list((dirs[name] / "round-secrets").glob("*.sealed"))
+                wait_for(
+                    lambda n=name: not list((dirs[n] / "round-secrets").glob("*.sealed")),
+                    30,
+                    f"{name} to discard its sealed round secrets",
+                )
         assert torch.isfinite(torch.cat([t.flatten() for t in tensors.values()])).all()
     finally:
         for proc in procs.values():

@@ -43,3 +43,17 @@ def test_gguf_conversion_matches_transformers(smollm_dir):
     assert "quantization_config" not in cfg
     assert (smollm_dir / "model.safetensors").is_file()
     assert M.linear_shapes(smollm_dir)["model.layers.29.self_attn.k_proj"] == (192, 576)
+
+
+@pytest.mark.slow
+def test_nodes_sharing_a_cache_convert_once_and_none_fails(tmp_path):
+    """Several nodes on one machine share `[llm] cache_dir` and start a round at once: one
+    converts the GGUF, the others wait for it instead of failing on its rename."""
+    import concurrent.futures
+
+    source = M.resolve_source(None)
+    sha = M.weights_sha(source, tmp_path)
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        dirs = list(pool.map(lambda _: M.model_dir(source, tmp_path, sha), range(3)))
+    assert dirs == [tmp_path / sha] * 3 and (tmp_path / sha / "config.json").is_file()
+    assert not list(tmp_path.glob(".convert-*"))  # no half-written copy left behind

@@ -22,6 +22,7 @@ no member's update, only the sums of groups with at least two survivors.
 
 from __future__ import annotations
 
+import math
 import struct
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -295,6 +296,16 @@ class SecureFedAvgAggregator(_Aggregator):
                 ErrorCode.FEDLEARN_AGGREGATION_FAILED,
                 "the masked inputs are out of range: a participant submitted values beyond "
                 "the clip bound",
+            )
+        # and the clip is an L2 bound: each honest ‖q_i‖ ≤ _STEPS plus half a step of rounding
+        # per entry, so ‖Σ w_i·q_i‖ ≤ Σ w_i·(_STEPS + ½·√P). A member pushing every entry to
+        # its per-entry limit is refused here (docs/decisions.md, issue 15).
+        norm = float(np.linalg.norm(values.astype(np.float64)))
+        if norm > expected * (_STEPS + 0.5 * math.sqrt(values.size)):
+            raise HearthnetError(
+                ErrorCode.FEDLEARN_AGGREGATION_FAILED,
+                "the masked inputs are out of range: their sum is longer than the clip bound "
+                "allows (a participant submitted a vector beyond clip_norm)",
             )
 
     def mean_of(self, total: np.ndarray) -> np.ndarray:

@@ -188,6 +188,14 @@ class RoundCoordinator:
         async with self.lock(bundle.round_id):
             await self._run(self.machine.accept_shares(caller, bundle))
 
+    async def accept_confirm(
+        self, caller: str, round_id: str, unmask_sha: str, signature: str
+    ) -> None:
+        """A survivor's signature on the unmask request (logged once all are in)."""
+        self.machine.get(round_id)
+        async with self.lock(round_id):
+            await self._run(self.machine.accept_confirm(caller, round_id, unmask_sha, signature))
+
     async def accept_reveal(self, caller: str, rev: Reveal) -> None:
         """A reveal for a secure round's unmask request, held in memory only."""
         self.machine.get(rev.round_id)

@@ -150,13 +150,17 @@ class ParticipantDriver:
         """A secure round's sealed secrets, back into its machine after a restart."""
         if not machine.signed.manifest.secure:
             return
-        key = await asyncio.to_thread(
-            round_secrets.unseal,
-            self.ctx.config.data_dir,
-            self.ctx.identity,
-            machine.round_id,
-            machine.signed.manifest_sha,
-        )
+        try:
+            key = await asyncio.to_thread(
+                round_secrets.unseal,
+                self.ctx.config.data_dir,
+                self.ctx.identity,
+                machine.round_id,
+                machine.signed.manifest_sha,
+            )
+        except HearthnetError as err:  # this round fails here (no secrets); the node starts
+            log.warning("round secrets unusable", round_id=machine.round_id, reason=err.message)
+            return
         if key is not None:
             machine.keyed(key)
 
@@ -258,20 +262,26 @@ class ParticipantDriver:
         except HearthnetError as err:
             if isinstance(err, Suspect):
                 await self._security_event(err.peer, err.what)
-            if member.stage not in TERMINAL_STAGES:
-                log.warning(
-                    "round failed here",
-                    round_id=member.round_id,
-                    code=str(err.code),
-                    reason=err.message,
-                )
-                for eff in machine.failed(err):
-                    await self._append(machine, eff)
+            await self._failed(machine, err)
+        except Exception as exc:  # a bug or the machine's trouble (disk, model): say so here
+            log.exception("round step crashed", round_id=member.round_id)
+            await self._failed(machine, HearthnetError(ErrorCode.INTERNAL_ERROR, repr(exc)))
         finally:
             for task in tasks:
                 task.cancel()
             if member.stage in TERMINAL_STAGES:
                 round_secrets.discard(self.ctx.config.data_dir, member.round_id)
+
+    async def _failed(self, machine: ParticipantMachine, err: HearthnetError) -> None:
+        """The round failed on this node: logged and recorded, so `fedlearn status` shows why."""
+        member = machine.member
+        if member.stage in TERMINAL_STAGES:
+            return
+        log.warning(
+            "round failed here", round_id=member.round_id, code=str(err.code), reason=err.message
+        )
+        for eff in machine.failed(err):
+            await self._append(machine, eff)
 
     async def _run(self, machine: ParticipantMachine, eff: Any) -> None:
         if isinstance(eff, Train):
@@ -311,6 +321,10 @@ class ParticipantDriver:
                 machine.timer(eff.name, _now())
         elif isinstance(eff, Submit):
             await self._submit(machine, eff)
+        elif isinstance(eff, Append):
+            await self._append(machine, eff)
+        else:  # an effect nobody carries out would be a silent protocol hole
+            raise TypeError(f"the participant does not run {eff!r}")
 
     async def _until(self, done: Callable[[], bool], timeout: float | None = None) -> bool:
         async with self.changed:

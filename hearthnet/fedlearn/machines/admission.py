@@ -54,13 +54,19 @@ def admit(
 ) -> None:
     """May `caller` (reputation `score`, `banned` by this node's threshold) join at all: a
     member of the `[trust] roster` if there is one, for this manifest, reputable enough. A node
-    does not refuse itself."""
+    does not refuse itself, except as a member of its own secure round."""
     m = record.signed.manifest
     roster = config.trust.roster
     if roster and caller not in roster and caller != node_id:
         raise HearthnetError(ErrorCode.FORBIDDEN, "not a member of this community")
     if manifest_sha != record.signed.manifest_sha:
         raise HearthnetError(ErrorCode.SIGNATURE_INVALID, "manifest rejected")
+    if caller == node_id and m.secure:
+        raise HearthnetError(
+            ErrorCode.FORBIDDEN,
+            "the coordinator of a secure round cannot also be a member: it would hold a "
+            "neighbour's share of every member's secrets; train from another node",
+        )
     if caller == node_id:
         return
     if banned:

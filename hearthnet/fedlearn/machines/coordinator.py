@@ -45,7 +45,7 @@ from hearthnet.fedlearn.state import (
     signed_manifest,
 )
 from hearthnet.fedlearn.submission import ParticipantSubmission
-from hearthnet.identity import NodeIdentity
+from hearthnet.identity import NodeID, NodeIdentity, verify
 
 DEADLINE = "deadline:"
 ROSTER = "roster:"
@@ -95,6 +95,7 @@ class CoordinatorMachine:
         # shares: never logged) and which unmask requests were (re)issued since this start
         self._plans: dict[str, secagg.SecAggRound] = {}
         self.reveals: dict[str, dict[str, Reveal]] = {}
+        self.confirms: dict[str, dict[str, str]] = {}  # survivors' signatures on the request
         self._requested: set[str] = set()
 
     @property
@@ -287,6 +288,32 @@ class CoordinatorMachine:
             ),
         ]
 
+    def accept_confirm(
+        self, caller: str, round_id: str, unmask_sha: str, signature: str
+    ) -> list[fx.Effect]:
+        """A survivor's signature on the unmask request; once every survivor's is in, the
+        `confirmed` event that lets members reveal."""
+        record = self.get(round_id)
+        req = record.unmask
+        if record.phase is not Phase.UNMASKING or req is None:
+            raise HearthnetError(ErrorCode.ROUND_CLOSED, "the round is not unmasking")
+        if unmask_sha != req.sha or caller not in req.survivors:
+            raise HearthnetError(ErrorCode.FORBIDDEN, "confirmations come from listed survivors")
+        if not verify(
+            NodeID(caller), secagg.confirm_bytes(round_id, req.sha), bytes.fromhex(signature)
+        ):
+            raise HearthnetError(
+                ErrorCode.SIGNATURE_INVALID, "the confirmation is not the caller's"
+            )
+        held = self.confirms.setdefault(round_id, {})
+        if caller in held:
+            return []
+        held[caller] = signature
+        if set(held) != set(req.survivors):
+            return []
+        payload = ev.Confirmed(round_id=round_id, unmask_sha=req.sha, signatures=dict(held))
+        return [_append("confirmed", payload)]
+
     def accept_reveal(self, caller: str, rev: Reveal) -> bool:
         """A share-set member's reveal for the open unmask request (the same one again: no
         change); True once every secret the request needs can be recovered."""
@@ -294,7 +321,7 @@ class CoordinatorMachine:
         if record.phase is not Phase.UNMASKING or record.unmask is None:
             raise HearthnetError(ErrorCode.ROUND_CLOSED, "the round is not unmasking")
         plan = self.secagg_plan(record)
-        secagg.check_reveal(plan, record.unmask, caller, rev)
+        secagg.check_reveal(plan, record.unmask, caller, rev, record.bundles)
         held = self.reveals.setdefault(rev.round_id, {})
         if caller in held and held[caller] != rev:
             raise HearthnetError(ErrorCode.BAD_REQUEST, "a reveal was already sent")
@@ -328,6 +355,7 @@ class CoordinatorMachine:
             except HearthnetError:
                 return [_append("aggregating", ev.RoundOnly(round_id=rid))]
         self._requested.add(rid)
+        self.confirms.pop(rid, None)  # a repeated request is confirmed anew
         return [
             _append("unmask", ev.Unmask(round_id=rid, request=req)),
             fx.Log(

@@ -38,7 +38,14 @@ from hearthnet.fedlearn.protocol import (
     SignedDoc,
     SubmitReceipt,
 )
-from hearthnet.fedlearn.secagg import SecAggRound, check_bundle, check_unmask
+from hearthnet.fedlearn.secagg import (
+    SecAggRound,
+    check_bundle,
+    check_confirmations,
+    check_own_view,
+    check_unmask,
+    confirm_bytes,
+)
 from hearthnet.fedlearn.secagg import reveal as secagg_reveal
 from hearthnet.fedlearn.shares import ShareBundle
 from hearthnet.fedlearn.state import TERMINAL_STAGES, Membership, Stage
@@ -149,7 +156,8 @@ class ParticipantMachine:
         self.refused: HearthnetError | None = None  # a mask roster this node will not mask with
         self.shares_sent = False  # memory only: a restart resends the recorded bundle
         self._plan: SecAggRound | None = None
-        self._answered = 0  # unmask requests answered (of member.unmask_count)
+        self._answered = 0  # unmask requests signed (of member.unmask_count)
+        self._revealed_for = 0  # confirmed events answered (of member.confirm_count)
         self._progress = 0  # coordinator events seen; a wait ends when it moves
         self._waiting_from = 0
         self._pending: tuple[ParticipantSubmission, str] | None = None  # sent, not yet receipted
@@ -245,7 +253,9 @@ class ParticipantMachine:
         """A secure round: keys, roster, shares before training; the share set before masking;
         the one reveal after submitting (docs/architecture.md, "Secure rounds")."""
         m = self.member
-        deadline = self.signed.manifest.deadline_at
+        # the roster and share set must be in by the deadline; the grace lets a restarted node
+        # re-learn them from the coordinator's events before it gives up
+        deadline = self.signed.manifest.deadline_at + timedelta(seconds=C.FEDLEARN_TAKEOVER_GRACE_S)
         if self.refused is not None:
             raise self.refused
         if self.key is None:
@@ -265,7 +275,9 @@ class ParticipantMachine:
         if not self.shares_sent:
             return [self._send_shares(m.bundle)]
         if m.unmask is not None and self._answered < m.unmask_count:
-            return self._reveal()
+            return self._confirm() or [self._wait(None, None)]
+        if m.confirmations is not None and self._revealed_for < m.confirm_count:
+            return self._reveal() or [self._wait(None, None)]
         if m.stage is Stage.JOINED:
             return [Train(self.round_id)]
         if m.stage is Stage.TRAINED:
@@ -274,8 +286,8 @@ class ParticipantMachine:
             assert m.trained_sha is not None
             return [Submit(self.round_id, m.trained_sha, self.key, self.plan(), m.shared)]
         if m.unmask is None:  # a secure round has no takeover: give up if never unmasked
-            grace = C.FEDLEARN_TAKEOVER_GRACE_S + 2 * C.FEDLEARN_SECURE_REVEAL_S
-            return [self._wait(UNMASK_TIMER, deadline + timedelta(seconds=grace))]
+            grace = timedelta(seconds=2 * C.FEDLEARN_SECURE_REVEAL_S)
+            return [self._wait(UNMASK_TIMER, deadline + grace)]
         return [self._wait(None, None)]
 
     def _wait(self, name: str | None, at: datetime | None) -> SetTimer | Wait:
@@ -306,43 +318,57 @@ class ParticipantMachine:
             retry_until=self.signed.manifest.deadline_at,
         )
 
-    def _reveal(self) -> list[ParticipantEffect]:
-        """Answer the unmask request, the only one this node answers in the round (recorded
-        first); a different request later is refused as the coordinator's attempt to learn a
-        member's update from both of its secrets."""
+    def _confirm(self) -> list[ParticipantEffect]:
+        """Sign the unmask request, the only one this node signs in the round (recorded first);
+        a different request later is refused as the coordinator's attempt to tell members
+        different stories. Listed as dropped itself: nothing to sign or reveal."""
         m = self.member
-        assert m.unmask is not None and m.shared is not None and self.key is not None
+        assert m.unmask is not None and m.shared is not None
         req = m.unmask
+        self._answered = m.unmask_count
         if m.revealed_sha is not None and m.revealed_sha != req.sha:
             err = HearthnetError(
                 ErrorCode.SIGNATURE_INVALID,
                 "the coordinator asked for a second, different unmask: refused",
             )
-            self._answered = m.unmask_count
             raise Suspect(self.signed.manifest.coordinator, "unmask", err)
         plan = self.plan()
         check_unmask(plan, m.shared, req)
+        if self.me not in req.survivors:
+            return []  # its vector is left out; its neighbours' shares are not its to give
+        check_own_view(self.me, plan, req)
         out: list[ParticipantEffect] = []
         if m.revealed_sha is None:
-            out.append(
-                self._append(
-                    "revealed", ev.MemberRevealed(round_id=self.round_id, unmask_sha=req.sha)
-                )
-            )
-        bundles = {p: b for p, b in m.bundles.items() if p in set(m.shared)}
-        rev = secagg_reveal(self.me, self.key, plan, bundles, req)
-        self._answered = m.unmask_count
-        out.append(
-            Call(
-                "reveal",
-                self.signed.manifest.coordinator,
-                CAP + "round.reveal",
-                {"reveal": rev.model_dump()},
-                retry_until=self.signed.manifest.deadline_at
-                + timedelta(seconds=C.FEDLEARN_SECURE_REVEAL_S),
-            )
-        )
+            payload = ev.MemberRevealed(round_id=self.round_id, unmask_sha=req.sha)
+            out.append(self._append("revealed", payload))
+        signature = self.identity.sign(confirm_bytes(self.round_id, req.sha)).hex()
+        body = {"round_id": self.round_id, "unmask_sha": req.sha, "signature": signature}
+        out.append(self._reveal_call("confirm", "round.confirm", body))
         return out
+
+    def _reveal_call(self, name: str, capability: str, body: dict[str, Any]) -> Call:
+        return Call(
+            name,
+            self.signed.manifest.coordinator,
+            CAP + capability,
+            body,
+            retry_until=self.signed.manifest.deadline_at
+            + timedelta(seconds=C.FEDLEARN_SECURE_REVEAL_S),
+        )
+
+    def _reveal(self) -> list[ParticipantEffect]:
+        """Reveal for the request this node signed, once every survivor signed it too."""
+        m = self.member
+        assert m.unmask is not None and m.shared is not None and self.key is not None
+        assert m.confirmations is not None
+        req = m.unmask
+        self._revealed_for = m.confirm_count
+        if m.revealed_sha != req.sha:
+            return []
+        check_confirmations(req, m.confirmations)
+        bundles = {p: b for p, b in m.bundles.items() if p in set(m.shared)}
+        rev = secagg_reveal(self.me, self.key, self.plan(), bundles, req)
+        return [self._reveal_call("reveal", "round.reveal", {"reveal": rev.model_dump()})]
 
     def trained(self, outcome: TrainOutcome) -> list[Append]:
         """Training finished: record it (the delta is already stored)."""
@@ -412,7 +438,7 @@ class ParticipantMachine:
         if name == "shares":
             self.shares_sent = True
             return []
-        if name == "reveal":
+        if name in ("confirm", "reveal"):
             return []
         if name == "submit" and isinstance(body, SubmitReceipt) and self._pending is not None:
             sub, sha = self._pending
@@ -493,6 +519,10 @@ class ParticipantMachine:
         elif isinstance(event, ev.Unmask):
             m.unmask = event.request
             m.unmask_count += 1
+        elif isinstance(event, ev.Confirmed) and m.unmask is not None:
+            if event.unmask_sha == m.unmask.sha:
+                m.confirmations = dict(event.signatures)
+                m.confirm_count += 1
         elif isinstance(event, ev.Completed):
             out.append(event.result)
         elif isinstance(event, ev.Aborted) and m.stage not in TERMINAL_STAGES:

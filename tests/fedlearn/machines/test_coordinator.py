@@ -17,7 +17,7 @@ from hearthnet.fedlearn.machines import effects as fx
 from hearthnet.fedlearn.machines.coordinator import DEADLINE, ROSTER
 from hearthnet.fedlearn.masks import MaskingKey
 from hearthnet.fedlearn.protocol import RoundResult
-from hearthnet.fedlearn.secagg import make_bundle, reveal
+from hearthnet.fedlearn.secagg import confirm_bytes, make_bundle, reveal
 from hearthnet.fedlearn.state import Phase
 from hearthnet.fedlearn.submission import ParticipantSubmission
 from hearthnet.identity import NodeIdentity
@@ -273,6 +273,14 @@ def test_secure_round_unmasks_survivors_after_a_drop_and_a_restart(
     restored.run(again)
     assert restored.log.types()[-1] == "unmask"
     assert restored.log.events[-1].payload == harness.log.events[-1].payload  # the same request
+    for i, p in enumerate(survivors):
+        sig = p.sign(confirm_bytes(ROUND_ID, req.sha)).hex()
+        with raises_code(ErrorCode.SIGNATURE_INVALID):  # another member's signature
+            restored.machine.accept_confirm(survivors[i - 1].node_id, ROUND_ID, req.sha, sig)
+        restored.run(restored.machine.accept_confirm(p.node_id, ROUND_ID, req.sha, sig))
+    assert restored.log.types()[-1] == "confirmed"  # every survivor signed the same request
+    with raises_code(ErrorCode.FORBIDDEN):  # the dropped member is not asked
+        restored.machine.accept_confirm(members[3].node_id, ROUND_ID, req.sha, "00" * 64)
     for p in survivors:
         rev = reveal(p.node_id, keys[p.node_id], plan, bundles, req)
         restored.machine.accept_reveal(p.node_id, rev)

@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from hearthnet import constants as C
 from hearthnet.canonical import canonical_bytes
 from hearthnet.errors import ErrorCode, HearthnetError
 from hearthnet.eventlog import Event
@@ -36,7 +37,7 @@ from hearthnet.fedlearn.protocol import (
     SubmissionRef,
     SubmitReceipt,
 )
-from hearthnet.fedlearn.secagg import make_bundle, unmask_request
+from hearthnet.fedlearn.secagg import confirm_bytes, make_bundle, unmask_request
 from hearthnet.fedlearn.state import Stage, fold_memberships
 from hearthnet.fedlearn.submission import ParticipantSubmission
 from hearthnet.identity import NodeIdentity
@@ -357,7 +358,8 @@ def test_secure_round_keys_shares_trains_masks_and_reveals_once(coordinator, mak
     call, timer = m.next()
     assert isinstance(call, Call) and call.name == "mask_key"
     assert call.body["announcement"]["participant"] == node.me
-    assert timer == SetTimer("roster", node.signed.manifest.deadline_at)
+    grace = timedelta(seconds=C.FEDLEARN_TAKEOVER_GRACE_S)  # a restart re-learns the roster
+    assert timer == SetTimer("roster", node.signed.manifest.deadline_at + grace)
     m.reply("mask_key", None)
     assert m.next() == [timer] and not m.settled()
     m.timer("roster", datetime.now(UTC))  # before the deadline: keep waiting
@@ -401,10 +403,23 @@ def test_secure_round_keys_shares_trains_masks_and_reveals_once(coordinator, mak
     req = unmask_request(make.plan, shared, shared)
     m.observe(seq + 1, ev.ROUND_PREFIX + "unmask", {"round_id": rid, "request": req.model_dump()})
     assert m.settled()
-    record, call = m.next()
-    assert isinstance(m.next()[0], Wait)  # answered: wait for the result
+    record, confirm = m.next()
+    assert confirm.name == "confirm" and isinstance(m.next()[0], Wait)  # signed: wait
     node.run([record])
     assert m.member.revealed_sha == req.sha
+    sigs = {
+        who.node_id: who.sign(confirm_bytes(rid, req.sha)).hex() for who in [*peers, node.identity]
+    }
+    assert confirm.body["signature"] == sigs[node.me]
+    forged = dict(sigs, **{peers[0].node_id: sigs[node.me]})
+    confirmed = {"round_id": rid, "unmask_sha": req.sha, "signatures": forged}
+    m.observe(seq + 2, ev.ROUND_PREFIX + "confirmed", confirmed)
+    with raises_code(ErrorCode.SIGNATURE_INVALID, "lacks a valid confirmation"):
+        m.next()  # one survivor's signature is not its own: no reveal
+    confirmed["signatures"] = sigs
+    m.observe(seq + 3, ev.ROUND_PREFIX + "confirmed", confirmed)
+    [call] = m.next()
+    assert call.name == "reveal" and isinstance(m.next()[0], Wait)
     rev = call.body["reveal"]
     assert set(rev["self_shares"]) == {p.node_id for p in peers} and rev["key_shares"] == {}
     # restarted with its sealed secrets: the same answer to the same request
@@ -414,10 +429,13 @@ def test_secure_round_keys_shares_trains_masks_and_reveals_once(coordinator, mak
     again.member.bundles, again.shares_sent = dict(m.member.bundles), True
     again.member.unmask, again.member.unmask_count = req, 1
     [same] = again.next()
+    assert same.body == confirm.body
+    again.member.confirmations, again.member.confirm_count = sigs, 1
+    [same] = again.next()
     assert same.body == call.body
     # the coordinator asks again with a member moved to dropped: refused, as a suspect
     other = req.model_copy(update={"survivors": shared[:2], "dropped": shared[2:]})
-    m.observe(seq + 2, ev.ROUND_PREFIX + "unmask", {"round_id": rid, "request": other.model_dump()})
+    m.observe(seq + 4, ev.ROUND_PREFIX + "unmask", {"round_id": rid, "request": other.model_dump()})
     with raises_code(ErrorCode.SIGNATURE_INVALID) as exc:
         m.next()
     assert isinstance(exc.value, Suspect) and "second, different unmask" in exc.value.message
