@@ -194,7 +194,9 @@ class Hearthnet:
         return unmask_request(self.plan, self.shared, survivors)
 
     def reveal(self, me: str, req: UnmaskRequest) -> Reveal:
-        return reveal(me, self.keys[me], self.plan, self.bundles, req)
+        data = confirm_bytes(req.round_id, req.sha)
+        sigs = {p: self.idents[p].sign(data).hex() for p in req.survivors}
+        return reveal(me, self.keys[me], self.plan, self.bundles, req, sigs)
 
     def masked_sum(
         self, delta: dict[str, torch.Tensor], survivors: list[str], dropped: list[str]

@@ -278,8 +278,13 @@ def reveal(
     plan: SecAggRound,
     bundles: Mapping[str, ShareBundle],
     req: UnmaskRequest,
+    confirmations: Mapping[str, str],
 ) -> Reveal:
-    """This node's answer: per neighbour in U2, the one share the request calls for."""
+    """This node's answer: per neighbour in U2, the one share the request calls for; only for a
+    request naming it a survivor that every listed survivor signed (`check_confirmations`), so
+    no caller can reveal for an unconfirmed or equivocated request."""
+    check_own_view(me, plan, req)
+    check_confirmations(req, confirmations)
     survivors = set(req.survivors)
     needed = set(needed_keys(plan, req))
     self_out: dict[str, str] = {}

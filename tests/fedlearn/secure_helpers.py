@@ -4,6 +4,7 @@ from hearthnet.fedlearn.aggregation.secure import SecureFedAvgAggregator, mask_d
 from hearthnet.fedlearn.masks import MaskingKey
 from hearthnet.fedlearn.secagg import (
     SecAggRound,
+    confirm_bytes,
     make_bundle,
     recover_all,
     reveal,
@@ -49,10 +50,16 @@ class Round:
         req = unmask_request(self.plan, self.shared, survivors)
         return self.recover(req)
 
+    def confirmations(self, req):
+        """Every survivor's signature on the request (the consistency round)."""
+        data = confirm_bytes(req.round_id, req.sha)
+        return {p.id: p.identity.sign(data).hex() for p in self.parties if p.id in req.survivors}
+
     def reveals(self, req):
         bundles = {p: self.bundles[p] for p in self.shared}
+        sigs = self.confirmations(req)
         return {
-            p.id: reveal(p.id, p.key, self.plan, bundles, req)
+            p.id: reveal(p.id, p.key, self.plan, bundles, req, sigs)
             for p in self.parties
             if p.id in req.survivors
         }

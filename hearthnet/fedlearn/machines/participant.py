@@ -41,7 +41,6 @@ from hearthnet.fedlearn.protocol import (
 from hearthnet.fedlearn.secagg import (
     SecAggRound,
     check_bundle,
-    check_confirmations,
     check_own_view,
     check_unmask,
     confirm_bytes,
@@ -365,9 +364,8 @@ class ParticipantMachine:
         self._revealed_for = m.confirm_count
         if m.revealed_sha != req.sha:
             return []
-        check_confirmations(req, m.confirmations)
         bundles = {p: b for p, b in m.bundles.items() if p in set(m.shared)}
-        rev = secagg_reveal(self.me, self.key, self.plan(), bundles, req)
+        rev = secagg_reveal(self.me, self.key, self.plan(), bundles, req, m.confirmations)
         return [self._reveal_call("reveal", "round.reveal", {"reveal": rev.model_dump()})]
 
     def trained(self, outcome: TrainOutcome) -> list[Append]:

@@ -282,7 +282,8 @@ def test_secure_round_unmasks_survivors_after_a_drop_and_a_restart(
     with raises_code(ErrorCode.FORBIDDEN):  # the dropped member is not asked
         restored.machine.accept_confirm(members[3].node_id, ROUND_ID, req.sha, "00" * 64)
     for p in survivors:
-        rev = reveal(p.node_id, keys[p.node_id], plan, bundles, req)
+        sigs = {q.node_id: q.sign(confirm_bytes(ROUND_ID, req.sha)).hex() for q in survivors}
+        rev = reveal(p.node_id, keys[p.node_id], plan, bundles, req, sigs)
         restored.machine.accept_reveal(p.node_id, rev)
         with raises_code(ErrorCode.BAD_REQUEST):  # one answer per member
             restored.machine.accept_reveal(
