@@ -236,18 +236,23 @@ def check_unmask(plan: SecAggRound, shared: Sequence[str], req: UnmaskRequest) -
 
 def check_own_view(me: str, plan: SecAggRound, req: UnmaskRequest) -> None:
     """What a member checks of the request about itself before it signs it: it is listed as a
-    survivor, and no more of its neighbours are listed dropped than its secrets' threshold
-    tolerates (a request that claims more would let the coordinator rebuild its masks)."""
+    survivor, no more of its neighbours are listed dropped than its secrets' threshold
+    tolerates, and at least a threshold of them survive (a request that claims otherwise would
+    let the coordinator rebuild its masks)."""
     if me not in req.survivors:
         raise HearthnetError(
             ErrorCode.FEDLEARN_AGGREGATION_FAILED,
             "this node is listed as dropped: it reveals nothing for this request",
         )
     near = set(plan.neighbours[me])
-    if len(near & set(req.dropped)) > plan.params_of[len(plan.group_of(me))].tolerated_dropouts:
+    too_many = (
+        len(near & set(req.dropped)) > plan.params_of[len(plan.group_of(me))].tolerated_dropouts
+    )
+    if too_many or len(near & set(req.survivors)) < plan.threshold(me):
         raise HearthnetError(
             ErrorCode.SIGNATURE_INVALID,
-            "the unmask request lists more of this node's neighbours as dropped than may drop",
+            "the unmask request lists more of this node's neighbours as dropped than may drop "
+            "(or too few as survivors to hold its secrets)",
         )
 
 

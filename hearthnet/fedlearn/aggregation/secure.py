@@ -112,6 +112,11 @@ def mask_delta(
         raise HearthnetError(
             ErrorCode.FEDLEARN_AGGREGATION_FAILED, "this node's shares did not reach the round"
         )
+    if len(set(plan.neighbours[me]) & set(shared)) < plan.threshold(me):
+        raise HearthnetError(  # Bonawitz et al.'s |U2| ≥ t: fewer could not hold its secrets
+            ErrorCode.FEDLEARN_AGGREGATION_FAILED,
+            "too few of this node's neighbours sent shares to mask with",
+        )
     weight = roster_weights(announcements)[me]
     if not all(bool(torch.isfinite(t).all()) for t in delta.values()):
         raise HearthnetError(  # NaN would quantise to the lowest int64 and sink the round
