@@ -70,6 +70,7 @@ from hearthnet.fedlearn.masks import MaskingKey, MaskKeyAnnouncement, roster_wei
 from hearthnet.fedlearn.rules.spec import RuleSpec
 from hearthnet.fedlearn.secagg import (
     SecAggRound,
+    confirm_bytes,
     make_bundle,
     recover_all,
     reveal,
@@ -399,7 +400,10 @@ def secure_aggregate(
     start = time.perf_counter()
     req = unmask_request(plan, shared, [i.node_id for i in ids])
     by_id: dict[str, MaskingKey] = dict(zip((i.node_id for i in ids), keys, strict=True))
-    reveals = {p: reveal(p, by_id[p], plan, bundles, req) for p in req.survivors}
+    signer = {i.node_id: i for i in ids}
+    sign = confirm_bytes(req.round_id, req.sha)  # the consistency round: every survivor signs
+    sigs = {p: signer[p].sign(sign).hex() for p in req.survivors}
+    reveals = {p: reveal(p, by_id[p], plan, bundles, req, sigs) for p in req.survivors}
     unmasked = recover_all(plan, req, reveals)
     groups = [list(g) for g in plan.groups]
     try:

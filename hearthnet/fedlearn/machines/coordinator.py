@@ -18,20 +18,18 @@ from hearthnet.config import NodeConfig
 from hearthnet.errors import ErrorCode, HearthnetError
 from hearthnet.eventlog import Event
 from hearthnet.fedlearn import events as ev
-from hearthnet.fedlearn import secagg
 from hearthnet.fedlearn.draft import carry_topic_clip
 from hearthnet.fedlearn.machines import effects as fx
 from hearthnet.fedlearn.machines import finalize
 from hearthnet.fedlearn.machines.admission import (
     admit,
     check_announce,
-    check_mask_key,
     check_open,
     check_own_base_model,
     check_receipt,
     check_submission,
-    roster_to_close,
 )
+from hearthnet.fedlearn.machines.secure_rounds import SecureRounds
 from hearthnet.fedlearn.manifest import RoundID, RoundManifestDraft, SignedManifest, format_ts
 from hearthnet.fedlearn.masks import MaskKeyAnnouncement
 from hearthnet.fedlearn.protocol import JoinReceipt, SignedDoc, SubmitReceipt
@@ -45,15 +43,11 @@ from hearthnet.fedlearn.state import (
     signed_manifest,
 )
 from hearthnet.fedlearn.submission import ParticipantSubmission
-from hearthnet.identity import NodeID, NodeIdentity, verify
+from hearthnet.identity import NodeIdentity
 
 DEADLINE = "deadline:"
 ROSTER = "roster:"
 SHARES = "shares:"
-
-
-def _append(suffix: str, payload: ev.Payload) -> fx.Append:
-    return fx.Append(ROUND_PREFIX + suffix, payload)
 
 
 def _timers(record: RoundRecord) -> list[fx.Effect]:
@@ -91,12 +85,7 @@ class CoordinatorMachine:
         self.identity = identity
         self.config = config
         self.rounds: dict[str, RoundRecord] = {}
-        # secure rounds, memory only: the public SecAgg+ structure, the reveals received (secret
-        # shares: never logged) and which unmask requests were (re)issued since this start
-        self._plans: dict[str, secagg.SecAggRound] = {}
-        self.reveals: dict[str, dict[str, Reveal]] = {}
-        self.confirms: dict[str, dict[str, str]] = {}  # survivors' signatures on the request
-        self._requested: set[str] = set()
+        self.secure = SecureRounds()  # memory only: graphs, signatures, reveals
 
     @property
     def node_id(self) -> str:
@@ -122,9 +111,9 @@ class CoordinatorMachine:
         record = self.get(payload.round_id)
         record.apply(suffix, payload)
         if isinstance(payload, ev.MaskKey):
-            return self._maybe_close_roster(record, timer=False)
+            return self.secure.maybe_close_roster(record, timer=False)
         if isinstance(payload, ev.Shares):
-            return self._maybe_close_shares(record, timer=False)
+            return self.secure.maybe_close_shares(record, timer=False)
         if isinstance(payload, ev.Submitted) and _all_in(record):
             return [fx.Finalize(record.round_id)]
         return []
@@ -149,8 +138,8 @@ class CoordinatorMachine:
         if kind + ":" == DEADLINE:
             return [fx.Finalize(round_id)]
         if kind + ":" == SHARES:
-            return self._maybe_close_shares(record, timer=True)
-        return self._maybe_close_roster(record, timer=True)
+            return self.secure.maybe_close_shares(record, timer=True)
+        return self.secure.maybe_close_roster(record, timer=True)
 
     # --- announce and join ------------------------------------------------------------------------
 
@@ -170,7 +159,7 @@ class CoordinatorMachine:
             round_id=signed.manifest.round_id, manifest=SignedDoc.model_validate(signed.to_wire())
         )
         return signed, [
-            _append("announced", payload),
+            fx.round_append("announced", payload),
             fx.Log(
                 "info",
                 "round announced",
@@ -206,7 +195,9 @@ class CoordinatorMachine:
             ),
         )
         return receipt, [
-            _append("joined", ev.Joined(round_id=round_id, participant=caller, receipt=receipt)),
+            fx.round_append(
+                "joined", ev.Joined(round_id=round_id, participant=caller, receipt=receipt)
+            ),
             fx.Log("info", "participant joined", {"round_id": round_id, "participant": caller}),
         ]
 
@@ -214,156 +205,29 @@ class CoordinatorMachine:
         """`forbidden` unless `receipt` is this node's receipt for `participant` in the round."""
         check_receipt(record, self.node_id, participant, receipt)
 
-    # --- secure rounds: mask keys -----------------------------------------------------------------
+    # --- secure rounds (machines/secure_rounds.py) ------------------------------------------------
 
     def accept_mask_key(self, caller: str, ann: MaskKeyAnnouncement) -> list[fx.Effect]:
         """A joined participant's mask key for a secure round (idempotent)."""
-        if not check_mask_key(self.get(ann.round_id), caller, ann):
-            return []  # announced before: the same key again
-        return [_append("mask_key", ev.MaskKey(round_id=ann.round_id, announcement=ann))]
-
-    def _maybe_close_roster(self, record: RoundRecord, timer: bool) -> list[fx.Effect]:
-        """Close the roster once every place is taken, or at the roster timer with at least
-        `min_participants` keys."""
-        participants = roster_to_close(record, timer)
-        if participants is None:
-            return []
-        n = len(participants)
-        plan = secagg.SecAggRound.build(
-            record.signed.manifest,
-            record.signed.manifest_sha,
-            {p: record.masks[p] for p in participants},
-        )
-        payload = ev.Roster(round_id=record.round_id, participants=participants, graph=plan.graph())
-        return [
-            _append("roster", payload),
-            fx.Log(
-                "info",
-                "mask roster closed",
-                {"round_id": record.round_id, "participants": n, "graph": plan.graph()},
-            ),
-        ]
-
-    def secagg_plan(self, record: RoundRecord) -> secagg.SecAggRound:
-        """The closed roster's SecAgg+ structure (graph, thresholds), derived once."""
-        plan = self._plans.get(record.round_id)
-        if plan is None:
-            assert record.roster is not None
-            roster = {p: record.masks[p] for p in record.roster}
-            plan = secagg.SecAggRound.build(
-                record.signed.manifest, record.signed.manifest_sha, roster
-            )
-            self._plans[record.round_id] = plan
-        return plan
+        return self.secure.accept_mask_key(self.get(ann.round_id), caller, ann)
 
     def accept_shares(self, caller: str, bundle: ShareBundle) -> list[fx.Effect]:
         """A roster member's signed share bundle while the share phase is open (idempotent)."""
-        record = self.get(bundle.round_id)
-        if not record.signed.manifest.secure or record.roster is None:
-            raise HearthnetError(ErrorCode.BAD_REQUEST, "the round has no closed mask roster")
-        secagg.check_bundle(self.secagg_plan(record), caller, bundle)
-        if caller in record.bundles:
-            if record.bundles[caller] != bundle:
-                raise HearthnetError(ErrorCode.BAD_REQUEST, "shares were already sent")
-            return []
-        if record.shared is not None or record.phase is not Phase.ANNOUNCED:
-            raise HearthnetError(ErrorCode.ROUND_CLOSED, "the share phase is closed")
-        return [_append("shares", ev.Shares(round_id=record.round_id, bundle=bundle))]
-
-    def _maybe_close_shares(self, record: RoundRecord, timer: bool) -> list[fx.Effect]:
-        """Close the share phase once every roster member sent its shares, or at its timer."""
-        if record.roster is None or record.shared is not None:
-            return []
-        if not timer and set(record.bundles) != set(record.roster):
-            return []
-        shared = sorted(record.bundles)
-        return [
-            _append(
-                "shares_closed", ev.SharesClosed(round_id=record.round_id, participants=shared)
-            ),
-            fx.Log(
-                "info",
-                "share phase closed",
-                {"round_id": record.round_id, "participants": len(shared)},
-            ),
-        ]
+        return self.secure.accept_shares(self.get(bundle.round_id), caller, bundle)
 
     def accept_confirm(
         self, caller: str, round_id: str, unmask_sha: str, signature: str
     ) -> list[fx.Effect]:
-        """A survivor's signature on the unmask request; once every survivor's is in, the
-        `confirmed` event that lets members reveal."""
-        record = self.get(round_id)
-        req = record.unmask
-        if record.phase is not Phase.UNMASKING or req is None:
-            raise HearthnetError(ErrorCode.ROUND_CLOSED, "the round is not unmasking")
-        if unmask_sha != req.sha or caller not in req.survivors:
-            raise HearthnetError(ErrorCode.FORBIDDEN, "confirmations come from listed survivors")
-        if not verify(
-            NodeID(caller), secagg.confirm_bytes(round_id, req.sha), bytes.fromhex(signature)
-        ):
-            raise HearthnetError(
-                ErrorCode.SIGNATURE_INVALID, "the confirmation is not the caller's"
-            )
-        held = self.confirms.setdefault(round_id, {})
-        if caller in held:
-            return []
-        held[caller] = signature
-        if set(held) != set(req.survivors):
-            return []
-        payload = ev.Confirmed(round_id=round_id, unmask_sha=req.sha, signatures=dict(held))
-        return [_append("confirmed", payload)]
+        """A survivor's signature on the unmask request."""
+        return self.secure.accept_confirm(self.get(round_id), caller, unmask_sha, signature)
 
     def accept_reveal(self, caller: str, rev: Reveal) -> bool:
-        """A share-set member's reveal for the open unmask request (the same one again: no
-        change); True once every secret the request needs can be recovered."""
-        record = self.get(rev.round_id)
-        if record.phase is not Phase.UNMASKING or record.unmask is None:
-            raise HearthnetError(ErrorCode.ROUND_CLOSED, "the round is not unmasking")
-        plan = self.secagg_plan(record)
-        secagg.check_reveal(plan, record.unmask, caller, rev, record.bundles)
-        held = self.reveals.setdefault(rev.round_id, {})
-        if caller in held and held[caller] != rev:
-            raise HearthnetError(ErrorCode.BAD_REQUEST, "a reveal was already sent")
-        held[caller] = rev
-        return self.reveals_ready(rev.round_id)
-
-    def reveals_ready(self, round_id: str) -> bool:
-        """Whether the reveals in hand recover every secret the unmask request needs."""
-        record = self.get(round_id)
-        if record.unmask is None:
-            return False
-        held = self.reveals.get(round_id, {})
-        return secagg.ready(self.secagg_plan(record), record.unmask, held)
+        """A survivor's reveal; True once every needed secret can be recovered."""
+        return self.secure.accept_reveal(self.get(rev.round_id), caller, rev)
 
     def unmasking(self, round_id: str) -> bool:
         """A secure round waiting for reveals."""
-        record = self.get(round_id)
-        return record.phase is Phase.UNMASKING and not self.reveals_ready(round_id)
-
-    def _unmask(self, record: RoundRecord) -> list[fx.Effect]:
-        """The unmask request (again, unchanged, after a restart), or nothing when the
-        survivors are too few to reveal a sum of (the round then aborts at `plan`)."""
-        rid = record.round_id
-        req = record.unmask
-        if req is None:
-            assert record.shared is not None
-            plan = self.secagg_plan(record)
-            req = secagg.unmask_request(plan, record.shared, list(record.submissions))
-            try:
-                secagg.check_unmask(self.secagg_plan(record), record.shared, req)
-            except HearthnetError:
-                return [_append("aggregating", ev.RoundOnly(round_id=rid))]
-        self._requested.add(rid)
-        self.confirms.pop(rid, None)  # a repeated request is confirmed anew
-        return [
-            _append("unmask", ev.Unmask(round_id=rid, request=req)),
-            fx.Log(
-                "info",
-                "unmask requested",
-                {"round_id": rid, "survivors": len(req.survivors), "dropped": len(req.dropped)},
-            ),
-        ]
+        return self.secure.unmasking(self.get(round_id))
 
     # --- submissions ------------------------------------------------------------------------------
 
@@ -400,7 +264,7 @@ class CoordinatorMachine:
             payload = ev.Rejected(
                 round_id=round_id, participant=caller, code=str(err.code), reason=err.message[:200]
             )
-            out.append(_append("rejected", payload))
+            out.append(fx.round_append("rejected", payload))
         return out
 
     def submitted(
@@ -418,7 +282,7 @@ class CoordinatorMachine:
         )
         return answer, [
             fx.StoreBlob(data),
-            _append("submitted", payload),
+            fx.round_append("submitted", payload),
             fx.Log(
                 "info",
                 "submission accepted",
@@ -439,15 +303,15 @@ class CoordinatorMachine:
             raise HearthnetError(ErrorCode(record.abort["code"]), record.abort["reason"])
         secure = record.signed.manifest.secure
         if record.phase is Phase.ANNOUNCED and secure and record.shared is not None:
-            return None, self._unmask(record)
+            return None, self.secure.unmask(record)
         if record.phase is Phase.UNMASKING:
-            if round_id not in self._requested:
-                return None, self._unmask(record)
-            if not self.reveals_ready(round_id):
+            if not self.secure.requested(record):
+                return None, self.secure.unmask(record)
+            if not self.secure.reveals_ready(record):
                 return None, []  # the driver waits for reveals (`unmasking`)
-            return None, [_append("aggregating", ev.RoundOnly(round_id=round_id))]
+            return None, [fx.round_append("aggregating", ev.RoundOnly(round_id=round_id))]
         if record.phase is Phase.ANNOUNCED:
-            return None, [_append("aggregating", ev.RoundOnly(round_id=round_id))]
+            return None, [fx.round_append("aggregating", ev.RoundOnly(round_id=round_id))]
         return None, []
 
     def plan(self, round_id: str) -> finalize.Abort | fx.Aggregate:
@@ -456,9 +320,8 @@ class CoordinatorMachine:
         record = self.get(round_id)
         unmasked = None
         if record.signed.manifest.secure and record.unmask is not None:
-            held = self.reveals.get(round_id, {})
             try:
-                unmasked = secagg.recover_all(self.secagg_plan(record), record.unmask, held)
+                unmasked = self.secure.recover(record)
             except HearthnetError as err:
                 return finalize.aggregation_failed(err)
         survivors = set(unmasked.request.survivors) if unmasked is not None else None
@@ -469,7 +332,7 @@ class CoordinatorMachine:
         """End the round without a result."""
         payload = ev.Aborted(round_id=round_id, code=str(why.code), reason=why.reason[:200])
         return [
-            _append("aborted", payload),
+            fx.round_append("aborted", payload),
             fx.Log("warning", "round aborted", {"round_id": round_id, "reason": why.reason}),
         ]
 
@@ -485,9 +348,11 @@ class CoordinatorMachine:
         done = finalize.publish(record.signed, agg, self.identity, now, excluded, rejected)
         return done.doc, [
             fx.StoreBlob(done.adapter),
-            _append("aggregated", ev.Aggregated(round_id=round_id, adapter_sha=done.adapter_sha)),
+            fx.round_append(
+                "aggregated", ev.Aggregated(round_id=round_id, adapter_sha=done.adapter_sha)
+            ),
             fx.RecordReputation(round_id, done.observed),
-            _append("completed", ev.Completed(round_id=round_id, result=done.doc)),
+            fx.round_append("completed", ev.Completed(round_id=round_id, result=done.doc)),
             fx.Log(
                 "info",
                 "round completed",

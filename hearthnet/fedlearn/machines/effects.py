@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from hearthnet.fedlearn.events import Payload
+from hearthnet.fedlearn.events import ROUND_PREFIX, Payload
 from hearthnet.fedlearn.manifest import SignedManifest
 from hearthnet.fedlearn.reputation import Observation
 from hearthnet.fedlearn.secagg import Unmasked
@@ -26,6 +26,11 @@ class Append:
 
     type: str
     payload: Payload
+
+
+def round_append(suffix: str, payload: Payload) -> Append:
+    """A coordinator's `fedlearn.round.<suffix>` event."""
+    return Append(ROUND_PREFIX + suffix, payload)
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,7 @@ stores and installs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from hearthnet import constants as C
@@ -21,16 +20,27 @@ from hearthnet.canonical import sha256_hex
 from hearthnet.errors import ErrorCode, HearthnetError
 from hearthnet.fedlearn import events as ev
 from hearthnet.fedlearn.budget import Ledger, PrivacyPolicy, check_join, round_epsilon, wire_epsilon
-from hearthnet.fedlearn.machines.effects import Aggregate, Append, Call, SetTimer
+from hearthnet.fedlearn.machines.effects import Aggregate, Append, Call
+from hearthnet.fedlearn.machines.member_effects import (
+    ROSTER_TIMER,
+    UNMASK_TIMER,
+    MakeShares,
+    NewMaskKey,
+    ParticipantEffect,
+    Submit,
+    Train,
+    TrainOutcome,
+    Wait,
+)
 from hearthnet.fedlearn.machines.results import (
     Influence,
     Suspect,
-    check_mask_holders,
     open_result,
     recompute_plan,
 )
+from hearthnet.fedlearn.machines.secure_member import SECURE_EVENTS, SecureSteps
 from hearthnet.fedlearn.manifest import SignedManifest
-from hearthnet.fedlearn.masks import MaskingKey, MaskKeyAnnouncement, check_roster
+from hearthnet.fedlearn.masks import MaskingKey, MaskKeyAnnouncement
 from hearthnet.fedlearn.protocol import (
     EnrollResponse,
     JoinReceipt,
@@ -40,78 +50,29 @@ from hearthnet.fedlearn.protocol import (
 )
 from hearthnet.fedlearn.secagg import (
     SecAggRound,
-    check_bundle,
-    check_own_view,
-    check_unmask,
-    confirm_bytes,
 )
-from hearthnet.fedlearn.secagg import reveal as secagg_reveal
-from hearthnet.fedlearn.shares import ShareBundle
 from hearthnet.fedlearn.state import TERMINAL_STAGES, Membership, Stage
 from hearthnet.fedlearn.submission import ParticipantSubmission
 from hearthnet.fedlearn.verify import check_recomputed
 from hearthnet.identity import NodeIdentity
 
 CAP = C.FEDLEARN_CAP_PREFIX
-ROSTER_TIMER = "roster"
-UNMASK_TIMER = "unmask"
 
 
-@dataclass(frozen=True)
-class Train:
-    """Train on the manifest's topic (in a thread) and feed the outcome to `trained`."""
-
-    round_id: str
-
-
-@dataclass(frozen=True)
-class NewMaskKey:
-    """Make a fresh X25519 masking key (randomness: the driver's) and feed it to `keyed`."""
-
-    round_id: str
-
-
-@dataclass(frozen=True)
-class MakeShares:
-    """Seal Shamir shares of the round secrets for each neighbour (randomness: the driver's)
-    and feed the bundle to `shares_made`."""
-
-    round_id: str
-    plan: SecAggRound
-
-
-@dataclass(frozen=True)
-class Wait:
-    """Wait for the coordinator's next event (`settled`), with no deadline of its own."""
-
-
-@dataclass(frozen=True)
-class Submit:
-    """Read the trained delta; in a secure round mask it with `key` over `roster` and the
-    share set `shared` (in a thread); store the bytes and feed them to `submission`."""
-
-    round_id: str
-    trained_sha: str
-    key: MaskingKey | None
-    plan: SecAggRound | None
-    shared: list[str] | None = None
-
-
-@dataclass(frozen=True)
-class TrainOutcome:
-    """What training produced (its delta already stored as blob `blob_sha`)."""
-
-    blob_sha: str
-    num_samples: int
-    train_loss: float
-    steps: int
-    stopped_early: bool
-    clip_bit: float | None = None  # adaptive clipping (clipping.py)
-
-
-ParticipantEffect = (
-    Append | Call | SetTimer | Aggregate | Train | NewMaskKey | MakeShares | Wait | Submit
-)
+__all__ = [
+    "ROSTER_TIMER",
+    "UNMASK_TIMER",
+    "MakeShares",
+    "NewMaskKey",
+    "ParticipantEffect",
+    "ParticipantMachine",
+    "Submit",
+    "Train",
+    "TrainOutcome",
+    "Wait",
+    "offer",
+    "offered_event",
+]
 
 
 def offer(wire: dict[str, Any], caller: str, trusted: set[str]) -> SignedManifest:
@@ -133,7 +94,7 @@ def offered_event(signed: SignedManifest) -> Append:
     return Append(ev.MEMBER_PREFIX + "offered", ev.Offered(round_id=signed.round_id, manifest=wire))
 
 
-class ParticipantMachine:
+class ParticipantMachine(SecureSteps):
     """One round as this node takes part in it. `member` is the folded state (shared with the
     takeover code); the machine adds what lives in memory only (mask key, announcements)."""
 
@@ -160,20 +121,6 @@ class ParticipantMachine:
         self._progress = 0  # coordinator events seen; a wait ends when it moves
         self._waiting_from = 0
         self._pending: tuple[ParticipantSubmission, str] | None = None  # sent, not yet receipted
-
-    @property
-    def signed(self) -> SignedManifest:
-        """The round's signed manifest."""
-        return self.member.signed
-
-    @property
-    def round_id(self) -> str:
-        """The round's ID."""
-        return self.member.round_id
-
-    def _append(self, suffix: str, payload: ev.Payload) -> Append:
-        self.member.check(suffix)
-        return Append(ev.member_event_type(suffix), payload)
 
     def apply(self, suffix: str, payload: ev.Payload) -> None:
         """Fold one of this node's own participant events (after the driver stored it)."""
@@ -248,126 +195,6 @@ class ParticipantMachine:
             return []
         return self._next_secure()
 
-    def _next_secure(self) -> list[ParticipantEffect]:
-        """A secure round: keys, roster, shares before training; the share set before masking;
-        the one reveal after submitting (docs/architecture.md, "Secure rounds")."""
-        m = self.member
-        # the roster and share set must be in by the deadline; the grace lets a restarted node
-        # re-learn them from the coordinator's events before it gives up
-        deadline = self.signed.manifest.deadline_at + timedelta(seconds=C.FEDLEARN_TAKEOVER_GRACE_S)
-        if self.refused is not None:
-            raise self.refused
-        if self.key is None:
-            if m.roster is not None or m.bundle is not None or m.stage is not Stage.JOINED:
-                raise HearthnetError(
-                    ErrorCode.FEDLEARN_AGGREGATION_FAILED,
-                    "this node's round secrets were lost (restart without its sealed secrets "
-                    "file) after the mask roster closed",
-                )
-            return [NewMaskKey(self.round_id)]
-        if m.roster is None:
-            if not self.announced:
-                return [self._announce(), self._wait(ROSTER_TIMER, deadline)]
-            return [self._wait(ROSTER_TIMER, deadline)]
-        if m.bundle is None:
-            return [MakeShares(self.round_id, self.plan())]
-        if not self.shares_sent:
-            return [self._send_shares(m.bundle)]
-        if m.unmask is not None and self._answered < m.unmask_count:
-            return self._confirm() or [self._wait(None, None)]
-        if m.confirmations is not None and self._revealed_for < m.confirm_count:
-            return self._reveal() or [self._wait(None, None)]
-        if m.stage is Stage.JOINED:
-            return [Train(self.round_id)]
-        if m.stage is Stage.TRAINED:
-            if m.shared is None:
-                return [self._wait(ROSTER_TIMER, deadline)]
-            assert m.trained_sha is not None
-            return [Submit(self.round_id, m.trained_sha, self.key, self.plan(), m.shared)]
-        if m.unmask is None:  # a secure round has no takeover: give up if never unmasked
-            grace = timedelta(seconds=2 * C.FEDLEARN_SECURE_REVEAL_S)
-            return [self._wait(UNMASK_TIMER, deadline + grace)]
-        return [self._wait(None, None)]
-
-    def _wait(self, name: str | None, at: datetime | None) -> SetTimer | Wait:
-        """Wait for the coordinator's next event (`settled`), until `at` if given."""
-        self._waiting_from = self._progress
-        return Wait() if name is None or at is None else SetTimer(name, at)
-
-    def plan(self) -> SecAggRound:
-        """The closed roster's SecAgg+ structure, derived once."""
-        assert self.member.roster is not None
-        if self._plan is None:
-            self._plan = SecAggRound.build(
-                self.signed.manifest, self.signed.manifest_sha, self.member.roster
-            )
-        return self._plan
-
-    def shares_made(self, bundle: ShareBundle) -> list[Append]:
-        """The bundle `MakeShares` sealed: recorded before it is sent, so a restart resends it."""
-        payload = ev.MemberShared(round_id=self.round_id, bundle=bundle)
-        return [self._append("shared", payload)]
-
-    def _send_shares(self, bundle: ShareBundle) -> Call:
-        return Call(
-            "shares",
-            self.signed.manifest.coordinator,
-            CAP + "round.shares",
-            {"bundle": bundle.model_dump()},
-            retry_until=self.signed.manifest.deadline_at,
-        )
-
-    def _confirm(self) -> list[ParticipantEffect]:
-        """Sign the unmask request, the only one this node signs in the round (recorded first);
-        a different request later is refused as the coordinator's attempt to tell members
-        different stories. Listed as dropped itself: nothing to sign or reveal."""
-        m = self.member
-        assert m.unmask is not None and m.shared is not None
-        req = m.unmask
-        self._answered = m.unmask_count
-        if m.revealed_sha is not None and m.revealed_sha != req.sha:
-            err = HearthnetError(
-                ErrorCode.SIGNATURE_INVALID,
-                "the coordinator asked for a second, different unmask: refused",
-            )
-            raise Suspect(self.signed.manifest.coordinator, "unmask", err)
-        plan = self.plan()
-        check_unmask(plan, m.shared, req)
-        if self.me not in req.survivors:
-            return []  # its vector is left out; its neighbours' shares are not its to give
-        check_own_view(self.me, plan, req)
-        out: list[ParticipantEffect] = []
-        if m.revealed_sha is None:
-            payload = ev.MemberRevealed(round_id=self.round_id, unmask_sha=req.sha)
-            out.append(self._append("revealed", payload))
-        signature = self.identity.sign(confirm_bytes(self.round_id, req.sha)).hex()
-        body = {"round_id": self.round_id, "unmask_sha": req.sha, "signature": signature}
-        out.append(self._reveal_call("confirm", "round.confirm", body))
-        return out
-
-    def _reveal_call(self, name: str, capability: str, body: dict[str, Any]) -> Call:
-        return Call(
-            name,
-            self.signed.manifest.coordinator,
-            CAP + capability,
-            body,
-            retry_until=self.signed.manifest.deadline_at
-            + timedelta(seconds=C.FEDLEARN_SECURE_REVEAL_S),
-        )
-
-    def _reveal(self) -> list[ParticipantEffect]:
-        """Reveal for the request this node signed, once every survivor signed it too."""
-        m = self.member
-        assert m.unmask is not None and m.shared is not None and self.key is not None
-        assert m.confirmations is not None
-        req = m.unmask
-        self._revealed_for = m.confirm_count
-        if m.revealed_sha != req.sha:
-            return []
-        bundles = {p: b for p, b in m.bundles.items() if p in set(m.shared)}
-        rev = secagg_reveal(self.me, self.key, self.plan(), bundles, req, m.confirmations)
-        return [self._reveal_call("reveal", "round.reveal", {"reveal": rev.model_dump()})]
-
     def trained(self, outcome: TrainOutcome) -> list[Append]:
         """Training finished: record it (the delta is already stored)."""
         payload = ev.Trained(
@@ -381,26 +208,6 @@ class ParticipantMachine:
             clip_bit=outcome.clip_bit,
         )
         return [self._append("trained", payload)]
-
-    def keyed(self, key: MaskingKey) -> None:
-        """The round secrets `NewMaskKey` made (sealed to disk first), or those a restarted node
-        unsealed."""
-        self.key = key
-        self.announced = False
-
-    def _announce(self) -> Call:
-        """This node's signed mask-key announcement, to the coordinator."""
-        assert self.key is not None and self.member.num_samples is not None
-        ann = self.key.announce(
-            self.identity, self.round_id, self.signed.manifest_sha, self.member.num_samples
-        )
-        return Call(
-            "mask_key",
-            self.signed.manifest.coordinator,
-            CAP + "round.mask_key",
-            {"announcement": ann.model_dump()},
-            retry_until=self.signed.manifest.deadline_at,
-        )
 
     def submission(self, data: bytes, blob_sha: str) -> Call:
         """Sign the submission of `data` (stored as `blob_sha`) and send it with the receipt."""
@@ -495,32 +302,8 @@ class ParticipantMachine:
         self._progress += 1
         if isinstance(event, ev.Joined):
             m.participants.add(event.participant)
-        elif isinstance(event, ev.MaskKey):
-            self.anns[event.announcement.participant] = event.announcement
-        elif isinstance(event, ev.Roster):
-            self._roster(event.participants)
-            if (
-                event.graph is not None
-                and m.roster is not None
-                and event.graph != self.plan().graph()
-            ):
-                self.refused = HearthnetError(  # this node masks over no other graph
-                    ErrorCode.PROTOCOL_ERROR, "the roster's graph is not the one its members derive"
-                )
-        elif isinstance(event, ev.Shares) and m.roster is not None:
-            check_bundle(self.plan(), event.bundle.sender, event.bundle)
-            m.bundles[event.bundle.sender] = event.bundle
-        elif isinstance(event, ev.SharesClosed):
-            if not set(event.participants) <= set(m.bundles):
-                raise HearthnetError(ErrorCode.PROTOCOL_ERROR, "share set names unknown bundles")
-            m.shared = list(event.participants)
-        elif isinstance(event, ev.Unmask):
-            m.unmask = event.request
-            m.unmask_count += 1
-        elif isinstance(event, ev.Confirmed) and m.unmask is not None:
-            if event.unmask_sha == m.unmask.sha:
-                m.confirmations = dict(event.signatures)
-                m.confirm_count += 1
+        elif isinstance(event, SECURE_EVENTS):
+            self.observe_secure(event)
         elif isinstance(event, ev.Completed):
             out.append(event.result)
         elif isinstance(event, ev.Aborted) and m.stage not in TERMINAL_STAGES:
@@ -529,22 +312,6 @@ class ParticipantMachine:
         if suffix in ("aggregating", "completed", "aborted"):
             m.coordinator_phase = suffix
         return out
-
-    def _roster(self, names: list[str]) -> None:
-        roster = {p: self.anns[p] for p in names if p in self.anns}
-        check_roster(roster, self.signed.manifest, self.signed.manifest_sha)
-        if len(roster) != len(names):
-            raise HearthnetError(ErrorCode.PROTOCOL_ERROR, "roster names unknown mask keys")
-        try:
-            self.check_mask_holders(set(roster))
-        except HearthnetError as err:  # keep following (the result may still come)
-            self.refused = err
-        else:
-            self.member.roster = roster
-
-    def check_mask_holders(self, holders: set[str]) -> None:
-        """Refuse a mask roster with a key of an outsider or of a node that never joined."""
-        check_mask_holders(self.me, self.trust_roster, self.member.participants, holders)
 
     # --- results -------------------------------------------------------------------------------
 

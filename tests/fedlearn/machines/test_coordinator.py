@@ -245,7 +245,7 @@ def test_secure_round_unmasks_survivors_after_a_drop_and_a_restart(
         ann = keys[p.node_id].announce(p, ROUND_ID, signed.manifest_sha, 4)
         harness.run(harness.machine.accept_mask_key(p.node_id, ann))
     record = harness.machine.get(ROUND_ID)
-    plan = harness.machine.secagg_plan(record)
+    plan = harness.machine.secure.secagg_plan(record)
     with raises_code(ErrorCode.FORBIDDEN):  # a bundle is its sender's own
         harness.machine.accept_shares(
             members[1].node_id, make_bundle(members[0], keys[members[0].node_id], plan)
