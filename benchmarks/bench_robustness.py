@@ -387,7 +387,14 @@ def secure_aggregate(
         own = (forged or {}).get(ident.node_id)
         if own is not None:
             delta = {k: torch.zeros_like(v) for k, v in delta.items()}
-        vec = mask_delta(delta, key, ident.node_id, plan, shared, m, shapes)
+        try:
+            vec = mask_delta(delta, key, ident.node_id, plan, shared, m, shapes)
+        except HearthnetError as err:  # an honest client refuses to mask a non-finite delta;
+            if err.code is not ErrorCode.DELTA_INVALID:  # a Byzantine one skips the check and
+                raise  # writes what NaN would quantise to (int64 min) into its vector
+            zero = {k: torch.zeros_like(v) for k, v in delta.items()}
+            vec = mask_delta(zero, key, ident.node_id, plan, shared, m, shapes)
+            vec[:-1] += np.uint64(2**63)
         mask_s = max(mask_s, time.perf_counter() - start)
         if own is not None:
             steps_ = 2**C.FEDLEARN_SECURE_FRACTION_BITS * roster_weights(anns)[ident.node_id]

@@ -349,3 +349,32 @@ def test_a_sum_longer_than_the_clip_allows_is_refused(make_manifest):
         agg.add(submission(signed, p, b"x", samples[i]), vec)
     with raises_code(ErrorCode.FEDLEARN_AGGREGATION_FAILED, "longer than the clip bound"):
         agg.aggregate(rnd.unmasked([p.id for p in parties]))
+
+
+def test_a_bucket_caught_out_of_range_no_longer_counts_against_f(make_manifest):
+    """Median with f = 2 over five buckets: two attackers caught by the range check leave three
+    buckets, which a median holding the remaining f = 0 accepts (plain: refused at f = 2)."""
+    from hearthnet.fedlearn.terms import AggregationSpec
+
+    signed, parties, anns, samples = setup_round(
+        make_manifest,
+        10,
+        samples=[10] * 10,
+        min_participants=10,
+        max_participants=10,
+        secure_bucket_size=2,
+        aggregation=AggregationSpec(rule="median", params={"f": 2}),
+    )
+    rnd = Round(signed, parties, anns, samples)
+    honest = random_delta(signed, 5, scale=0.02)
+    cheats = {g[0] for g in rnd.plan.groups[:2]}  # in two different buckets
+    agg = rnd.aggregator()
+    for p in parties:
+        vec = rnd.mask(p, honest)
+        if p.id in cheats:
+            vec[:-1] += np.uint64(2**63)  # what a NaN would quantise to
+        agg.add(submission(signed, p, b"x", 10), vec)
+    out = agg.aggregate(rnd.unmasked([p.id for p in parties]))
+    assert len(agg.refused_groups) == 2
+    key = next(k for k in out if k.endswith(".lora_B"))
+    assert (out[key].double() - clip_gradient(honest, 1.0)[key].double()).abs().max() <= 1e-6

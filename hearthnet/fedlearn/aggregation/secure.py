@@ -340,6 +340,11 @@ class SecureFedAvgAggregator(_Aggregator):
         spec = RuleSpec.parse(m.aggregation.rule, m.aggregation.params)
         if spec.robust:
             weights = [int(t[-1]) for t in totals]
+            params = dict(m.aggregation.params)
+            if self.refused_groups and isinstance(params.get("f"), int):
+                # a bucket caught out of range is out; the rule need only hold the rest
+                params["f"] = max(0, int(params["f"]) - len(self.refused_groups))
+                spec = RuleSpec.parse(m.aggregation.rule, params)
             spec.check(len(totals), weights)
             means = [torch.from_numpy(self.mean_of(t)) for t in totals]
             vec = run_rule(spec, TensorUpdates(means), weights, audit=False).tensors[0]
