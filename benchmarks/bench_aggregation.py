@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -40,9 +41,18 @@ from hearthnet.identity import NodeIdentity
 RANK, OUT, IN = 16, 4096, 4096
 
 
-def setup(n: int, params: int) -> tuple[SignedManifest, dict[str, tuple[int, int]]]:
+def setup_shapes(params: int) -> dict[str, tuple[int, int]]:
+    """B matrices of OUT × RANK on q_proj, as many layers as make about `params` values."""
     layers = max(1, round(params / (OUT * RANK)))
-    shapes = {f"model.layers.{i}.self_attn.q_proj": (OUT, IN) for i in range(layers)}
+    return {f"model.layers.{i}.self_attn.q_proj": (OUT, IN) for i in range(layers)}
+
+
+def setup(
+    n: int, params: int, **overrides: Any
+) -> tuple[SignedManifest, dict[str, tuple[int, int]]]:
+    """A signed manifest for `n` participants over `setup_shapes(params)` (fields in
+    `overrides` replace the draft's, e.g. `secure=True`)."""
+    shapes = setup_shapes(params)
     draft = RoundManifestDraft(
         base_model_id="bench",
         base_model_sha="0" * 64,
@@ -54,12 +64,13 @@ def setup(n: int, params: int) -> tuple[SignedManifest, dict[str, tuple[int, int
         batch_size=1,
         seed=1,
         min_participants=3,
-        max_participants=32,
+        max_participants=n,
         topic="bench",
         consent_text="bench",
         deadline=datetime.now(UTC) + timedelta(hours=1),
+        **overrides,
     )
-    config = FedLearnConfig(min_round_participants=1)
+    config = FedLearnConfig(min_round_participants=1, max_round_participants=max(n, 2))
     return draft.build(NodeIdentity.generate(), config), shapes
 
 

@@ -45,7 +45,6 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -57,13 +56,14 @@ import hearthnet.constants as C
 C.FEDLEARN_MAX_PARTICIPANTS = 128  # type: ignore[misc]  # lifted for n = 100, see the docstring
 
 from benchmarks._common import write_result  # noqa: E402
-from hearthnet.config import FedLearnConfig  # noqa: E402
+from benchmarks.bench_aggregation import setup as aggregation_setup  # noqa: E402
+from benchmarks.bench_aggregation import setup_shapes  # noqa: E402
 from hearthnet.fedlearn.aggregation.secure import (  # noqa: E402
     SecureFedAvgAggregator,
     mask_delta,
+    masked_vector,
 )
 from hearthnet.fedlearn.lora import expected_shapes  # noqa: E402
-from hearthnet.fedlearn.manifest import RoundManifestDraft, SignedManifest  # noqa: E402
 from hearthnet.fedlearn.masks import MaskingKey, MaskKeyAnnouncement  # noqa: E402
 from hearthnet.fedlearn.privacy import clip_gradient  # noqa: E402
 from hearthnet.fedlearn.secagg import (  # noqa: E402
@@ -113,41 +113,11 @@ except ImportError as exc:  # pragma: no cover - depends on the optional install
         f"bench_secagg compares against Flower (flwr), which is not installed ({exc}): {INSTALL}"
     )
 
-RANK, OUT, IN = 16, 4096, 4096
 SAMPLES = 10
 # Flower's SecAggPlusWorkflow defaults, with its clipping range at hearthnet's clip_norm.
 FL_CLIP, FL_QRANGE, FL_MOD, FL_MAX_WEIGHT = 1.0, 2**22, 2**32, 1000.0
 
 Arrays = list[np.ndarray]
-
-
-def setup_shapes(params: int) -> dict[str, tuple[int, int]]:
-    layers = max(1, round(params / (OUT * RANK)))
-    return {f"model.layers.{i}.self_attn.q_proj": (OUT, IN) for i in range(layers)}
-
-
-def setup(n: int, params: int) -> tuple[SignedManifest, dict[str, tuple[int, int]]]:
-    shapes = setup_shapes(params)
-    draft = RoundManifestDraft(
-        base_model_id="bench",
-        base_model_sha="0" * 64,
-        lora_target_modules=("q_proj",),
-        lora_rank=RANK,
-        lora_alpha=32,
-        train_steps=1,
-        learning_rate=1e-3,
-        batch_size=1,
-        seed=1,
-        min_participants=3,
-        max_participants=n,
-        topic="bench",
-        consent_text="bench",
-        deadline=datetime.now(UTC) + timedelta(hours=1),
-        secure=True,
-        clip_norm=1.0,
-    )
-    config = FedLearnConfig(min_round_participants=1, max_round_participants=n)
-    return draft.build(NodeIdentity.generate(), config), shapes
 
 
 def best(fn: Callable[[], object], repeats: int) -> float:
@@ -166,7 +136,7 @@ class Hearthnet:
     """One round's public structure, every member's keys and share bundle."""
 
     def __init__(self, n: int, params: int):
-        self.signed, self.shapes = setup(n, params)
+        self.signed, self.shapes = aggregation_setup(n, params, secure=True, clip_norm=1.0)
         m = self.signed
         self.parties = [(NodeIdentity.generate(), MaskingKey()) for _ in range(n)]
         self.keys: dict[str, MaskingKey] = {i.node_id: k for i, k in self.parties}
@@ -202,9 +172,14 @@ class Hearthnet:
         self, delta: dict[str, torch.Tensor], survivors: list[str], dropped: list[str]
     ) -> np.ndarray:
         """Σ of the survivors' masked vectors: each masked against the dropped members only."""
-        total = self.mask(delta, survivors[0], sorted({survivors[0], *dropped}))
-        for p in survivors[1:]:
-            total += self.mask(delta, p, sorted({p, *dropped}))
+        gone = set(dropped)
+        total: np.ndarray | None = None
+        for p in survivors:
+            peers = [d for d in self.plan.neighbours[p] if d in gone]
+            m = self.signed.manifest
+            vec = masked_vector(delta, self.keys[p], p, self.plan, peers, m, self.shapes)
+            total = vec if total is None else total + vec
+        assert total is not None
         return total
 
     def resize(self, params: int) -> None:

@@ -18,15 +18,14 @@ The encoding, signing and comparison below do no I/O; `read_checkpoint`/`write_c
 
 from __future__ import annotations
 
-import contextlib
 import os
 import stat
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from hearthnet.canonical import canonical_bytes, parse_canonical, sha256_hex
 from hearthnet.errors import ErrorCode, HearthnetError
+from hearthnet.files import replace_file
 from hearthnet.identity import NodeID, NodeIdentity, verify
 
 CHECKPOINT_FORMAT_VERSION = 1
@@ -177,24 +176,7 @@ def read_checkpoint(path: Path, owner: str) -> Checkpoint | None:
 
 
 def write_checkpoint(path: Path, data: bytes) -> None:
-    """Replace the checkpoint atomically (a reader sees the old file or the new, whole).
-
-    The new file gets a fresh random name beside the checkpoint (`mkstemp`: O_EXCL, mode 0600),
-    so nothing planted in the directory can redirect or block the write. It is fsynced before
-    the rename so a crash cannot leave an empty or partial one (which verify would fail as
-    unreadable); the directory is not, so after a crash the rename may be lost and the previous
-    checkpoint come back, which is behind the log, never ahead."""
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    """Replace the checkpoint atomically (`files.replace_file`): a reader sees the old file or
+    the new, whole, so verify never meets an empty or partial one; after a crash the rename may
+    be lost and the previous checkpoint come back, which is behind the log, never ahead."""
+    replace_file(path, data)

@@ -3,8 +3,9 @@ closed rejoins its secure round instead of sinking it.
 
 The three secrets (`masks.MaskingKey.to_bytes`) are sealed with ChaCha20-Poly1305 under a key
 derived from the node's identity key for that round (`NodeIdentity.derive_key`), bound to the
-round and manifest as associated data, and written 0600 through a temp file. The file is removed
-when the round ends here. A copied or altered file does not open on another node or round.
+round and manifest as associated data, and written 0600 through a temp file
+(`files.replace_file`). The file is removed when the round ends here. A copied or altered
+file does not open on another node or round.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from hearthnet.errors import ErrorCode, HearthnetError
 from hearthnet.fedlearn.masks import MaskingKey
+from hearthnet.files import replace_file
 from hearthnet.identity import NodeIdentity
 
 DIR_NAME = "round-secrets"
@@ -52,18 +54,7 @@ def seal(
     sealed = nonce + _aead(identity, round_id).encrypt(
         nonce, key.to_bytes(), (round_id + manifest_sha).encode()
     )
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(sealed)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
+    replace_file(path, sealed)
 
 
 def unseal(

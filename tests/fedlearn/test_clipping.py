@@ -12,7 +12,7 @@ import torch
 
 from hearthnet import constants as C
 from hearthnet.config import FedLearnConfig
-from hearthnet.errors import HearthnetError
+from hearthnet.errors import ErrorCode
 from hearthnet.fedlearn import budget, clipping
 from hearthnet.fedlearn.clipping import AdaptiveClip
 from hearthnet.fedlearn.lora import A_SUFFIX, B_SUFFIX, complete_adapter
@@ -20,6 +20,7 @@ from hearthnet.fedlearn.manifest import RoundManifest
 from hearthnet.fedlearn.privacy import clip_gradient, global_norm
 from hearthnet.fedlearn.trainer import QLoRATrainer
 from hearthnet.identity import NodeIdentity
+from tests.helpers import raises_code
 
 POLICY = AdaptiveClip(quantile=0.5, learning_rate=0.2, count_noise=0.0)
 
@@ -111,9 +112,9 @@ def test_epsilon_accounts_the_bits_noise(make_manifest):
 
 
 def test_adaptive_dp_without_bit_noise_is_not_a_valid_manifest(make_manifest):
-    with pytest.raises(HearthnetError, match="clip_count_noise > 0"):
+    with raises_code(ErrorCode.MANIFEST_INVALID, "clip_count_noise > 0"):
         make_manifest(dp_noise_scale=1.0, clip_norm=24.0, clip_count_noise=0.0)
-    with pytest.raises(HearthnetError, match="adaptive clipping needs clip_norm > 0"):
+    with raises_code(ErrorCode.MANIFEST_INVALID, "adaptive clipping needs clip_norm > 0"):
         make_manifest(clip_norm=0.0, clip_policy="adaptive")
 
 
@@ -148,7 +149,7 @@ def test_the_bit_is_signed_with_the_submission():
     sub = ParticipantSubmission.create(ident, round_id, b"delta", 10, 0.5, clip_bit=0.75)
     sub.verify(b"delta")
     forged = sub.model_copy(update={"clip_bit": 0.25})
-    with pytest.raises(HearthnetError, match="signature is invalid"):
+    with raises_code(ErrorCode.SIGNATURE_INVALID, "signature is invalid"):
         forged.verify(b"delta")
     plain = ParticipantSubmission.create(ident, round_id, b"delta", 10, 0.5)
     assert plain.clip_bit is None

@@ -117,6 +117,24 @@ def mask_delta(
             ErrorCode.FEDLEARN_AGGREGATION_FAILED,
             "too few of this node's neighbours sent shares to mask with",
         )
+    in_u2 = set(shared)
+    peers = [p for p in plan.neighbours[me] if p in in_u2]
+    return masked_vector(delta, key, me, plan, peers, manifest, model_shapes)
+
+
+def masked_vector(
+    delta: Mapping[str, torch.Tensor],
+    key: MaskingKey,
+    me: str,
+    plan: SecAggRound,
+    peers: Sequence[str],
+    manifest: RoundManifest,
+    model_shapes: ModelShapes,
+) -> np.ndarray:
+    """The arithmetic of `mask_delta` without its checks: clip, quantise, weigh, add the self
+    mask and the pairwise masks towards `peers` (the benchmark masks towards a subset: the
+    survivors' pairwise masks cancel in their sum)."""
+    announcements = plan.announcements
     weight = roster_weights(announcements)[me]
     if not all(bool(torch.isfinite(t).all()) for t in delta.values()):
         raise HearthnetError(  # NaN would quantise to the lowest int64 and sink the round
@@ -135,10 +153,7 @@ def mask_delta(
     masked = vec.view(np.uint64)
     streams = _Streams(vec.size)
     masked += streams.mask(self_mask_key(key.self_seed, plan.round_id))  # wraps modulo 2^64
-    in_u2 = set(shared)
-    for peer in plan.neighbours[me]:
-        if peer not in in_u2:
-            continue
+    for peer in peers:
         mask = streams.mask(key.pairwise_key(me, announcements[peer]))
         if me < peer:
             masked += mask

@@ -47,6 +47,7 @@ class SecureRounds:
             record.signed.manifest_sha,
             {p: record.masks[p] for p in participants},
         )
+        self._plans[record.round_id] = plan  # the graph every later step uses
         payload = ev.Roster(round_id=record.round_id, participants=participants, graph=plan.graph())
         return [
             fx.round_append("roster", payload),
@@ -172,7 +173,7 @@ class SecureRounds:
             plan = self.secagg_plan(record)
             req = secagg.unmask_request(plan, record.shared, list(record.submissions))
             try:
-                secagg.check_unmask(self.secagg_plan(record), record.shared, req)
+                secagg.check_unmask(plan, record.shared, req)
             except HearthnetError:
                 return [fx.round_append("aggregating", ev.RoundOnly(round_id=rid))]
         self._requested.add(rid)

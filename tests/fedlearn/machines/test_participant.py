@@ -516,3 +516,24 @@ def test_require_dp_refuses_a_round_without_noise_at_enroll(coordinator, make_ma
         node.machine.enroll({coordinator.node_id}, {})
     node.run(node.machine.enrolled(EnrollResponse(receipt=node.receipt()), 4))
     assert "epsilon" not in node.log[-1].payload  # ∞ (no DP) is stored as no number
+
+
+def test_a_roster_whose_graph_differs_from_the_derived_one_is_refused(coordinator, make_manifest):
+    """The roster event records the SecAgg+ graph; a coordinator that claims another degree or
+    threshold than the members derive gets no masked update from this node."""
+    peers = [NodeIdentity.generate() for _ in range(2)]
+    node = secure_node(coordinator, make_manifest, {p.node_id for p in peers})
+    m = node.machine
+    m.keyed(MaskingKey())
+    call, _ = m.next()
+    m.reply("mask_key", None)
+    mine = call.body["announcement"]
+    m.observe(1, ev.ROUND_PREFIX + "mask_key", {"round_id": m.round_id, "announcement": mine})
+    for i, peer in enumerate(peers):
+        announce(m, 10 + 2 * i, peer)
+    names = [node.me, *(p.node_id for p in peers)]
+    wrong = [{"size": 3, "degree": 2, "threshold": 1}]  # derived: threshold 2
+    roster = {"round_id": m.round_id, "participants": names, "graph": wrong}
+    m.observe(20, ev.ROUND_PREFIX + "roster", roster)
+    with raises_code(ErrorCode.PROTOCOL_ERROR, "not the one its members derive"):
+        m.next()
