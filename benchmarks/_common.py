@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import sys
 import threading
 import time
 from pathlib import Path
@@ -66,3 +67,30 @@ class PeakRSS:
         self._stop.set()
         self._thread.join()
         self.peak_mib = max(self.peak_mib, self._proc.memory_info().rss / 2**20)
+
+
+def train_cached(
+    folder: Path, model_dir: Path, manifest: Any, private: list[list[str]], label: str
+) -> list[dict[str, Any]]:
+    """Each participant's delta for `manifest`, trained once with the real QLoRA trainer and
+    cached as `folder/participant-<i>.safetensors` (the caller keys `folder` by everything that
+    changes the result); later runs read the cache."""
+    from safetensors.torch import load_file, save_file
+
+    from hearthnet.fedlearn.trainer import QLoRATrainer
+
+    out = []
+    for i, texts in enumerate(private):
+        path = folder / f"participant-{i}.safetensors"
+        if not path.exists():
+            start = time.perf_counter()
+            result = QLoRATrainer(model_dir).train(manifest, texts)
+            save_file({k: v.contiguous() for k, v in result.delta.items()}, str(path))
+            print(
+                f"{label}trained participant {i}: loss {result.train_loss:.3f}, "
+                f"{result.steps} of {manifest.train_steps} steps, "
+                f"in {time.perf_counter() - start:.0f} s",
+                file=sys.stderr,
+            )
+        out.append(load_file(str(path)))
+    return out

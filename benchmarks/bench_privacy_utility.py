@@ -36,17 +36,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from benchmarks import bench_robustness as R
-from benchmarks._common import RESULTS_DIR, write_result
+from benchmarks._common import RESULTS_DIR, train_cached, write_result
 from hearthnet import constants as C
 from hearthnet.config import FedLearnConfig
 from hearthnet.fedlearn import clipping
 from hearthnet.fedlearn.budget import composed_epsilon
 from hearthnet.fedlearn.manifest import RoundManifest, RoundManifestDraft
 from hearthnet.fedlearn.privacy import NoiseSource, add_dp_noise, clip_gradient, global_norm
-from hearthnet.fedlearn.trainer import QLoRATrainer
 from hearthnet.identity import NodeIdentity
 from hearthnet.llm import model as M
 
@@ -98,21 +96,9 @@ def round_deltas(
     ).hexdigest()[:16]
     folder = CACHE / key
     folder.mkdir(parents=True, exist_ok=True)
-    m = manifest(sha, steps, seed)
-    out = []
-    for i, texts in enumerate(private):
-        path = folder / f"participant-{i}.safetensors"
-        if not path.exists():
-            start = time.perf_counter()
-            result = QLoRATrainer(model_dir).train(m, texts)
-            save_file({k: v.contiguous() for k, v in result.delta.items()}, str(path))
-            print(
-                f"round seed {seed}: trained participant {i}, loss {result.train_loss:.3f}, "
-                f"in {time.perf_counter() - start:.0f} s",
-                file=sys.stderr,
-            )
-        out.append(load_file(str(path)))
-    return out
+    return train_cached(
+        folder, model_dir, manifest(sha, steps, seed), private, f"round seed {seed}: "
+    )
 
 
 def total_multiplier(eps: float) -> float:

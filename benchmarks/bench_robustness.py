@@ -43,9 +43,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
-from benchmarks._common import RESULTS_DIR, write_result
+from benchmarks._common import RESULTS_DIR, train_cached, write_result
 from hearthnet import constants as C
 from hearthnet.config import FedLearnConfig
 from hearthnet.demo import _ASKS, _DAYS, _PLACES, _THINGS, _TIMES
@@ -78,7 +77,6 @@ from hearthnet.fedlearn.secagg import (
 )
 from hearthnet.fedlearn.shares import ShareBundle
 from hearthnet.fedlearn.submission import ParticipantSubmission
-from hearthnet.fedlearn.trainer import QLoRATrainer
 from hearthnet.identity import NodeIdentity
 from hearthnet.llm import model as M
 
@@ -170,21 +168,7 @@ def honest_deltas(
     ).hexdigest()[:16]
     folder = CACHE / key
     folder.mkdir(parents=True, exist_ok=True)
-    m = manifest(sha, steps)
-    out = []
-    for i, texts in enumerate(private):
-        path = folder / f"participant-{i}.safetensors"
-        if not path.exists():
-            start = time.perf_counter()
-            result = QLoRATrainer(model_dir).train(m, texts)
-            save_file({k: v.contiguous() for k, v in result.delta.items()}, str(path))
-            print(
-                f"trained participant {i}: loss {result.train_loss:.3f}, "
-                f"{result.steps} of {steps} steps, in {time.perf_counter() - start:.0f} s",
-                file=sys.stderr,
-            )
-        out.append(load_file(str(path)))
-    return out
+    return train_cached(folder, model_dir, manifest(sha, steps), private, "")
 
 
 def attack(
@@ -407,7 +391,7 @@ def secure_aggregate(
     start = time.perf_counter()
     req = unmask_request(plan, shared, [i.node_id for i in ids])
     by_id: dict[str, MaskingKey] = dict(zip((i.node_id for i in ids), keys, strict=True))
-    signer = {i.node_id: i for i in ids}
+    signer: dict[str, NodeIdentity] = {i.node_id: i for i in ids}
     sign = confirm_bytes(req.round_id, req.sha)  # the consistency round: every survivor signs
     sigs = {p: signer[p].sign(sign).hex() for p in req.survivors}
     reveals = {p: reveal(p, by_id[p], plan, bundles, req, sigs) for p in req.survivors}
